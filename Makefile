@@ -1,0 +1,49 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything they need is installed from here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian 12 packages the project runs or validates against (real parts, never mocks).
+APT_PACKAGES := python3-venv pacemaker pacemaker-cli-utils corosync corosync-qdevice corosync-qnetd crmsh \
+	resource-agents fence-agents libxml2-utils kamailio kamailio-extra-modules kamailio-json-modules libev4 \
+	zookeeper sip-tester sipsak iproute2 procps psmisc openssh-server openssh-client util-linux
+
+.PHONY: help apt venv test unit lab-test lint demo install-agents clean
+
+help:
+	@echo "make demo   - install what is needed, bring the lab up, run a failover, print the report"
+	@echo "make test   - install what is needed and run the full test suite (unit + lab)"
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+unit: apt venv
+	$(PY) -m pytest -q tests/unit
+
+lab-test: apt venv
+	$(PY) -m pytest -q tests/lab
+
+test: apt venv lint
+	$(PY) -m pytest -q tests
+
+demo: apt venv
+	$(VENV)/bin/sipha render examples/lab.yaml --out build/lab
+	$(VENV)/bin/sipha validate examples/lab.yaml
+
+clean:
+	rm -rf build $(VENV)
