@@ -52,5 +52,13 @@ def validate_cmd(cluster_yaml: str) -> None:
         sys.exit(1)
 
 
+def _register() -> None:
+    from ha.lab.cli import lab
+
+    main.add_command(lab)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""The namespace lab: the cluster on one machine (see ``sipha lab --help``)."""
