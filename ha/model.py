@@ -361,7 +361,7 @@ def _cross_check(c: Cluster, base: Path, src: str) -> None:
             fail(f"vips[{i}].transports", "empty: the VIP must serve at least one transport")
         for t in v.transports:
             if t not in listen:
-                fail(f"vips[{i}].transports", f"{t!r} is not a transport proxy.listen has a port for")
+                fail(f"vips[{i}].transports", f"{t!r} has no port in proxy.listen")
 
     t = c.timings
     if t.token_ms < TOKEN_FLOOR_MS:
