@@ -214,7 +214,7 @@ class Rest(_Frozen):
     bind: IPv4 = "127.0.0.1"
     port: Port = 8008
     tls: Tls | None = None
-    token_file: str = "/etc/sipha/api-token"
+    token_file: str = "/etc/sipha/api-token"  # noqa: S105 - a path, not a secret
 
 
 class SnmpV3(_Frozen):
@@ -459,4 +459,4 @@ def load(path: str | Path) -> Cluster:
     return parse(data, src, p.resolve().parent)
 
 
-__all__ = ["Cluster", "ModelError", "load", "parse", "PROXY_KINDS", "TRANSPORTS"]
+__all__ = ["PROXY_KINDS", "TRANSPORTS", "Cluster", "ModelError", "load", "parse"]

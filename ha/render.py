@@ -42,7 +42,8 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,
+        # Config files are not HTML; only the CIB is XML, and there every value is escaped.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("xml.j2",), default_for_string=False),
     )
     env.filters["xml"] = lambda v: jinja2.utils.markupsafe.escape(str(v))
     return env
@@ -105,7 +106,7 @@ def write(cluster: Cluster, out: str | Path) -> list[Output]:
             p.write_text(f.text)
             os.chmod(p, f.mode)
         (tmp / MARKER).write_text(f"rendered by sipha from cluster {cluster.name}\n")
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - a config tree daemons read, like /etc
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
