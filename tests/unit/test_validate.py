@@ -40,18 +40,15 @@ def our_netns() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.startswith(validate.NETNS_PREFIX)}
 
 
-def our_tmpdirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("sipha-validate-*")}
-
-
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="corosync -t runs in a network namespace (root)")
 
 
 @needs_root
-def test_run_all_lab_passes_crm_verify_and_corosync() -> None:
+def test_run_all_lab_passes_crm_verify_and_corosync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (render.TEMPLATES / "kamailio.cfg.j2").exists():
         pytest.skip("templates/kamailio.cfg.j2 not written yet: ha.render.write cannot render the lab")
-    before_ns, before_tmp = our_netns(), our_tmpdirs()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a private temp root shows what run_all leaves
+    before_ns = our_netns()
     results = validate.run_all(cluster_of("lab"))
     by_tool = {r.what: r for r in results}
     assert by_tool["cib.xml: crm_verify"].ok, by_tool["cib.xml: crm_verify"].detail
@@ -60,7 +57,7 @@ def test_run_all_lab_passes_crm_verify_and_corosync() -> None:
         assert r.ok, r.detail
         assert f"{node}/kamailio.cfg: kamailio -c" in by_tool  # called, whatever its verdict
     assert our_netns() == before_ns
-    assert our_tmpdirs() == before_tmp
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("example", ["lab", "production"])
