@@ -39,6 +39,7 @@ Example (from a shell on node1)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -121,15 +122,11 @@ class Supervisor:
             # SIGKILL to PID 1 of the host's PID namespace kills every process in it.
             for pid in (init_pid, p.pid):
                 if pid:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
             self.node.link(self.spec, self.hosts[name], up=False)
-            try:
+            with contextlib.suppress(Exception):
                 p.wait(timeout=5)
-            except Exception:  # noqa: BLE001 - reported below through the state
-                pass
             self.node.wait_namespace_empty(self.hosts[name], timeout=5)
             self.log(f"{name}: powered off (init {init_pid} killed, link down)")
         else:
@@ -166,7 +163,7 @@ class Supervisor:
                     status = self.off(name)
                 if action in ("on", "reboot"):
                     status = self.on(name)
-            except Exception as exc:  # noqa: BLE001 - the client gets one line, the log the detail
+            except Exception as exc:
                 self.log(f"{name}: {action} failed: {exc!r}")
                 return {"ok": False, "error": f"{action} {name}: {exc}"}
         self.log(f"{name}: {action} -> {status}")
@@ -218,7 +215,7 @@ class Supervisor:
         for name in list(self.procs):
             try:
                 self.off(name)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.log(f"{name}: off at stop failed: {exc!r}")
         sock_path.unlink(missing_ok=True)
 
