@@ -1,0 +1,177 @@
+"""Kamailio adapter: config check, JSON-RPC control and the command line that starts the proxy.
+
+Standard library only: the resource agents import this module on hosts where sipha's virtualenv may not be
+on the path.
+
+The rendered ``kamailio.cfg`` (``templates/kamailio.cfg.j2``) fixes the contract used here:
+
+* JSON-RPC (``jsonrpcs``) listens on a UNIX datagram socket, ``<run dir>/kamailio-rpc.sock``; the run dir
+  is ``/run/sipha`` unless the command line defines ``SIPHA_RUN_DIR`` (``-A``), which tests do.
+* Events go to ``127.0.0.1:<cluster.proxy.event_port>`` as one JSON object per UDP datagram (shape
+  documented at the top of the template).
+
+``kamailio -c`` and addresses that are not local: checked on Kamailio 5.6.3, ``kamailio -c`` parses the
+file and resolves its listen addresses but binds nothing, so listening on a VIP or on another node's
+address is accepted as it is. :func:`check_config` therefore runs it directly, with no network namespace.
+What ``-c`` does not see: module ``mod_init`` work (a missing ``/etc/sipha/tls.cfg`` or certificate) and
+names inside pseudo-variables (``$dlg(nosuch)``), which only fail when Kamailio really starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RUN_DIR = Path("/run/sipha")
+RPC_SOCKET_NAME = "kamailio-rpc.sock"
+PID_NAME = "kamailio.pid"
+CHECK_TIMEOUT_S = 30
+
+# Lines kamailio -c prints that say what is wrong, most specific first.
+_ERROR_LINE = re.compile(r"(CRITICAL|ERROR):")
+_NOISE = re.compile(
+    r"^\s*\d+\(\d+\)\s+(?:CRITICAL|ERROR|WARNING|INFO|NOTICE|DEBUG):\s*(?:<[^>]*>\s*)?(?:\[[^\]]*\]:\s*)?"
+)
+_CFG_ERROR = re.compile(
+    r"parse error in config file (?P<file>\S+), line (?P<line>\d+), column (?P<col>[\d-]+): (?P<msg>.*)"
+)
+
+
+class RpcError(RuntimeError):
+    """Kamailio answered a JSON-RPC call with an error, or did not answer at all."""
+
+
+def kamailio_binary() -> str | None:
+    return shutil.which("kamailio") or next(
+        (p for p in ("/usr/sbin/kamailio", "/usr/local/sbin/kamailio") if os.access(p, os.X_OK)), None
+    )
+
+
+def _one_line(output: str) -> str:
+    """The most telling line of kamailio -c output, stripped of its log prefix.
+
+    A parse error names file, line and column, the most useful thing an operator can get; when its text is
+    generic ("failed to load module") the ERROR line just before it holds the detail, so both are joined.
+    """
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    detail = ""
+    for ln in lines:
+        m = _CFG_ERROR.search(ln)
+        if m:
+            msg = m["msg"].strip() or "syntax error"
+            where = f"{m['file']}:{m['line']}:{m['col']}"
+            return f"{where}: {msg} ({detail})" if detail and detail not in msg else f"{where}: {msg}"
+        if _ERROR_LINE.search(ln) and "bad config file" not in ln:
+            detail = _NOISE.sub("", ln)
+    if detail:
+        return detail
+    for ln in lines:
+        if "bad config file" in ln or "ERROR" in ln:
+            return ln
+    return lines[-1] if lines else "kamailio -c failed without output"
+
+
+def check_config(path: Path | str) -> str | None:
+    """Run ``kamailio -c -f PATH``: None when Kamailio accepts the file, else one line saying why not."""
+    binary = kamailio_binary()
+    if binary is None:
+        return "kamailio is not installed (no kamailio binary on PATH)"
+    path = Path(path)
+    if not path.is_file():
+        return f"{path}: no such file"
+    try:
+        proc = subprocess.run(
+            [binary, "-c", "-f", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=CHECK_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"{path}: kamailio -c did not finish within {CHECK_TIMEOUT_S} s"
+    out = (proc.stdout or "") + "\n" + (proc.stderr or "")
+    if proc.returncode == 0 and "config file ok" in out:
+        return None
+    return _one_line(out)
+
+
+def rpc_socket(run_dir: Path | str = RUN_DIR) -> Path:
+    return Path(run_dir) / RPC_SOCKET_NAME
+
+
+_ids = itertools.count(1)
+
+
+def rpc(method: str, *params: Any, sock: Path | str | None = None, timeout: float = 2.0) -> Any:
+    """Call one JSON-RPC method over Kamailio's UNIX datagram socket and return its ``result``.
+
+    ``rpc("ul.add", "location", "alice", "sip:alice@198.51.100.50:5060", 3600, 1.0, "0", 0, 0, -1)``
+    Raises :class:`RpcError` with Kamailio's message on an error reply or when nothing comes back.
+    """
+    target = str(sock or rpc_socket())
+    req_id = next(_ids)
+    request = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": req_id})
+    # A datagram reply needs an address to come back to: a socket of our own in a private temp dir.
+    with tempfile.TemporaryDirectory(prefix="sipha-rpc-") as tmp:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.bind(os.path.join(tmp, "c.sock"))
+            s.settimeout(timeout)
+            try:
+                s.sendto(request.encode(), target)
+                data = s.recv(1 << 20)
+            except TimeoutError:
+                raise RpcError(f"{method}: no answer from {target} within {timeout} s") from None
+            except OSError as exc:
+                raise RpcError(f"{method}: cannot reach {target}: {exc.strerror or exc}") from None
+        finally:
+            s.close()
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise RpcError(f"{method}: unreadable reply {data[:80]!r}") from None
+    if "error" in reply:
+        err = reply["error"]
+        raise RpcError(f"{method}: {err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err))
+    return reply.get("result")
+
+
+def kamailio_command(
+    cfg_path: Path | str,
+    cluster: Any,
+    *,
+    run_dir: Path | str = RUN_DIR,
+    foreground: bool = True,
+    binary: str | None = None,
+) -> list[str]:
+    """The command line that starts Kamailio with this node's rendered config.
+
+    Memory comes from the model (``-m`` shm, ``-M`` pkg: command-line options, not cfg settings).
+    ``foreground`` (for a supervisor that keeps the process, like a Pacemaker agent or the lab):
+    ``-DD`` (the main process does not daemonize but still forks the workers) and ``-E`` (log to stderr).
+    Otherwise Kamailio daemonizes. Both write ``<run_dir>/kamailio.pid``. ``run_dir`` must exist.
+    """
+    run_dir = Path(run_dir)
+    cmd = [
+        binary or kamailio_binary() or "kamailio",
+        "-f", str(cfg_path),
+        "-m", str(cluster.proxy.shm_mb),
+        "-M", str(cluster.proxy.pkg_mb),
+        "-P", str(run_dir / PID_NAME),
+    ]  # fmt: skip
+    if run_dir != RUN_DIR:
+        cmd += ["-A", f'SIPHA_RUN_DIR="{run_dir}"']
+    if foreground:
+        cmd += ["-DD", "-E"]
+    return cmd
+
+
+__all__ = ["RpcError", "check_config", "kamailio_command", "rpc", "rpc_socket"]
