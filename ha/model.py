@@ -249,7 +249,10 @@ class Fencing(_Frozen):
 
     agent: Annotated[str, Field(pattern=r"^fence_[a-z0-9_]+$")] = "fence_sipha_lab"
     options: dict[str, str] = {}
-    delay_node: Name | None = None  # the node whose fencing waits, so one survives a fence race
+    # Without a witness both nodes may shoot at once; fencing of ``delay_node`` waits ``delay_ms``, so that
+    # node survives the race. With a witness, quorum decides and no delay is needed (it only slows recovery).
+    delay_node: Name | None = None
+    delay_ms: Annotated[int, Field(ge=0, le=60000)] = 5000
 
 
 class Lab(_Frozen):

@@ -33,7 +33,7 @@ def clusters(draw: st.DrawFn) -> dict:
     token = draw(st.integers(300, 5000))
     consensus = draw(st.integers((token * 12 + 9) // 10, token * 2))
     period = draw(st.integers(20, 500))
-    threshold = draw(st.integers(1, max(1, (token + consensus - 1) // period)))
+    threshold = draw(st.integers(1, min(100, max(1, (token + consensus - 1) // period))))
     hosts = [n["name"] for n in nodes] + (["witness"] if witness else [])
     zk = hosts if len(hosts) % 2 else hosts[:-1]
     data: dict = {

@@ -262,3 +262,17 @@ def test_model_timing_changes_reach_the_output() -> None:
 
 def test_render_is_deterministic(cluster: model.Cluster) -> None:
     assert files(cluster) == files(cluster)
+
+
+def test_two_node_fence_race_delays_fencing_of_the_delay_node() -> None:
+    data = load_data("lab")
+    del data["witness"]
+    data["zookeeper"] = {"members": ["node1"]}
+    data["fencing"] = {"agent": "fence_sipha_lab", "delay_node": "node2", "delay_ms": 2500}
+    cib = ET.fromstring(files(build(data))["cib.xml"])
+    delays = {
+        nvpairs(p)["pcmk_host_list"]: nvpairs(p).get("pcmk_delay_base")
+        for p in cib.iter("primitive")
+        if p.get("class") == "stonith"
+    }
+    assert delays == {"node1": None, "node2": "2500ms"}
