@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,18 +58,24 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     assert (out / "passwd").read_text() == "not ours"
 
 
-def test_failed_write_leaves_no_half_render(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions; the temp-then-rename path is covered above")
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
+def test_disk_full_mid_write_keeps_the_previous_render(tmp_path: Path) -> None:
+    """A real ENOSPC: a 48 KiB tmpfs holds one lab render (~66 KB with blocks) only as long as nothing else."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI and `make test` run as root)")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "sipha-test", str(small)], check=True)
     try:
-        with pytest.raises(render.RenderError):
-            render.write(model.load(ROOT / "examples/lab.yaml"), parent / "out")
-        assert list(parent.iterdir()) == []
+        out = small / "out"
+        out.mkdir()
+        (out / render.MARKER).write_text("an earlier render\n")
+        (out / "corosync.conf").write_text("previous config\n")
+        with pytest.raises(render.RenderError, match="cannot write"):
+            render.write(model.load(ROOT / "examples/lab.yaml"), out)
+        assert sorted(p.name for p in small.iterdir()) == ["out"]  # the temp dir is gone
+        assert (out / "corosync.conf").read_text() == "previous config\n"
     finally:
-        parent.chmod(0o755)
+        subprocess.run(["umount", str(small)], check=True)
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
