@@ -42,7 +42,7 @@ ZK_JARS = ("zookeeper.jar", "zookeeper-jute.jar", "slf4j-api.jar", "slf4j-log4j1
 # What the lab runs, and the Debian package that brings it.
 REQUIRED = {
     "/usr/sbin/ip": "iproute2",
-    "/usr/sbin/tc": "iproute2",
+    "/usr/sbin/bridge": "iproute2",
     "/usr/bin/unshare": "util-linux",
     "/usr/bin/nsenter": "util-linux",
     "/usr/sbin/corosync": "corosync",
@@ -197,6 +197,26 @@ request_route {{
 """
 
 
+KNET_TIMER_RES_MS = 200  # libknet's heartbeat thread wakes every 200 ms (KNET_THREADS_TIMER_RES)
+
+
+def _corosync_conf(text: str, cluster: model.Cluster, step: Step) -> str:
+    """corosync derives knet_ping_timeout = token / 2 (150 ms at token 300), below libknet's 200 ms heartbeat
+    resolution: measured here, the link then drops every ~9 s and the membership flaps. Until the template sets
+    the ping timers, the lab adds them (timeout = token, interval = token / 4) and says so."""
+    token = cluster.timings.token_ms
+    if "knet_ping_timeout" in text or token // 2 >= KNET_TIMER_RES_MS + 50:
+        return text
+    block = (f"    interface {{\n        linknumber: 0\n        knet_ping_interval: {token // 4}\n"
+             f"        knet_ping_timeout: {token}\n    }}\n")  # fmt: skip
+    head, sep, tail = text.partition("totem {\n")
+    if not sep:
+        return text
+    step(f"  corosync.conf: knet_ping_timeout {token // 2} ms is below libknet's {KNET_TIMER_RES_MS} ms timer "
+         f"(links flap): lab sets knet_ping_interval {token // 4}, knet_ping_timeout {token}")  # fmt: skip
+    return head + sep + block + tail
+
+
 def _host_binds(cluster: model.Cluster, root: Path) -> list[tuple[str, str]]:
     dirs = ["/etc/corosync", "/var/lib/corosync", "/var/lib/pacemaker", "/var/log/pacemaker", "/var/log/corosync",
             "/etc/sipha", "/var/log/zookeeper", cluster.zookeeper.data_dir]  # fmt: skip
@@ -238,7 +258,7 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     _chown(root / "var/log/pacemaker", "hacluster", "haclient")
     os.chmod(root / "var/log/pacemaker", 0o775)  # noqa: S103
     etc = root / "etc/corosync"
-    (etc / "corosync.conf").write_text(rendered["corosync.conf"])
+    (etc / "corosync.conf").write_text(cfg["corosync_conf"])
     (etc / "authkey").write_bytes(cfg["authkey"])
     os.chmod(etc / "authkey", 0o400)
     sipha = root / "etc/sipha"
@@ -380,6 +400,7 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     else:
         cib, kamailio_by_lab = _lab_cib(rendered["cib.xml"], cluster, step)
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
+           "corosync_conf": _corosync_conf(rendered["corosync.conf"], cluster, step),
            "fallback_kamailio": FALLBACK_KAMAILIO, "variant": variant}  # fmt: skip
     if not any(p.endswith("kamailio.cfg") for p in rendered) and not kamailio_by_lab:
         raise LabError("no kamailio.cfg rendered (templates/kamailio.cfg.j2 missing)")
@@ -602,12 +623,18 @@ def sip_options(spec: dict[str, Any], target: str, timeout: float = 0.5) -> tupl
         return False, str(exc)
 
 
+def powered(name: str) -> bool:
+    """The host's init is alive (a powered-off node's namespace may still hold a stale VIP)."""
+    _unshare, init = labnode.recorded_pids(name)
+    return bool(init) and _pid_alive(init)
+
+
 def vip_holder(spec: dict[str, Any], vip: str | None = None) -> str:
-    """Which node's eth0 carries the VIP (by looking, not by asking Pacemaker); '-' if none."""
+    """Which running node's eth0 carries the VIP (by looking, not by asking Pacemaker); '-' if none."""
     vip = vip or spec["vips"][0]
     holders = []
     for h in spec["hosts"]:
-        if h["role"] == "node" and labnode.netns_exists(h["ns"]):
+        if h["role"] == "node" and labnode.netns_exists(h["ns"]) and powered(h["name"]):
             p = run(["ip", "-n", h["ns"], "-o", "-4", "addr", "show", "dev", "eth0"], check=False)
             if f" {vip}/" in p.stdout:
                 holders.append(h["name"])
