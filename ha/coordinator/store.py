@@ -1,0 +1,611 @@
+"""The replicated state store: one abstract :class:`Store`, one ZooKeeper (kazoo) implementation.
+
+Shaped after Patroni's ``dcs``: callers see frozen records and a frozen :class:`ClusterState`, never znodes.
+
+ZooKeeper layout, all under ``/sipha/<cluster>``::
+
+    epoch                          {"epoch": N, "node": "node2", "ts_ms": ...}; N == the znode's version.
+                                   Bumped (versioned set) by every takeover.
+    contacts/<bb>/<aor>,<ch>       one binding (JSON, ContactRecord): aor, contact, expires_at, q, path,
+                                   received, socket, callid, cseq, user_agent, flags, cflags, methods,
+                                   node + epoch + seq of the writer, ts_ms
+    dialogs/<bb>/<callid>,<fh>     one live dialog (JSON, DialogRecord): both tags, URIs, both route sets,
+                                   contacts, created_ms, start_ts (answer), state, writer node + epoch
+    cdrs/cdr-<seq10>               one finished call (JSON, CdrRecord), sequential znodes
+    gc/                            lock: the one node that deletes expired contacts
+
+``<bb>`` is a 2-hex-digit bucket (first byte of sha1 of the AoR / Call-ID): 256 buckets keep every
+children list short (100k AoRs -> ~400 per bucket, far below the 1 MB packet limit) and let a resync list
+them in parallel; there is no per-AoR parent znode to create or clean up. ``<aor>``/``<callid>`` are
+percent-escaped (``/`` and ``,`` never appear raw), ``<ch>`` is 16 hex digits of sha1(contact URI) and
+``<fh>`` 8 hex digits of sha1(from-tag).
+
+Writes are batched in ``transaction()``s of up to :data:`BATCH_OPS` operations whose first operation is a
+``check`` of the epoch znode's version against the writer's epoch: after a takeover bumped the epoch, an
+old (fenced or partitioned) active's batch fails as a whole, and :class:`StaleEpoch` tells it to stop.
+Batches are pipelined (``commit_async``), since one round trip per batch is what limits throughput.
+
+Writes are idempotent (a put carries the whole record, a delete of a missing znode is dropped), so a batch
+whose outcome is unknown (connection lost while committing) may simply be written again; that is what
+makes the journal's replay safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    RolledBackError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import KazooState
+
+from ha.coordinator.events import ContactEvent, DialogEvent, Event
+
+BATCH_OPS = 100  # ops per transaction, the check op included (measured: ~4.4k znodes/s on 3 members)
+BUCKETS = 256
+_SAFE = "@+-._~:;=!$&'()*"  # kept raw in znode names; everything else (/ , % space ...) is escaped
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class StaleEpoch(StoreError):
+    """This writer's epoch is older than the cluster's: another node took over. Stop writing."""
+
+
+class StoreUnavailable(StoreError):
+    """ZooKeeper cannot be written now (no quorum, no connection): buffer and retry later."""
+
+
+def _bucket(key: str) -> str:
+    return hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:2]
+
+
+def _h(value: str, n: int) -> str:
+    return hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()[:n]
+
+
+def contact_name(aor: str, contact: str) -> tuple[str, str]:
+    """(bucket, znode name) of one binding."""
+    return _bucket(aor), f"{quote(aor, safe=_SAFE)},{_h(contact, 16)}"
+
+
+def dialog_name(callid: str, from_tag: str) -> tuple[str, str]:
+    return _bucket(callid), f"{quote(callid, safe=_SAFE)},{_h(from_tag, 8)}"
+
+
+def aor_of(name: str) -> str:
+    """The AoR from a contact znode name (peers learn deletions by path only)."""
+    return unquote(name.rsplit(",", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRecord:
+    aor: str
+    contact: str
+    expires_at: int  # epoch seconds
+    q: int = -1  # q x 1000, -1: none
+    path: str = ""
+    received: str = ""
+    socket: str = ""
+    callid: str = ""
+    cseq: int = 0
+    user_agent: str = ""
+    flags: int = 0
+    cflags: int = 0
+    methods: int = -1
+    node: str = ""  # writer
+    epoch: int = 0  # writer's epoch
+    seq: int = 0  # writer proxy's event seq
+    ts_ms: int = 0
+    version: int = field(default=-1, compare=False)  # znode version when read; -1 when not read
+
+    @classmethod
+    def from_event(cls, ev: ContactEvent, epoch: int) -> ContactRecord:
+        return cls(
+            aor=ev.aor,
+            contact=ev.contact,
+            expires_at=ev.expires_at,
+            q=ev.q,
+            path=ev.path,
+            received=ev.received,
+            socket=ev.socket,
+            callid=ev.callid,
+            cseq=ev.cseq,
+            user_agent=ev.user_agent,
+            flags=ev.flags,
+            cflags=ev.cflags,
+            methods=ev.methods,
+            node=ev.node,
+            epoch=epoch,
+            seq=ev.seq,
+            ts_ms=ev.ts,
+        )
+
+    @property
+    def name(self) -> tuple[str, str]:
+        return contact_name(self.aor, self.contact)
+
+
+@dataclass(frozen=True, slots=True)
+class DialogRecord:
+    callid: str
+    from_tag: str
+    to_tag: str = ""
+    from_uri: str = ""
+    to_uri: str = ""
+    from_rs: str = ""
+    to_rs: str = ""
+    from_contact: str = ""
+    to_contact: str = ""
+    created_ms: int = 0
+    start_ts: int = 0  # answered at (epoch s), 0 if never
+    state: int = 0
+    node: str = ""
+    epoch: int = 0
+    ts_ms: int = 0
+    version: int = field(default=-1, compare=False)
+
+    @classmethod
+    def from_event(cls, ev: DialogEvent, epoch: int) -> DialogRecord:
+        return cls(
+            callid=ev.callid,
+            from_tag=ev.from_tag,
+            to_tag=ev.to_tag,
+            from_uri=ev.from_uri,
+            to_uri=ev.to_uri,
+            from_rs=ev.from_rs,
+            to_rs=ev.to_rs,
+            from_contact=ev.from_contact,
+            to_contact=ev.to_contact,
+            created_ms=ev.created_ms,
+            start_ts=ev.start_ts,
+            state=ev.state,
+            node=ev.node,
+            epoch=epoch,
+            ts_ms=ev.ts,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CdrRecord:
+    callid: str
+    from_tag: str
+    to_tag: str
+    from_uri: str
+    to_uri: str
+    created_ms: int
+    start_ts: int
+    end_ms: int
+    reason: str  # end | failed | timeout
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """Everything a resync needs, read in one pass (not one ZooKeeper transaction: records are independent)."""
+
+    epoch: int
+    contacts: tuple[ContactRecord, ...]
+    dialogs: tuple[DialogRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    events: int
+    ops: int
+    transactions: int
+    retries: int  # batches re-sent after fixing an op (create of an existing znode, ...)
+
+
+def _encode(rec: Any) -> bytes:
+    d = asdict(rec)
+    d.pop("version", None)
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+def _decode(cls: type[Any], data: bytes, version: int) -> Any:
+    d = json.loads(data)
+    known = set(cls.__dataclass_fields__)
+    extra = {"version": version} if "version" in known else {}
+    return cls(**{k: v for k, v in d.items() if k in known and k != "version"}, **extra)
+
+
+class Store(ABC):
+    """What the coordinator needs from a consistent store; the service codes against this only."""
+
+    node: str
+    epoch: int
+
+    @abstractmethod
+    def current_epoch(self) -> int:
+        """The cluster's epoch as stored now."""
+
+    @abstractmethod
+    def bump_epoch(self) -> int:
+        """Takeover: a new epoch, owned by this node; every older writer is fenced from now on."""
+
+    @abstractmethod
+    def adopt_epoch(self) -> int:
+        """Write at the current epoch without bumping it (only for the node Pacemaker made active)."""
+
+    @abstractmethod
+    def write(self, events: Sequence[Event]) -> WriteResult:
+        """Apply events in order; raises StaleEpoch (stop writing) or StoreUnavailable (buffer, retry)."""
+
+    @abstractmethod
+    def snapshot(self) -> ClusterState:
+        """The whole replicated state, for a resync of a (re)started proxy."""
+
+    @abstractmethod
+    def cdrs(self) -> tuple[CdrRecord, ...]:
+        """Every stored CDR, oldest first."""
+
+    @abstractmethod
+    def gc_expired(self, now: float | None = None, grace_s: int = 30) -> int:
+        """If this node holds the GC lock, delete bindings expired for more than grace_s; returns the count."""
+
+    @property
+    @abstractmethod
+    def available(self) -> bool:
+        """Whether a write may be attempted now (connected to a member that serves)."""
+
+
+@dataclass
+class _Intent:
+    """One znode change derived from an event; re-derivable into ops after a failed batch."""
+
+    kind: str  # put | delete | cdr
+    path: str
+    data: bytes = b""
+
+
+class ZkStore(Store):
+    """The kazoo implementation. One instance per coordinator process; thread-safe for one writer thread."""
+
+    def __init__(
+        self,
+        client: KazooClient,
+        cluster: str,
+        node: str,
+        *,
+        batch_ops: int = BATCH_OPS,
+        op_timeout_s: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.node = node
+        self.root = f"/sipha/{cluster}"
+        self.epoch_path = f"{self.root}/epoch"
+        self.epoch = -1
+        self.batch_ops = batch_ops
+        self.op_timeout_s = op_timeout_s
+        self._known: set[str] | None = None  # paths this writer believes exist (None: not loaded yet)
+        self._gc_lock = client.Lock(f"{self.root}/gc", node)
+        self._write_lock = threading.Lock()
+
+    # -- layout and epoch --------------------------------------------------------------------------------
+
+    def contact_path(self, aor: str, contact: str) -> str:
+        b, n = contact_name(aor, contact)
+        return f"{self.root}/contacts/{b}/{n}"
+
+    def dialog_path(self, callid: str, from_tag: str) -> str:
+        b, n = dialog_name(callid, from_tag)
+        return f"{self.root}/dialogs/{b}/{n}"
+
+    def _buckets(self, kind: str) -> list[str]:
+        return [f"{self.root}/{kind}/{b:02x}" for b in range(BUCKETS)]
+
+    def ensure_layout(self) -> None:
+        """Create the root, epoch and buckets if missing; safe to run on every node at every start."""
+        try:
+            for p in (f"{self.root}/contacts", f"{self.root}/dialogs", f"{self.root}/cdrs"):
+                self.client.ensure_path(p)
+            if not self.client.exists(self.epoch_path):
+                with contextlib.suppress(NodeExistsError):
+                    self.client.create(self.epoch_path, json.dumps({"epoch": 0, "node": "", "ts_ms": 0}).encode())
+            for kind in ("contacts", "dialogs"):
+                have = set(self.client.get_children(f"{self.root}/{kind}"))
+                missing = [p for p in self._buckets(kind) if p.rsplit("/", 1)[1] not in have]
+                asyncs = [self.client.create_async(p) for p in missing]
+                for a in asyncs:
+                    with contextlib.suppress(NodeExistsError):
+                        a.get(timeout=self.op_timeout_s)
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot create the layout: {exc!r}") from exc
+
+    def current_epoch(self) -> int:
+        try:
+            _, stat = self.client.get(self.epoch_path)
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot read the epoch: {exc!r}") from exc
+        return int(stat.version)
+
+    def bump_epoch(self) -> int:
+        while True:
+            try:
+                _, stat = self.client.get(self.epoch_path)
+                new = stat.version + 1
+                body = json.dumps({"epoch": new, "node": self.node, "ts_ms": int(time.time() * 1000)}).encode()
+                stat = self.client.set(self.epoch_path, body, version=stat.version)
+            except BadVersionError:
+                continue  # another node bumped at the same moment: bump past it
+            except self._unavailable_errors() as exc:
+                raise StoreUnavailable(f"cannot bump the epoch: {exc!r}") from exc
+            self.epoch = int(stat.version)
+            return self.epoch
+
+    def adopt_epoch(self) -> int:
+        self.epoch = self.current_epoch()
+        return self.epoch
+
+    @property
+    def available(self) -> bool:
+        return self.client.state == KazooState.CONNECTED
+
+    def _unavailable_errors(self) -> tuple[type[BaseException], ...]:
+        return (
+            ConnectionLoss,
+            SessionExpiredError,
+            ConnectionClosedError,
+            OperationTimeoutError,
+            self.client.handler.timeout_exception,
+        )
+
+    # -- writes ------------------------------------------------------------------------------------------
+
+    def _intents(self, events: Iterable[Event]) -> list[_Intent]:
+        out: list[_Intent] = []
+        for ev in events:
+            if isinstance(ev, ContactEvent):
+                path = self.contact_path(ev.aor, ev.contact)
+                if ev.removed:
+                    out.append(_Intent("delete", path))
+                else:
+                    out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
+            else:
+                path = self.dialog_path(ev.callid, ev.from_tag)
+                rec = DialogRecord.from_event(ev, self.epoch)
+                if ev.ended:
+                    cdr = CdrRecord(
+                        callid=ev.callid,
+                        from_tag=ev.from_tag,
+                        to_tag=ev.to_tag,
+                        from_uri=ev.from_uri,
+                        to_uri=ev.to_uri,
+                        created_ms=ev.created_ms,
+                        start_ts=ev.start_ts,
+                        end_ms=ev.ts,
+                        reason=ev.type.split(".", 1)[1],
+                        node=ev.node,
+                        epoch=self.epoch,
+                    )
+                    out.append(_Intent("delete", path))
+                    out.append(_Intent("cdr", f"{self.root}/cdrs/cdr-", _encode(cdr)))
+                else:
+                    out.append(_Intent("put", path, _encode(rec)))
+        return out
+
+    def _load_known(self) -> set[str]:
+        """Which znodes exist, so a put becomes create or set without a failed round trip."""
+        paths = self._buckets("contacts") + self._buckets("dialogs")
+        asyncs = [(p, self.client.get_children_async(p)) for p in paths]
+        known: set[str] = set()
+        for p, a in asyncs:
+            with contextlib.suppress(NoNodeError):
+                known.update(f"{p}/{c}" for c in a.get(timeout=self.op_timeout_s))
+        return known
+
+    def write(self, events: Sequence[Event]) -> WriteResult:
+        if self.epoch < 0:
+            raise StaleEpoch("no epoch: call bump_epoch() (takeover) or adopt_epoch() before writing")
+        with self._write_lock:
+            try:
+                if self._known is None:
+                    self._known = self._load_known()
+                return self._write(self._intents(events), len(events))
+            except self._unavailable_errors() as exc:
+                self._known = None  # the outcome of in-flight batches is unknown: reload before the next write
+                raise StoreUnavailable(f"write failed: {exc!r}") from exc
+
+    def _write(self, intents: list[_Intent], n_events: int) -> WriteResult:
+        assert self._known is not None
+        known = self._known
+        per = self.batch_ops - 1
+        pos, ops_total, txns, retries = 0, 0, 0, 0
+        skip: set[int] = set()  # intent indexes found to be no-ops (delete of a missing znode)
+        while pos < len(intents):
+            overlay: dict[str, bool] = {}
+            batches: list[tuple[int, list[tuple[int, str]], Any]] = []
+            for start in range(pos, len(intents), per):
+                t = self.client.transaction()
+                t.check(self.epoch_path, self.epoch)
+                kinds: list[tuple[int, str]] = []
+                for i in range(start, min(start + per, len(intents))):
+                    it = intents[i]
+                    exists = overlay.get(it.path, it.path in known)
+                    if it.kind == "put":
+                        if exists:
+                            t.set_data(it.path, it.data)
+                            kinds.append((i, "set"))
+                        else:
+                            t.create(it.path, it.data)
+                            kinds.append((i, "create"))
+                        overlay[it.path] = True
+                    elif it.kind == "delete":
+                        if exists and i not in skip:
+                            t.delete(it.path)
+                            kinds.append((i, "delete"))
+                        overlay[it.path] = False
+                    else:
+                        t.create(it.path, it.data, sequence=True)
+                        kinds.append((i, "cdr"))
+                if not kinds:
+                    continue
+                batches.append((start, kinds, t.commit_async()))
+            if not batches:
+                break
+            failed = False
+            for start, kinds, a in batches:
+                results = a.get(timeout=self.op_timeout_s)
+                if failed:
+                    continue  # later batches are re-sent from the failed one on, in order
+                txns += 1
+                ops_total += len(kinds)
+                if isinstance(results[0], BadVersionError):
+                    raise StaleEpoch(f"epoch {self.epoch} is no longer current: another node took over")
+                bad = next(
+                    (
+                        (j, r)
+                        for j, r in enumerate(results)
+                        if isinstance(r, Exception) and not isinstance(r, RolledBackError)
+                    ),
+                    None,
+                )
+                if bad is None:
+                    for i, kind in kinds:
+                        if kind in ("create", "set"):
+                            known.add(intents[i].path)
+                        elif kind == "delete":
+                            known.discard(intents[i].path)
+                    pos = kinds[-1][0] + 1
+                    continue
+                failed = True
+                retries += 1
+                j, err = bad
+                if j == 0:
+                    raise StoreError(f"epoch znode {self.epoch_path}: {err!r}")
+                i, kind = kinds[j - 1]
+                path = intents[i].path
+                if isinstance(err, NodeExistsError):
+                    known.add(path)
+                elif isinstance(err, NoNodeError) and kind in ("create", "cdr"):
+                    self.client.ensure_path(path.rsplit("/", 1)[0])  # a bucket was missing
+                elif isinstance(err, NoNodeError):
+                    known.discard(path)
+                    if kind == "delete":
+                        skip.add(i)
+                else:
+                    raise StoreError(f"{kind} {path}: {err!r}")
+                # Every intent before the failed batch is committed; resume at that batch's first intent.
+                pos = start
+        return WriteResult(events=n_events, ops=ops_total, transactions=txns, retries=retries)
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    def _read_all(self, kinds: Sequence[str]) -> dict[str, list[tuple[str, bytes, int]]]:
+        """Every child of every bucket, as (path, data, version), fetched with pipelined async gets."""
+        lists = [(k, p, self.client.get_children_async(p)) for k in kinds for p in self._buckets(k)]
+        gets: list[tuple[str, str, Any]] = []
+        for k, p, a in lists:
+            try:
+                children = a.get(timeout=self.op_timeout_s)
+            except NoNodeError:
+                continue
+            gets.extend((k, f"{p}/{c}", self.client.get_async(f"{p}/{c}")) for c in children)
+        out: dict[str, list[tuple[str, bytes, int]]] = {k: [] for k in kinds}
+        for k, path, a in gets:
+            try:
+                data, stat = a.get(timeout=self.op_timeout_s)
+            except NoNodeError:
+                continue  # deleted between the listing and the read
+            out[k].append((path, data, stat.version))
+        return out
+
+    def snapshot(self) -> ClusterState:
+        try:
+            epoch = self.current_epoch()
+            raw = self._read_all(("contacts", "dialogs"))
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot read the state: {exc!r}") from exc
+        contacts = tuple(sorted((_decode(ContactRecord, d, v) for _, d, v in raw["contacts"]), key=lambda r: r.name))
+        dialogs = tuple(_decode(DialogRecord, d, v) for _, d, v in raw["dialogs"])
+        return ClusterState(epoch=epoch, contacts=contacts, dialogs=dialogs)
+
+    def cdrs(self) -> tuple[CdrRecord, ...]:
+        try:
+            names = sorted(self.client.get_children(f"{self.root}/cdrs"))
+            asyncs = [self.client.get_async(f"{self.root}/cdrs/{n}") for n in names]
+            return tuple(_decode(CdrRecord, a.get(timeout=self.op_timeout_s)[0], -1) for a in asyncs)
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot read the CDRs: {exc!r}") from exc
+
+    # -- garbage collection ------------------------------------------------------------------------------
+
+    def holds_gc_lock(self) -> bool:
+        """Take the GC lock if free (non-blocking) and say whether this node holds it.
+
+        Two collectors overlapping for a moment (a lock lost with a session) is harmless: every delete is
+        conditional on the version that was read, so a binding refreshed meanwhile is never deleted.
+        """
+        if not self._gc_lock.is_acquired:
+            try:
+                self._gc_lock.acquire(blocking=False)
+            except self._unavailable_errors():
+                return False
+        return bool(self._gc_lock.is_acquired)
+
+    def release_gc_lock(self) -> None:
+        if self._gc_lock.is_acquired:
+            self._gc_lock.release()
+
+    def gc_expired(self, now: float | None = None, grace_s: int = 30) -> int:
+        if not self.holds_gc_lock():
+            return 0
+        limit = (time.time() if now is None else now) - grace_s
+        try:
+            raw = self._read_all(("contacts",))["contacts"]
+            doomed = [(p, v) for p, d, v in raw if json.loads(d).get("expires_at", 0) < limit]
+            deleted = 0
+            for start in range(0, len(doomed), self.batch_ops):
+                chunk = doomed[start : start + self.batch_ops]
+                # Individually, not as one transaction: one refreshed binding must not save the others.
+                asyncs = [(p, self.client.delete_async(p, version=v)) for p, v in chunk]
+                for p, a in asyncs:
+                    try:
+                        a.get(timeout=self.op_timeout_s)
+                    except (NoNodeError, BadVersionError):
+                        continue
+                    deleted += 1
+                    if self._known is not None:
+                        self._known.discard(p)  # the writer's index must not claim a deleted binding
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"gc failed: {exc!r}") from exc
+        return deleted
+
+
+__all__ = [
+    "BATCH_OPS",
+    "CdrRecord",
+    "ClusterState",
+    "ContactRecord",
+    "DialogRecord",
+    "StaleEpoch",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "WriteResult",
+    "ZkStore",
+    "aor_of",
+    "contact_name",
+    "dialog_name",
+]

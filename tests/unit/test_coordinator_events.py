@@ -1,0 +1,132 @@
+"""ha.coordinator.events: parsing, rejection counting through a real UDP socket, sequence tracking."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+from conftest_zk import contact, dialog
+
+from ha.coordinator.events import (
+    MAX_EVENT_BYTES,
+    ContactEvent,
+    DialogEvent,
+    EventError,
+    Intake,
+    SeqStatus,
+    SequenceTracker,
+    parse_event,
+)
+
+# The example event from templates/kamailio.cfg.j2's header, byte for byte in shape.
+TEMPLATE_EXAMPLE = (
+    '{"seq":7,"node":"node1","type":"contact.insert","ts":1764014460123,"aor":"alice",'
+    '"contact":"sip:alice@198.51.100.50:5062","expires":3600,"expires_at":1764018060,"q":-1,'
+    '"received":"udp:198.51.100.50:5062","socket":"udp:198.51.100.10:5060","path":"",'
+    '"callid":"a84b4c76e66710","cseq":1,"user_agent":"phone 1.0","flags":0,"cflags":0,"methods":-1,'
+    '"ruid":"uloc-5f2a-1"}'
+)
+
+
+def test_template_example_parses() -> None:
+    ev = parse_event(TEMPLATE_EXAMPLE.encode())
+    assert isinstance(ev, ContactEvent)
+    assert (ev.seq, ev.node, ev.aor, ev.expires_at, ev.q, ev.boot) == (7, "node1", "alice", 1764018060, -1, 0)
+    assert not ev.removed
+    assert parse_event(json.dumps(ev.to_json())) == ev  # the journal's round trip
+
+
+def test_dialog_event_and_unknown_extra_keys() -> None:
+    d = dialog(3, "c@x", "timeout").to_json() | {"future_field": [1, 2]}
+    ev = parse_event(json.dumps(d))
+    assert isinstance(ev, DialogEvent) and ev.ended and ev.created_ms == 1764014460123
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff\xfe not json", "malformed"),
+        (b"[1,2]", "malformed"),
+        (b'{"seq":1,"node":"n"}', "missing-field"),
+        (b'{"seq":1,"node":"n","type":"contact.teleport"}', "unknown-type"),
+        (b'{"seq":"1","node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1}', "bad-field"),
+        (b'{"seq":true,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1}', "bad-field"),
+        (b'{"seq":0,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","expires_at":1}', "missing-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"","contact":"c","expires_at":1}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,"q":1e999}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"dialog.end","from_tag":"x"}', "missing-field"),
+        (b'{"seq":99999999999999999999999,"node":"n","type":"dialog.end"}', "bad-field"),
+        (b" " * (MAX_EVENT_BYTES + 1), "oversized"),
+    ],
+)
+def test_bad_events_raise_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_event(data)
+    assert info.value.reason == reason
+
+
+def test_intake_counts_rejections_over_a_real_socket_and_keeps_going() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(2)
+        good = [contact(i, f"u{i}").to_json() for i in range(1, 4)]
+        datagrams: list[Any] = [
+            json.dumps(good[0]).encode(),
+            b"garbage",
+            b"{" + b'"x":"' + b"A" * 9000 + b'"}',
+            json.dumps(good[1]).encode(),
+            json.dumps(good[1]).encode(),  # UDP duplicate
+            b'{"seq":4,"node":"node1","type":"nope"}',
+            json.dumps(good[2]).encode(),
+        ]
+        for d in datagrams:
+            tx.sendto(d, rx.getsockname())
+        intake = Intake(log_every=1)
+        verdicts = [intake.feed(rx.recv(65535)) for _ in datagrams]
+        assert [v.event.seq for v in verdicts if v] == [1, 2, 3]
+        assert intake.accepted == 3
+        assert dict(intake.rejected) == {"malformed": 1, "oversized": 1, "duplicate": 1, "unknown-type": 1}
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_sequence_gap_duplicate_and_restart() -> None:
+    t = SequenceTracker()
+    statuses = [
+        t.observe(contact(seq, "a", boot=boot, node=node)).status
+        for seq, boot, node in [
+            (5, 100, "node1"),  # first seen: no judgement
+            (6, 100, "node1"),
+            (9, 100, "node1"),  # 7 and 8 lost
+            (8, 100, "node1"),  # late: already counted lost, dropped as a duplicate
+            (1, 100, "node2"),  # another proxy has its own sequence
+            (2, 100, "node2"),
+            (1, 200, "node1"),  # node1 restarted (boot changed)
+            (3, 300, "node1"),  # restarted again, seq 1 and 2 of the new run lost
+            (1, 300, "node2"),  # no boot change, but seq back to 1: restart
+        ]
+    ]
+    S = SeqStatus
+    assert statuses == [S.FIRST, S.NEXT, S.GAP, S.DUPLICATE, S.FIRST, S.NEXT, S.RESTART, S.RESTART, S.RESTART]
+    assert (t.gaps, t.lost, t.duplicates, t.restarts) == (1, 2, 1, 3)
+
+
+def test_sequence_without_boot_field() -> None:
+    t = SequenceTracker()
+    seqs = [1, 2, 3, 1, 2, 5]
+    res = [t.observe(contact(s, "a")) for s in seqs]
+    assert [r.status for r in res] == [
+        SeqStatus.FIRST,
+        SeqStatus.NEXT,
+        SeqStatus.NEXT,
+        SeqStatus.RESTART,
+        SeqStatus.NEXT,
+        SeqStatus.GAP,
+    ]
+    assert res[-1].missing == 2
