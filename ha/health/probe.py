@@ -1,0 +1,233 @@
+"""Probes of a SIP proxy and the hysteresis that turns them into a health verdict.
+
+Two halves, kept apart so the decision can be tested with explicit sequences and no sockets:
+
+* :func:`classify` and :class:`Hysteresis` are pure: a probe result in, a verdict out; a verdict in, a new
+  frozen :class:`HealthState` out.
+* :class:`TargetProber` does the I/O: one SIP OPTIONS per configured transport per cycle, concurrently, each
+  bounded by the per-probe timeout, through :func:`ha.sip.options_probe_async` (the same probe code the OCF
+  monitor uses, so the agent and the service never disagree about what "answers" means).
+
+Verdicts per probe:
+
+* ``ok``: a final response below 500 within the slow threshold.
+* ``overloaded``: the process answers, but with a 5xx (503 is Kamailio/OpenSIPS's "too busy") or slower than
+  the slow threshold. It is *not* a failure for the VIP: moving the VIP to the peer would move the same load
+  there, and a proxy that answers still serves most calls. It is reported (metrics, /health body, log).
+* ``dead``: no final response (silence, only a provisional, refused, port unreachable, garbage). This is the
+  only verdict that counts as a failure.
+
+A cycle fails when any probed transport is dead: the VIP serves every transport, so a proxy whose TCP listener
+died strands every TCP phone even while UDP answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from ha.sip import ProbeResult, options_probe_async
+
+PROBED_TRANSPORTS = ("udp", "tcp")  # what ha.sip's probe speaks; tls/ws listeners are not probed yet
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    OVERLOADED = "overloaded"
+    DEAD = "dead"
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One classified probe: what an operator needs to read in a log line or the /health body."""
+
+    transport: str
+    target: str
+    verdict: Verdict
+    status_code: int | None
+    latency_ms: float
+    reason: str
+
+    @property
+    def alive(self) -> bool:
+        return self.verdict is not Verdict.DEAD
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "transport": self.transport,
+            "target": self.target,
+            "verdict": str(self.verdict),
+            "status_code": self.status_code,
+            "latency_ms": round(self.latency_ms, 2),
+            "reason": self.reason,
+        }
+
+
+def classify(result: ProbeResult, slow_ms: float) -> Observation:
+    """Turn one probe result into ok / overloaded / dead (see the module docstring for why)."""
+    code = result.status_code
+    if code is None or code < 200:
+        verdict = Verdict.DEAD
+        reason = result.reason
+    elif code >= 500:
+        verdict = Verdict.OVERLOADED
+        reason = f"answers {result.reason}"
+    elif result.latency_ms > slow_ms:
+        verdict = Verdict.OVERLOADED
+        reason = f"slow: {result.latency_ms:.0f} ms > {slow_ms:.0f} ms ({result.reason})"
+    else:
+        verdict = Verdict.OK
+        reason = result.reason
+    return Observation(result.transport, result.target, verdict, code, result.latency_ms, reason)
+
+
+# ---------------------------------------------------------------------------------------------- hysteresis
+
+
+@dataclass(frozen=True)
+class HealthState:
+    """Where the hysteresis stands; frozen so a snapshot handed to the API thread can never change under it."""
+
+    health: Health = Health.UNKNOWN
+    failures: int = 0  # consecutive failed cycles
+    successes: int = 0  # consecutive good cycles
+    changed: bool = False  # this step flipped ``health``
+    reason: str = "no probe yet"
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    """N consecutive failures make a node unhealthy, M consecutive successes make it healthy.
+
+    It starts ``unknown`` and leaves that state only on a full run of N or M, so a freshly started service never
+    claims health (or sickness) from one probe. One lost probe never flips a healthy node: a UDP datagram can be
+    dropped under load and a VIP move costs every caller a retransmit.
+    """
+
+    failure_threshold: int
+    recovery_threshold: int
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.recovery_threshold < 1:
+            raise ValueError("thresholds must be >= 1")
+
+    def step(self, state: HealthState, alive: bool, reason: str = "") -> HealthState:
+        """The state after one more cycle whose outcome is ``alive``."""
+        if alive:
+            successes, failures = state.successes + 1, 0
+            flip = successes >= self.recovery_threshold and state.health is not Health.HEALTHY
+            new = Health.HEALTHY if flip else state.health
+        else:
+            successes, failures = 0, state.failures + 1
+            flip = failures >= self.failure_threshold and state.health is not Health.UNHEALTHY
+            new = Health.UNHEALTHY if flip else state.health
+        return HealthState(new, failures, successes, flip, reason or state.reason)
+
+    def run(self, outcomes: Sequence[bool], state: HealthState | None = None) -> list[HealthState]:
+        """Every state along a sequence of outcomes: how tests and operators replay a history."""
+        out, cur = [], state or HealthState()
+        for alive in outcomes:
+            cur = self.step(cur, alive)
+            out.append(cur)
+        return out
+
+
+def gated(state: HealthState, ready: bool) -> HealthState:
+    """Apply the readiness gate: a proxy that answers but has not resynced its state must not take the VIP.
+
+    Until readiness is given, a would-be healthy node reads unhealthy (attribute 0), so Pacemaker keeps the VIP
+    away even if the node's proxy answers; ``unknown`` stays unknown (nothing is written yet).
+    """
+    if ready or state.health is not Health.HEALTHY:
+        return state
+    return replace(state, health=Health.UNHEALTHY, reason="answers, but readiness not given yet (resync pending)")
+
+
+# ---------------------------------------------------------------------------------------------- the I/O half
+
+ProbeFn = Callable[[str, int, str, float], Awaitable[ProbeResult]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One SIP listener to probe: the local proxy or a peer's, on one transport."""
+
+    host: str
+    port: int
+    transport: str
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.host}:{self.port}"
+
+
+def targets_for(host: str, ports: dict[str, int]) -> tuple[Target, ...]:
+    """The probe targets for a proxy listening on ``ports`` (transport -> port); tls/ws are skipped."""
+    return tuple(Target(host, port, t) for t, port in ports.items() if t in PROBED_TRANSPORTS)
+
+
+class TargetProber:
+    """Probes a set of targets concurrently, each bounded by ``timeout_s``; ``probe`` is injectable.
+
+    The default probe is :func:`ha.sip.options_probe_async`; tests pass it too, against real local responders.
+    """
+
+    def __init__(
+        self, targets: Sequence[Target], timeout_s: float, slow_ms: float, probe: ProbeFn = options_probe_async
+    ) -> None:
+        if not targets:
+            raise ValueError("nothing to probe: no udp/tcp listener configured")
+        self.targets = tuple(targets)
+        self.timeout_s = timeout_s
+        self.slow_ms = slow_ms
+        self.probe = probe
+
+    async def _one(self, target: Target) -> Observation:
+        try:
+            # Belt and braces: the probe honours its timeout, wait_for guarantees the cycle does too.
+            result = await asyncio.wait_for(
+                self.probe(target.host, target.port, target.transport, self.timeout_s), self.timeout_s + 0.05
+            )
+        except TimeoutError:
+            result = ProbeResult(False, None, self.timeout_s * 1000, "probe overran its timeout",
+                                 target.transport, str(target))
+        return classify(result, self.slow_ms)
+
+    async def cycle(self) -> tuple[Observation, ...]:
+        """One observation per target, all probed at once (a cycle lasts one timeout at most)."""
+        return tuple(await asyncio.gather(*(self._one(t) for t in self.targets)))
+
+
+def cycle_outcome(observations: Sequence[Observation]) -> tuple[bool, str]:
+    """A cycle is alive when no transport is dead; the reason names the worst transport."""
+    dead = [o for o in observations if o.verdict is Verdict.DEAD]
+    if dead:
+        return False, "; ".join(f"{o.transport} dead: {o.reason}" for o in dead)
+    slow = [o for o in observations if o.verdict is Verdict.OVERLOADED]
+    if slow:
+        return True, "; ".join(f"{o.transport} overloaded: {o.reason}" for o in slow)
+    return True, "all transports answer: " + ", ".join(
+        f"{o.transport} {o.status_code} in {o.latency_ms:.1f} ms" for o in observations
+    )
+
+
+__all__ = [
+    "Health",
+    "HealthState",
+    "Hysteresis",
+    "Observation",
+    "Target",
+    "TargetProber",
+    "Verdict",
+    "classify",
+    "cycle_outcome",
+    "gated",
+    "targets_for",
+]
