@@ -732,8 +732,8 @@ def failover(spec: dict[str, Any], interval: float = 0.02, after: float = 4.0, b
     prober = labnode.in_netns(client_ns(spec), lambda: Prober(vip, spec["sip_port"], interval))
     prober.start(before + after)
     time.sleep(before)
-    t_kill = time.monotonic()
     power("off", holder)
+    t_kill = time.monotonic()  # the node is dead once the supervisor answers
     echo(f"killed {holder} (VIP holder) at +{before:.1f} s; probing {after:.1f} s more")
     prober.wait()
     rep = prober.report()

@@ -1,0 +1,67 @@
+"""The lab tests share one lab: brought up once per session and ALWAYS taken down (failure, Ctrl-C, crash).
+
+Needs root (network, PID and mount namespaces) and the Debian packages from the Makefile; skips with the reason
+otherwise. A lab that was already up before the session is not ours: the tests skip instead of touching it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+LAB_YAML = REPO / "examples" / "lab.yaml"
+
+_ours = {"up": False}
+
+
+def _teardown() -> None:
+    if _ours["up"]:
+        from ha.lab import lab as labmod
+
+        labmod.down(echo=lambda _m: None)
+        _ours["up"] = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="the lab needs root (network, PID and mount namespaces); run as root")
+        for item in items:
+            if "lab" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Any:
+    """The running lab's spec; the lab is up for the whole session and down at its end, whatever happens."""
+    from ha.lab import lab as labmod
+    from ha.lab.node import LabError
+
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    if labmod.load_spec() is not None:
+        pytest.skip("a lab is already up and is not this session's: `sipha lab down` first")
+    atexit.register(_teardown)  # also on an interpreter exit that skips fixture finalizers
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_teardown(), os._exit(143)))
+    _ours["up"] = True  # from here on any partial lab is ours to remove
+    try:
+        seconds = labmod.up(LAB_YAML, echo=lambda m: print(m, flush=True))
+    except LabError as exc:
+        _teardown()
+        missing = "missing package" in str(exc)
+        (pytest.skip if missing else pytest.fail)(f"lab up: {exc}")
+    except BaseException:
+        _teardown()
+        raise
+    spec = labmod.load_spec()
+    spec["up_seconds"] = seconds
+    try:
+        yield spec
+    finally:
+        _teardown()
+        signal.signal(signal.SIGTERM, previous)
