@@ -107,7 +107,96 @@ def rpc_socket(run_dir: Path | str = RUN_DIR) -> Path:
     return Path(run_dir) / RPC_SOCKET_NAME
 
 
-_ids = itertools.count(1)
+class Rpc:
+    """A JSON-RPC client on Kamailio's UNIX datagram socket, kept open for many calls.
+
+    Replies need an address to come back to: the client binds a socket file in a private temp dir
+    (Kamailio 5.6 cannot answer an abstract-namespace address), removed again by :meth:`close`.
+    :meth:`call_many` pipelines: it sends up to ``window`` requests before reading replies, which is how a
+    coordinator pushes thousands of ``ul.add`` per second through the single, in-order RPC worker. Keep
+    ``window`` below ``net.unix.max_dgram_qlen`` (10 by default): a UNIX datagram sender blocks when the
+    receiver's queue is full, and the replies queue up on our side while we send.
+    """
+
+    def __init__(self, sock: Path | str | None = None, timeout: float = 2.0) -> None:
+        self.target = str(sock or rpc_socket())
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._dir = tempfile.mkdtemp(prefix="sipha-rpc-")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind(os.path.join(self._dir, "c.sock"))
+            self._sock.settimeout(timeout)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Rpc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, params: tuple[Any, ...] | list[Any]) -> int:
+        req_id = next(self._ids)
+        data = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": req_id})
+        try:
+            self._sock.sendto(data.encode(), self.target)
+        except OSError as exc:
+            raise RpcError(f"{method}: cannot reach {self.target}: {exc.strerror or exc}") from None
+        return req_id
+
+    def _recv(self, what: str) -> dict[str, Any]:
+        try:
+            data = self._sock.recv(1 << 20)
+        except TimeoutError:
+            raise RpcError(f"{what}: no answer from {self.target} within {self.timeout} s") from None
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            raise RpcError(f"{what}: unreadable reply {data[:80]!r}") from None
+        if not isinstance(reply, dict):
+            raise RpcError(f"{what}: unexpected reply {data[:80]!r}")
+        return reply
+
+    @staticmethod
+    def _result(method: str, reply: dict[str, Any]) -> Any:
+        if "error" in reply:
+            err = reply["error"]
+            detail = f"{err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err)
+            raise RpcError(f"{method}: {detail}")
+        return reply.get("result")
+
+    def call(self, method: str, *params: Any) -> Any:
+        """One call; returns its ``result`` or raises :class:`RpcError`."""
+        req_id = self._send(method, params)
+        while True:
+            reply = self._recv(method)
+            if reply.get("id") == req_id:  # a late reply to an earlier, timed-out call is skipped
+                return self._result(method, reply)
+
+    def call_many(self, calls: list[tuple[str, list[Any]]], window: int = 8) -> list[Any]:
+        """Pipelined calls, results (or the :class:`RpcError` of each failed call) in the order given."""
+        results: list[Any] = [None] * len(calls)
+        pending: dict[int, int] = {}
+        nxt = 0
+        while nxt < len(calls) or pending:
+            while nxt < len(calls) and len(pending) < window:
+                pending[self._send(calls[nxt][0], calls[nxt][1])] = nxt
+                nxt += 1
+            reply = self._recv(f"{len(pending)} pipelined calls")
+            idx = pending.pop(reply.get("id", -1), None)
+            if idx is None:
+                continue
+            try:
+                results[idx] = self._result(calls[idx][0], reply)
+            except RpcError as exc:
+                results[idx] = exc
+        return results
 
 
 def rpc(method: str, *params: Any, sock: Path | str | None = None, timeout: float = 2.0) -> Any:
@@ -115,33 +204,10 @@ def rpc(method: str, *params: Any, sock: Path | str | None = None, timeout: floa
 
     ``rpc("ul.add", "location", "alice", "sip:alice@198.51.100.50:5060", 3600, 1.0, "0", 0, 0, -1)``
     Raises :class:`RpcError` with Kamailio's message on an error reply or when nothing comes back.
+    For many calls keep one :class:`Rpc` open instead.
     """
-    target = str(sock or rpc_socket())
-    req_id = next(_ids)
-    request = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": req_id})
-    # A datagram reply needs an address to come back to: a socket of our own in a private temp dir.
-    with tempfile.TemporaryDirectory(prefix="sipha-rpc-") as tmp:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            s.bind(os.path.join(tmp, "c.sock"))
-            s.settimeout(timeout)
-            try:
-                s.sendto(request.encode(), target)
-                data = s.recv(1 << 20)
-            except TimeoutError:
-                raise RpcError(f"{method}: no answer from {target} within {timeout} s") from None
-            except OSError as exc:
-                raise RpcError(f"{method}: cannot reach {target}: {exc.strerror or exc}") from None
-        finally:
-            s.close()
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise RpcError(f"{method}: unreadable reply {data[:80]!r}") from None
-    if "error" in reply:
-        err = reply["error"]
-        raise RpcError(f"{method}: {err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err))
-    return reply.get("result")
+    with Rpc(sock, timeout) as client:
+        return client.call(method, *params)
 
 
 def kamailio_command(
@@ -151,6 +217,7 @@ def kamailio_command(
     run_dir: Path | str = RUN_DIR,
     foreground: bool = True,
     binary: str | None = None,
+    defines: dict[str, str] | None = None,
 ) -> list[str]:
     """The command line that starts Kamailio with this node's rendered config.
 
@@ -158,6 +225,7 @@ def kamailio_command(
     ``foreground`` (for a supervisor that keeps the process, like a Pacemaker agent or the lab):
     ``-DD`` (the main process does not daemonize but still forks the workers) and ``-E`` (log to stderr).
     Otherwise Kamailio daemonizes. Both write ``<run_dir>/kamailio.pid``. ``run_dir`` must exist.
+    ``defines`` set the cfg's string defaults (``SIPHA_TLS_CFG``, ...) with ``-A NAME="value"``.
     """
     run_dir = Path(run_dir)
     cmd = [
@@ -169,9 +237,11 @@ def kamailio_command(
     ]  # fmt: skip
     if run_dir != RUN_DIR:
         cmd += ["-A", f'SIPHA_RUN_DIR="{run_dir}"']
+    for name, value in (defines or {}).items():
+        cmd += ["-A", f'{name}="{value}"']
     if foreground:
         cmd += ["-DD", "-E"]
     return cmd
 
 
-__all__ = ["RpcError", "check_config", "kamailio_command", "rpc", "rpc_socket"]
+__all__ = ["Rpc", "RpcError", "check_config", "kamailio_command", "rpc", "rpc_socket"]

@@ -10,6 +10,7 @@ SIP bytes are built here on purpose: this test must not depend on ``ha/sip.py``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -18,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -76,15 +78,13 @@ class Proxy:
         return kamailio.rpc_socket(self.run_dir)
 
 
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    cluster = model.load(ROOT / "examples/lab.yaml")
+@contextlib.contextmanager
+def running_proxy(tmp: Path, example: str, defines: dict[str, str] | None = None) -> Iterator[Proxy]:
+    """The first node of ``example`` running its rendered kamailio.cfg in a new namespace, torn down after."""
+    cluster = model.load(ROOT / f"examples/{example}.yaml")
     node = cluster.nodes[0]
-    vip = cluster.vips[0]
-    tmp = tmp_path_factory.mktemp("kamailio-live")
-    env = render._env()
     cfg = tmp / "kamailio.cfg"
-    cfg.write_text(env.get_template("kamailio.cfg.j2").render(cluster=cluster, host=node, is_node=True))
+    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=node, is_node=True))
     run_dir = tmp / "run"
     run_dir.mkdir()
     log = tmp / "kamailio.log"
@@ -96,18 +96,17 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         _ip("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
         _ip("-n", ns, "link", "set", "v1", "up")
         _ip("-n", ns, "link", "set", "v0", "up")
-        _ip("-n", ns, "addr", "add", node.address, "dev", "v0")
-        _ip("-n", ns, "addr", "add", vip.address, "dev", "v0")
-        _ip("-n", ns, "addr", "add", f"{FLOODER}/24", "dev", "v0")  # an untrusted source for the rate limit
+        for address in (node.address, *(v.address for v in cluster.vips), f"{FLOODER}/24"):
+            _ip("-n", ns, "addr", "add", address, "dev", "v0")  # FLOODER: an untrusted source for the rate limit
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], check=True)
-        cmd = kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True)
+        cmd = kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True, defines=defines)
         with log.open("wb") as out:
             # ip netns exec execs kamailio in place, so proc.pid is Kamailio's main process; its own session
             # makes the workers one process group we can stop without touching anything else.
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        p = Proxy(ns, cluster, run_dir, log, vip.ip, node.ip)
+        p = Proxy(ns, cluster, run_dir, log, cluster.vips[0].ip, node.ip)
         deadline = time.monotonic() + 15
         while not p.rpc_sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -135,6 +134,12 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    with running_proxy(tmp_path_factory.mktemp("kamailio-live"), "lab") as p:
+        yield p
 
 
 # ---- a few SIP messages, built by hand ---------------------------------------------------------------
@@ -359,6 +364,24 @@ def test_rpc_reaches_usrloc(proxy: Proxy, phone: Phone, events: Events) -> None:
         kamailio.rpc("no.such.method", sock=proxy.rpc_sock)
 
 
+def test_rpc_pipelined_ul_add(proxy: Proxy) -> None:
+    """The coordinator's apply path: many ul.add through one client, pipelined, in order."""
+    n = 2000
+    calls = [
+        ("ul.add", ["location", f"bulk{i}", f"sip:bulk{i}@198.51.100.60:5060", 600, 1.0, "0", 0, 0, -1])
+        for i in range(n)
+    ]
+    with kamailio.Rpc(proxy.rpc_sock) as client:
+        t0 = time.monotonic()
+        results = client.call_many(calls)
+        rate = n / (time.monotonic() - t0)
+        assert not [r for r in results if isinstance(r, kamailio.RpcError)]
+        for i in (0, n - 1):
+            assert f"sip:bulk{i}@" in json.dumps(client.call("ul.lookup", "location", f"bulk{i}"))
+    print(f"ul.add pipelined over the datagram socket: {rate:.0f}/s")
+    assert rate > 500
+
+
 def test_call_routes_through_the_vip_and_emits_dialog_events(proxy: Proxy, events: Events) -> None:
     """alice calls bob: INVITE, 200, ACK and BYE through the proxy; Record-Route names the VIP."""
     alice, bob = Phone(proxy, 5064), Phone(proxy, 5066)
@@ -516,3 +539,46 @@ def test_flooding_source_is_blocked_silently_and_trusted_ones_are_not(proxy: Pro
         flood.close()
     # The cluster's own addresses are exempt: node1's phone still gets its answer.
     assert phone.ask(_options(proxy, phone)) == "SIP/2.0 200 OK"
+
+
+def test_production_config_starts_with_tls_and_websocket(tmp_path: Path) -> None:
+    """TLS and WebSocket only fail at start-up (kamailio -c reads no tls.cfg): start the production node."""
+    tls_cfg = tmp_path / "tls.cfg"
+    tls_cfg.write_text(
+        "[server:default]\nmethod = TLSv1.2+\n"
+        f"certificate = {ROOT / 'examples/tls/api.crt'}\nprivate_key = {ROOT / 'examples/tls/api.key'}\n"
+    )
+    with running_proxy(tmp_path, "production", {"SIPHA_TLS_CFG": str(tls_cfg)}) as p:
+        c = p.cluster
+        sips = next(v for v in c.vips if "tls" in v.transports)
+        ports = c.proxy.listen.ports()
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the example certificate is self-signed
+        raw = ns_socket(p.ns, socket.SOCK_STREAM)
+        raw.settimeout(3)
+        raw.connect((sips.ip, ports["tls"]))
+        with ctx.wrap_socket(raw) as tls:
+            # A probe naming the VIP without the TLS port is still "us".
+            tls.sendall(
+                request(
+                    "OPTIONS",
+                    f"sip:{sips.ip}",
+                    local=(p.node_ip, 5555),
+                    from_uri=f"sip:probe@{p.node_ip}",
+                    to_uri=f"sip:{sips.ip}",
+                ).replace(b"SIP/2.0/UDP", b"SIP/2.0/TLS")
+            )
+            assert tls.recv(4096).split(b"\r\n", 1)[0] == b"SIP/2.0 200 OK"
+        ws = ns_socket(p.ns, socket.SOCK_STREAM)
+        try:
+            ws.settimeout(3)
+            ws.connect((sips.ip, ports["ws"]))
+            ws.sendall(
+                f"GET / HTTP/1.1\r\nHost: {sips.ip}:{ports['ws']}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Protocol: sip\r\n\r\n".encode()
+            )
+            assert ws.recv(4096).split(b"\r\n", 1)[0] == b"HTTP/1.1 101 Switching Protocols"
+        finally:
+            ws.close()

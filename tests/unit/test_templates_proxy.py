@@ -109,7 +109,8 @@ def test_kamailio_specifics(example: str) -> None:
         assert ('loadmodule "tls.so"' in text) == ("tls" in c.proxy.listen.ports())
         assert ('loadmodule "websocket.so"' in text) == ("ws" in c.proxy.listen.ports())
         if "tls" in c.proxy.listen.ports():
-            assert 'modparam("tls", "config", "/etc/sipha/tls.cfg")' in text
+            assert '#!define SIPHA_TLS_CFG "/etc/sipha/tls.cfg"' in text
+            assert 'modparam("tls", "config", SIPHA_TLS_CFG)' in text
         assert 'modparam("usrloc", "db_mode", 0)' in text
         assert 'modparam("jsonrpcs", "dgram_socket", "kamailio-rpc.sock")' in text
         for route in ("usrloc:contact-expired", "dialog:start", "dialog:end", "dialog:failed", "dialog:timeout"):
