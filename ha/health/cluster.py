@@ -21,7 +21,9 @@ Commands, for Pacemaker 2.1.5 (Debian 12):
   unmanage them and leave the VIP where it is, which is not what an operator draining a node wants.
 * cluster maintenance (no node given): ``crm_attribute --type crm_config --name maintenance-mode --update
   true|false``: Pacemaker stops managing everything (for work on Pacemaker/Corosync themselves).
-* status: ``crm_mon --output-as=xml --inactive`` (``--as-xml`` is its deprecated spelling in 2.1.5).
+* status: ``crm_mon --output-as=xml --inactive`` (``--as-xml`` is its deprecated spelling in 2.1.5). It exits
+  0 even when it cannot reach the CIB ("Could not connect to the CIB: ..." inside ``<status><errors>``), so the
+  XML is checked, not the exit code.
 * VIP ownership: ``ip -j addr show``: the VIP is held where the kernel has the address, which is what phones
   reach, whatever Pacemaker believes.
 """
@@ -167,6 +169,10 @@ class VipCheck:
 def parse_crm_mon(xml_text: str, vip_ids: Sequence[str] = ()) -> dict[str, Any]:
     """The parts of ``crm_mon --output-as=xml`` an operator asks /cluster for: nodes, VIP holder, roles."""
     root = ET.fromstring(xml_text)  # noqa: S314 - trusted local tool output
+    errors = [e.text or "" for e in root.iterfind("status/errors/error")]
+    if root.find("nodes") is None:
+        # crm_mon 2.1.5 exits 0 even when it cannot reach the CIB; the only sign is this <errors> list.
+        raise ValueError("; ".join(errors) or "crm_mon output has no <nodes>")
     summary = root.find("summary")
     dc = summary.find("current_dc") if summary is not None else None
     change = summary.find("last_change") if summary is not None else None
@@ -269,7 +275,11 @@ class PacemakerActions:
         return proc.stdout
 
     def status(self) -> dict[str, Any]:
-        return parse_crm_mon(self.run(["crm_mon", "--output-as=xml", "--inactive"]), self.vip_ids)
+        out = self.run(["crm_mon", "--output-as=xml", "--inactive"])
+        try:
+            return parse_crm_mon(out, self.vip_ids)
+        except (ValueError, ET.ParseError) as exc:
+            raise ActionError(502, f"crm_mon: {exc}") from None
 
     def vip_holder(self) -> str | None:
         holder = self.status()["vips"].get(self.vip_ids[0])
