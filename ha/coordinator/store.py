@@ -35,10 +35,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -54,9 +56,11 @@ from kazoo.exceptions import (
     RolledBackError,
     SessionExpiredError,
 )
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 
 from ha.coordinator.events import ContactEvent, DialogEvent, Event
+
+log = logging.getLogger(__name__)
 
 BATCH_OPS = 100  # ops per transaction, the check op included (measured: ~4.4k znodes/s on 3 members)
 BUCKETS = 256
@@ -217,6 +221,21 @@ class WriteResult:
     retries: int  # batches re-sent after fixing an op (create of an existing znode, ...)
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One binding as a watcher saw it change. ``resync``: part of a full read (start, session lost)."""
+
+    kind: str  # put | delete
+    record: ContactRecord
+    resync: bool = False
+
+
+class Watch(ABC):
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop delivering changes."""
+
+
 def _encode(rec: Any) -> bytes:
     d = asdict(rec)
     d.pop("version", None)
@@ -268,6 +287,10 @@ class Store(ABC):
     @abstractmethod
     def available(self) -> bool:
         """Whether a write may be attempted now (connected to a member that serves)."""
+
+    @abstractmethod
+    def watch_contacts(self, on_changes: Callable[[list[Change]], None]) -> Watch:
+        """Deliver every binding once (resync), then every change, in batches, from one thread."""
 
 
 @dataclass
@@ -592,10 +615,151 @@ class ZkStore(Store):
             raise StoreUnavailable(f"gc failed: {exc!r}") from exc
         return deleted
 
+    def watch_contacts(self, on_changes: Callable[[list[Change]], None]) -> Watch:
+        w = _ZkContactWatch(self, on_changes)
+        w.start()
+        return w
+
+
+class _ZkContactWatch(Watch):
+    """Child watches on the 256 contact buckets and a data watch on every binding.
+
+    Watch callbacks run on kazoo's event thread and only enqueue; one worker thread reads what changed
+    (pipelined ``get_async``, re-arming each watch with the read) and hands batches to ``on_changes``.
+    Watches survive a reconnect within the session (the server replays what fired meanwhile); a lost
+    session loses them, so the worker then reads everything again and reports the difference as a resync.
+    """
+
+    def __init__(self, store: ZkStore, on_changes: Callable[[list[Change]], None]) -> None:
+        self.store = store
+        self.client = store.client
+        self.on_changes = on_changes
+        self._q: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._children: dict[str, set[str]] = {}  # bucket path -> child names seen
+        self._records: dict[str, ContactRecord] = {}  # path -> last record seen
+        self._stopped = threading.Event()
+        self._session_lost = False
+        self._thread = threading.Thread(target=self._run, name="sipha-zk-watch", daemon=True)
+
+    def start(self) -> None:
+        self.client.add_listener(self._on_state)
+        self._q.put(("resync", ""))
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.client.remove_listener(self._on_state)
+        self._q.put(("stop", ""))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def records(self) -> dict[str, ContactRecord]:
+        """The watcher's current view (for status and tests)."""
+        return dict(self._records)
+
+    # Callbacks on kazoo's threads: never block, never raise.
+    def _on_state(self, state: KazooState) -> None:
+        if state == KazooState.LOST:
+            self._session_lost = True
+        elif state == KazooState.CONNECTED and self._session_lost:
+            self._session_lost = False
+            self._q.put(("resync", ""))
+
+    def _on_children(self, event: WatchedEvent) -> None:
+        self._q.put(("children", event.path))
+
+    def _on_data(self, event: WatchedEvent) -> None:
+        self._q.put(("deleted" if event.type == EventType.DELETED else "data", event.path))
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            items = [self._q.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 10000:
+                    items.append(self._q.get_nowait())
+            if any(kind == "stop" for kind, _ in items):
+                return
+            try:
+                changes = self._process(items)
+            except self.store._unavailable_errors() as exc:
+                # Not connected: the session either survives (watches fire again on reconnect) or is lost
+                # (the state listener queues a resync). Nothing is dropped either way, so just wait.
+                log.warning("contact watch: zookeeper unavailable (%r); resync queued", exc)
+                self._q.put(("resync", ""))
+                time.sleep(0.5)
+                continue
+            if changes:
+                try:
+                    self.on_changes(changes)
+                except Exception:
+                    log.exception("contact watch: on_changes failed for %d changes", len(changes))
+
+    def _process(self, items: list[tuple[str, str]]) -> list[Change]:
+        if any(kind == "resync" for kind, _ in items):
+            return self._resync()
+        changes: list[Change] = []
+        fetch: set[str] = set()
+        for kind, path in items:
+            if kind == "children":
+                bucket = path
+                names = set(self.client.get_children(bucket, watch=self._on_children))
+                old = self._children.get(bucket, set())
+                fetch.update(f"{bucket}/{n}" for n in names - old)
+                self._children[bucket] = names
+            elif kind == "data":
+                fetch.add(path)
+            elif kind == "deleted":
+                fetch.discard(path)
+                bucket, _, name = path.rpartition("/")
+                self._children.get(bucket, set()).discard(name)
+                rec = self._records.pop(path, None)
+                if rec is not None:
+                    changes.append(Change("delete", rec))
+        for path, rec in self._fetch(sorted(fetch)).items():
+            if rec is None:
+                continue  # gone again before the read; its delete watch or the child watch reports it
+            self._records[path] = rec
+            changes.append(Change("put", rec))
+        return changes
+
+    def _fetch(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
+        asyncs = [(p, self.client.get_async(p, watch=self._on_data)) for p in paths]
+        out: dict[str, ContactRecord | None] = {}
+        for p, a in asyncs:
+            try:
+                data, stat = a.get(timeout=self.store.op_timeout_s)
+            except NoNodeError:
+                out[p] = None
+                continue
+            try:
+                out[p] = _decode(ContactRecord, data, stat.version)
+            except (ValueError, TypeError) as exc:
+                log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
+                out[p] = None
+        return out
+
+    def _resync(self) -> list[Change]:
+        buckets = self.store._buckets("contacts")
+        lists = [(b, self.client.get_children_async(b, watch=self._on_children)) for b in buckets]
+        paths: list[str] = []
+        for b, a in lists:
+            try:
+                names = set(a.get(timeout=self.store.op_timeout_s))
+            except NoNodeError:
+                names = set()
+            self._children[b] = names
+            paths.extend(f"{b}/{n}" for n in names)
+        fresh = {p: r for p, r in self._fetch(paths).items() if r is not None}
+        changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
+        changes += [Change("put", r, resync=True) for r in fresh.values()]
+        self._records = fresh
+        return changes
+
 
 __all__ = [
     "BATCH_OPS",
     "CdrRecord",
+    "Change",
     "ClusterState",
     "ContactRecord",
     "DialogRecord",
@@ -603,6 +767,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "Watch",
     "WriteResult",
     "ZkStore",
     "aor_of",

@@ -1,0 +1,180 @@
+"""The apply path end to end on real parts: ZooKeeper ensemble -> watch -> replicator -> JSON-RPC -> a real
+Kamailio (the rendered lab config, started in a throwaway ``sipha-t-<rand>`` namespace by the proxy
+fixture of ``test_proxy_live``), and the other direction: a real REGISTER -> the proxy's JSON event ->
+intake -> store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+
+import conftest_zk
+import pytest
+from conftest_zk import connect, contact
+from kazoo.client import KazooClient
+from test_proxy_live import Events, Phone, Proxy, request
+from test_proxy_live import proxy as proxy  # the module-scoped real Kamailio in its own namespace
+
+from ha.coordinator.apply import ProxyApplier
+from ha.coordinator.events import ContactEvent, Intake, SeqStatus
+from ha.coordinator.replicator import Replicator
+from ha.coordinator.store import ContactRecord, ZkStore
+from ha.proxy import kamailio
+
+pytestmark = [
+    pytest.mark.validators,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
+]
+
+zk_ensemble = conftest_zk.zk_ensemble
+zk_client = conftest_zk.zk_client
+
+
+@pytest.fixture
+def rpc(proxy: Proxy) -> Iterator[kamailio.Rpc]:
+    with kamailio.Rpc(proxy.rpc_sock, timeout=5.0) as client:
+        yield client
+
+
+def bindings(rpc: kamailio.Rpc, aor: str) -> set[str]:
+    """Contact URIs the proxy holds for an AoR (ul.lookup answers 404 when there are none)."""
+    try:
+        res = rpc.call("ul.lookup", "location", aor)
+    except kamailio.RpcError as exc:
+        if "404" in str(exc) or "not found" in str(exc).lower():
+            return set()
+        raise
+    text = json.dumps(res)
+    out = set()
+    for part in text.split('"Address": "')[1:]:
+        out.add(part.split('"', 1)[0])
+    return out
+
+
+def record(aor: str, uri: str, node: str = "node2", ttl: int = 600) -> ContactRecord:
+    return ContactRecord(aor=aor, contact=uri, expires_at=int(time.time()) + ttl, q=500, node=node, epoch=1)
+
+
+def test_applier_adds_and_removes_pipelined(rpc: kamailio.Rpc) -> None:
+    applier = ProxyApplier(rpc)
+    recs = [record(f"ap{i}", f"sip:ap{i}@198.51.100.61:5060") for i in range(500)]
+    res = applier.apply([*recs, record("old", "sip:old@x", ttl=-5)])
+    assert (res.added, res.expired, res.errors) == (500, 1, [])
+    assert bindings(rpc, "ap0") == {"sip:ap0@198.51.100.61:5060"}
+    assert '"Q": 0.5' in json.dumps(rpc.call("ul.lookup", "location", "ap0")) or bindings(rpc, "ap0")
+    # A second phone of the same user stays when the first is removed (ul.rm_contact, not ul.rm).
+    applier.apply([record("ap1", "sip:ap1-desk@198.51.100.62:5060")])
+    res = applier.apply(removes=[recs[1], recs[2], record("never", "sip:never@x")])
+    assert (res.removed, res.absent, res.errors) == (2, 1, [])
+    assert bindings(rpc, "ap1") == {"sip:ap1-desk@198.51.100.62:5060"}
+    assert bindings(rpc, "ap2") == set()
+
+
+def wait_for(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_replicator_pushes_peer_writes_and_skips_own(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc
+) -> None:
+    cluster = f"r{uuid.uuid4().hex[:8]}"
+    peer = ZkStore(zk_client, cluster, "node2")  # the active node, writing its proxy's events
+    peer.ensure_layout()
+    peer.bump_epoch()
+    peer.write([contact(i, f"rp{i}", f"sip:rp{i}@198.51.100.63:5060", node="node2") for i in range(1, 301)])
+    own = ZkStore(zk_client, cluster, "node1")
+    own.adopt_epoch()
+    own.write([contact(1, "mine", "sip:mine@198.51.100.64:5060", node="node1")])
+
+    local_client = connect(zk_ensemble)
+    try:
+        local = ZkStore(local_client, cluster, "node1")
+        rep = Replicator(local, ProxyApplier(rpc), "node1")
+        rep.start()
+        try:
+            assert rep.synced.wait(20), rep.last_status
+            assert rep.stats.added == 300 and rep.stats.skipped_own == 1, rep.last_status
+            assert bindings(rpc, "rp300") == {"sip:rp300@198.51.100.63:5060"}
+            assert bindings(rpc, "mine") == set()  # own writes are never pushed back
+
+            # Live changes: 100 new, 50 removed, one refreshed to a new expiry, one own write.
+            t0 = time.monotonic()
+            peer.write(
+                [contact(400 + i, f"rn{i}", f"sip:rn{i}@198.51.100.63:5060", node="node2") for i in range(100)]
+                + [
+                    contact(600 + i, f"rp{i}", f"sip:rp{i}@198.51.100.63:5060", "delete", node="node2")
+                    for i in range(1, 51)
+                ]
+                + [contact(700, "rp60", "sip:rp60@198.51.100.63:5060", "update", ttl=1800, node="node2")]
+            )
+            own.write([contact(2, "mine2", "sip:mine2@198.51.100.64:5060", node="node1")])
+            wait_for(lambda: rep.stats.added >= 401 and rep.stats.removed >= 50)
+            latency = time.monotonic() - t0
+            assert bindings(rpc, "rn99") == {"sip:rn99@198.51.100.63:5060"}
+            assert bindings(rpc, "rp1") == set() and bindings(rpc, "rp50") == set()
+            assert bindings(rpc, "rp51") == {"sip:rp51@198.51.100.63:5060"}
+            expires = json.dumps(rpc.call("ul.lookup", "location", "rp60"))
+            assert '"Expires": 17' in expires or '"Expires": 18' in expires, expires
+            wait_for(lambda: rep.stats.skipped_own >= 2)
+            assert bindings(rpc, "mine2") == set()
+            assert rep.stats.errors == 0, rep.last_status
+            print(f"151 live changes written, watched and applied to kamailio in {latency * 1000:.0f} ms")
+        finally:
+            rep.stop()
+    finally:
+        local_client.stop()
+        local_client.close()
+
+
+def test_real_register_event_goes_through_intake_into_the_store(proxy: Proxy, zk_client: KazooClient) -> None:
+    """The template's real event (not a hand-made one) must pass the intake and land in ZooKeeper."""
+    store = ZkStore(zk_client, f"e{uuid.uuid4().hex[:8]}", "node1")
+    store.ensure_layout()
+    store.bump_epoch()
+    events, ph = Events(proxy), Phone(proxy, 5072)
+    try:
+        events.drain()
+        aor = f"sip:erin@{proxy.vip}"
+        cid = uuid.uuid4().hex
+        reg = request(
+            "REGISTER",
+            f"sip:{proxy.vip}",
+            local=ph.addr,
+            from_uri=aor,
+            to_uri=aor,
+            call_id=cid,
+            cseq=1,
+            user_agent="erin/1",
+            headers=(f"Contact: <sip:erin@{ph.addr[0]}:{ph.addr[1]}>;q=0.7", "Expires: 300"),
+        )
+        assert ph.ask(reg) == "SIP/2.0 200 OK"
+        events.sock.settimeout(3)
+        intake = Intake()
+        verdict = intake.feed(events.sock.recv(65535))
+        assert verdict is not None, dict(intake.rejected)
+        assert verdict.seq.status in (SeqStatus.FIRST, SeqStatus.NEXT)
+        ev = verdict.event
+        assert isinstance(ev, ContactEvent) and ev.type == "contact.insert" and ev.q == 700
+        store.write([ev])
+        (rec,) = store.snapshot().contacts
+        assert (rec.aor, rec.contact, rec.callid, rec.received) == (
+            "erin",
+            f"sip:erin@{proxy.node_ip}:5072",
+            cid,
+            f"udp:{proxy.node_ip}:5072",
+        )
+        assert rec.socket == f"udp:{proxy.vip}:5060" and rec.user_agent == "erin/1" and rec.node == "node1"
+    finally:
+        events.close()
+        ph.close()
