@@ -381,9 +381,31 @@ def up(cluster_yaml: str | Path, echo: Callable[[str], None] = print, variant: s
         _up(cluster, yaml_path, step, variant, timeout)
     except BaseException as exc:
         step(f"lab up failed: {exc}; tearing down what it made")
+        _keep_logs(step)
         down(echo=lambda m: step("  " + m))
         raise
     return step.elapsed
+
+
+FAILED_LOGS = Path("/var/tmp/sipha-lab-failed")
+
+
+def _keep_logs(step: Step) -> None:
+    """A failed `lab up` removes the lab; its logs are kept (one copy, replaced by the next failure)."""
+    shutil.rmtree(FAILED_LOGS, ignore_errors=True)
+    if not STATE_DIR.exists():
+        return
+    for host_dir in STATE_DIR.iterdir():
+        for rel in ("logs", "init.log", "root/var/log/pacemaker", "root/var/log/corosync"):
+            src = host_dir / rel
+            dst = FAILED_LOGS / host_dir.name / rel.replace("root/var/log/", "")
+            with contextlib.suppress(OSError):
+                if src.is_dir():
+                    shutil.copytree(src, dst)
+                elif src.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+    step(f"  logs of the failed start kept in {FAILED_LOGS}")
 
 
 def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeout: float) -> None:
@@ -396,7 +418,8 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     rendered = _render(cluster, STATE_DIR / "render", step)
     step(f"rendered {len(rendered)} files for {cluster.name} ({variant}) into {STATE_DIR / 'render'}")
     if variant == "stock":
-        cib, kamailio_by_lab = stock.cib(cluster, step), False
+        fence = _fence_agent_installed(cluster.fencing.agent)
+        cib, kamailio_by_lab = stock.cib(cluster, rendered["cib.xml"], fence, step), False
     else:
         cib, kamailio_by_lab = _lab_cib(rendered["cib.xml"], cluster, step)
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
