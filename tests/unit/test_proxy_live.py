@@ -336,6 +336,7 @@ def test_register_emits_contact_events_in_order(proxy: Proxy, phone: Phone, even
     assert seqs == sorted(seqs) and len(set(seqs)) == 3 and all(isinstance(s, int) for s in seqs)
     ins = got[0]
     assert ins["node"] == "node1"
+    assert {e["boot"] for e in got} == {ins["boot"]} and abs(ins["boot"] - time.time()) < 600
     assert ins["aor"] == "alice"
     assert ins["contact"] == f"sip:alice@{proxy.node_ip}:5062"
     assert 295 <= ins["expires"] <= 300
@@ -582,3 +583,49 @@ def test_production_config_starts_with_tls_and_websocket(tmp_path: Path) -> None
             assert ws.recv(4096).split(b"\r\n", 1)[0] == b"HTTP/1.1 101 Switching Protocols"
         finally:
             ws.close()
+
+
+def test_bye_for_a_dialog_set_up_elsewhere_is_reported(proxy: Proxy, events: Events) -> None:
+    """After a failover the BYE arrives at a proxy that never saw the INVITE: it still routes, and says so."""
+    bob = Phone(proxy, 5068)
+    try:
+        events.drain()
+        cid, ftag, ttag = uuid.uuid4().hex, _tag(), _tag()
+        target = f"sip:bob@{bob.addr[0]}:{bob.addr[1]}"
+        bye = request(
+            "BYE", target, local=(proxy.node_ip, 5064), from_uri=f"sip:alice@{proxy.vip}",
+            to_uri=f"sip:bob@{proxy.vip}", call_id=cid, cseq=5, from_tag=ftag, to_tag=ttag,
+            headers=(f"Route: <sip:{proxy.vip};lr;ftag={ftag};did=abc.123>",),
+        )  # fmt: skip
+        caller = Phone(proxy, 5064)
+        try:
+            caller.send(bye)
+            got = bob.recv()
+            assert got is not None and got[0] == f"BYE {target} SIP/2.0", got
+        finally:
+            caller.close()
+        evs = [e for e in events.take(1) if e.get("callid") == cid]
+        assert evs and evs[0]["type"] == "dialog.end" and evs[0]["known"] is False, evs
+        assert evs[0]["from_tag"] == ftag and evs[0]["to_tag"] == ttag and evs[0]["h_id"] == 0
+    finally:
+        bob.close()
+
+
+def test_unregister_all_contacts_reports_each(proxy: Proxy, events: Events) -> None:
+    a, b = Phone(proxy, 5072), Phone(proxy, 5074)
+    try:
+        assert a.ask(_register(proxy, a, "frank", uuid.uuid4().hex, 1, 300, "a")) == "SIP/2.0 200 OK"
+        assert b.ask(_register(proxy, b, "frank", uuid.uuid4().hex, 1, 300, "b")) == "SIP/2.0 200 OK"
+        events.drain()
+        aor = f"sip:frank@{proxy.vip}"
+        star = request("REGISTER", f"sip:{proxy.vip}", local=a.addr, from_uri=aor, to_uri=aor, cseq=9,
+                       headers=("Contact: *", "Expires: 0"))  # fmt: skip
+        assert a.ask(star) == "SIP/2.0 200 OK"
+        got = events.take(2)
+        assert sorted((e["type"], e["contact"]) for e in got) == [
+            ("contact.delete", f"sip:frank@{proxy.node_ip}:5072"),
+            ("contact.delete", f"sip:frank@{proxy.node_ip}:5074"),
+        ], got
+    finally:
+        a.close()
+        b.close()
