@@ -275,9 +275,11 @@ class Handler(BaseHTTPRequestHandler):
             pcmk = self.server.actions.status()
             body["pacemaker"] = pcmk
             vips = pcmk.get("vips", {})
-            body["vip_holder"] = next(iter(vips.values()), None) if vips else None
+            holder = next(iter(vips.values()), None) if vips else None
+            body["vip_holder"] = holder  # a list when Pacemaker sees the VIP active on several nodes
+            holders = set(holder) if isinstance(holder, list) else {holder}
             body["roles"] = {
-                n["name"]: ("active" if n["name"] == body["vip_holder"] else "standby") if n["online"] else "offline"
+                n["name"]: ("active" if n["name"] in holders else "standby") if n["online"] else "offline"
                 for n in pcmk.get("nodes", [])
             }
         except ActionError as exc:

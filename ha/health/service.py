@@ -7,8 +7,9 @@ with ``json_logs``): a health change, a transport's verdict change, an attribute
 readiness gate opening; and a heartbeat line with the current sentence once a minute.
 
 Side effects never block the loop: ``attrd_updater`` runs as an awaited child process in a background task
-(latest value wins, retried with back-off if it fails), traps are sent from tasks, peer probes run beside the
-local ones at a slower pace. The API reads :meth:`HealthService.snapshot`, a copy taken under a lock.
+(latest value wins, retried with back-off if it fails, re-asserted every 10 s), traps are sent from tasks, peer
+probes run beside the local ones at a slower pace. The API reads :meth:`HealthService.snapshot`, a copy taken
+under a lock.
 
 Readiness: when a gate is configured the node never reports healthy before readiness is given, either by the
 coordinator calling :meth:`Readiness.give` in-process or by creating the ready file (default
@@ -52,6 +53,9 @@ DEFAULT_READY_FILE = Path("/run/sipha/ready")
 HISTORY = 100  # transitions kept for /cluster
 HEARTBEAT_S = 60.0
 ROLE_CHECK_S = 1.0
+# attrd keeps the value only while it runs: a Pacemaker restart under a running service would leave the attribute
+# undefined (and an undefined attribute does not forbid the VIP), so the value is written again this often.
+REASSERT_S = 10.0
 PEER_PROBE_S = 1.0
 
 
@@ -96,16 +100,23 @@ class Readiness:
         return self.path is not None and self.path.exists()
 
 
+def iso(t: float) -> str:
+    """UTC with milliseconds: transitions a few hundred ms apart must stay distinguishable."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
 @dataclass(frozen=True)
 class Transition:
+    """One change the service saw: ``kind`` health (the local proxy) or role (VIP held or not)."""
+
     at: float
+    kind: str
     from_: str
     to: str
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at)) + f"{self.at % 1:.3f}"[1:],
-                "from": self.from_, "to": self.to, "reason": self.reason}
+        return {"at": iso(self.at), "kind": self.kind, "from": self.from_, "to": self.to, "reason": self.reason}
 
 
 @dataclass
@@ -173,10 +184,12 @@ class HealthService:
         self.attr_wanted: int | None = None
         self.attr_written: int | None = None
         self.attr_error = ""
+        self._attr_confirmed: int | None = None  # last value attrd accepted (kept across re-assertions)
         self._attr_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heartbeat = 0.0
         self._last_role_check = -1e9
+        self._last_assert = time.monotonic()
         self._last_peer_probe = -1e9
         self._peer_task: asyncio.Task[None] | None = None
         self.cycles = 0
@@ -221,12 +234,15 @@ class HealthService:
             changed = reported.health is not old
             if changed:
                 self.since = self.clock()
-                self.history.append(Transition(self.since, str(old), str(reported.health), reported.reason))
+                self.history.append(Transition(self.since, "health", str(old), str(reported.health), reported.reason))
         if changed:
             self.metrics.health_changed(reported.health)
             self.event("health_change", was=old, now=reported.health, reason=reported.reason, latency_ms=latency)
             self._spawn(self._trap("health"))
         if reported.health is not Health.UNKNOWN:
+            if now_mono - self._last_assert >= REASSERT_S and self._attr_task is None:
+                self._last_assert = now_mono
+                self.attr_written = None  # write again even though nothing changed
             self._want_attribute(1 if reported.health is Health.HEALTHY else 0)
         if now_mono - self._last_role_check >= ROLE_CHECK_S:
             self._last_role_check = now_mono
@@ -282,10 +298,11 @@ class HealthService:
         while self.attr_wanted is not None and self.attr_wanted != self.attr_written:
             value = self.attr_wanted
             ok, detail = await self.attrd.write(value)
-            self.event("attribute_write", logging.INFO if ok else logging.WARNING, name="sipha-health",
-                       value=value, ok=ok, detail=None if ok else detail)
+            level = logging.WARNING if not ok else logging.DEBUG if value == self._attr_confirmed else logging.INFO
+            self.event("attribute_write", level, name="sipha-health", value=value, ok=ok,
+                       detail=None if ok else detail)
             if ok:
-                self.attr_written, self.attr_error = value, ""
+                self.attr_written, self.attr_error, self._attr_confirmed = value, "", value
                 backoff = 0.5
             else:
                 self.attr_error = detail
@@ -311,8 +328,8 @@ class HealthService:
         with self._lock:
             old, self.role, self.held = self.role, role, held
             if role != old:
-                self.history.append(Transition(self.clock(), f"role:{old}", f"role:{role}",
-                                               self.vip_check.error or f"holds {held}"))
+                self.history.append(Transition(self.clock(), "role", old, role,
+                                               self.vip_check.error or f"holds {', '.join(held) or 'no VIP'}"))
         if role != old:
             self.event("role_change", was=old, now=role, vips=",".join(held) or None,
                        error=self.vip_check.error or None)
@@ -372,7 +389,7 @@ class HealthService:
                 "readiness_gate": self.readiness.required,
                 "reason": self.state.reason,
                 "status": self.sentence,
-                "since": Transition(self.since, "", "", "").as_dict()["at"],
+                "since": iso(self.since),
                 "consecutive_failures": self.raw.failures,
                 "consecutive_successes": self.raw.successes,
                 "transports": [o.as_dict() for o in self.observations],
@@ -383,7 +400,7 @@ class HealthService:
                 "peers": {
                     n: {"health": str(p.state.health), "reason": p.state.reason,
                         "transports": [o.as_dict() for o in p.observations],
-                        "checked_at": Transition(p.checked_at, "", "", "").as_dict()["at"] if p.checked_at else None}
+                        "checked_at": iso(p.checked_at) if p.checked_at else None}
                     for n, p in self.peer_status.items()
                 },
                 "history": [t.as_dict() for t in self.history],

@@ -293,7 +293,7 @@ def test_service_cycles_write_attribute_on_change_and_say_why(tmp_path: Path, ca
     assert sentences[6].startswith("became unhealthy") and "sipha-health=0" in sentences[6]
     assert written == [1, 0]  # once per change, never per cycle
     assert snap["health"] == "unhealthy" and snap["consecutive_failures"] == 3
-    assert [h["to"] for h in snap["history"] if not h["to"].startswith("role:")] == ["healthy", "unhealthy"]
+    assert [h["to"] for h in snap["history"] if h["kind"] == "health"] == ["healthy", "unhealthy"]
     events = [m for m in caplog.messages if "event=health_change" in m]
     assert len(events) == 2 and "node=node1" in events[1] and "latency_ms=" in events[1]
 
