@@ -165,6 +165,8 @@ class Handler(BaseHTTPRequestHandler):
             if method not in allowed:
                 allow = ", ".join(allowed + (["HEAD"] if "GET" in allowed else []))
                 raise HttpError(405, f"/{path} takes {allow}", {"Allow": allow})
+            if method != "POST":
+                self._drain()  # a GET with a body must not leave it to be read as the next request
             getattr(self, f"do_{method}_{path}")()
         except HttpError as exc:
             self._drain()

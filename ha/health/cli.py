@@ -76,10 +76,14 @@ def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: 
     base = Path(cluster_yaml).resolve().parent
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    service = HealthService(
-        cluster, node.name, probe_host=probe_host, slow_ms=slow_ms,
-        readiness=Readiness(readiness_gate, Path(ready_file)), attrd=AttrdWriter(dampen_ms), json_logs=json_logs,
-    )
+    try:
+        service = HealthService(
+            cluster, node.name, probe_host=probe_host, slow_ms=slow_ms,
+            readiness=Readiness(readiness_gate, Path(ready_file)), attrd=AttrdWriter(dampen_ms),
+            json_logs=json_logs,
+        )
+    except ValueError as exc:
+        raise click.ClickException(f"{cluster_yaml}: {exc}") from None
     r = cluster.rest
     tls = tls_context(_resolve(base, r.tls.cert), _resolve(base, r.tls.key)) if r.tls else None
     try:

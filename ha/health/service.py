@@ -179,6 +179,7 @@ class HealthService:
         self.role = "unknown"
         self.held: list[str] = []
         self.ready = self.readiness.is_ready()
+        self._was_ready = self.ready
         self.history: collections.deque[Transition] = collections.deque(maxlen=HISTORY)
         self.peer_status = {n: PeerStatus(n) for n in self.peers}
         self.attr_wanted: int | None = None
@@ -252,7 +253,11 @@ class HealthService:
         ):
             self._last_peer_probe = now_mono
             self._peer_task = asyncio.get_running_loop().create_task(self._probe_peers())
-        sentence = self._sentence(raw, reported, alive, reason, changed, ready)
+        if changed and ready and not self._was_ready and raw.health is Health.HEALTHY:
+            sentence = f"readiness given (resync complete): became healthy, writing sipha-health=1: {reason}"
+        else:
+            sentence = self._sentence(raw, reported, alive, reason, changed, ready)
+        self._was_ready = ready
         self.sentence = sentence
         if changed or now_mono - self._last_heartbeat >= HEARTBEAT_S:
             self._last_heartbeat = now_mono
@@ -357,6 +362,7 @@ class HealthService:
                    failure_threshold=self.hysteresis.failure_threshold,
                    recovery_threshold=self.hysteresis.recovery_threshold, readiness_gate=self.readiness.required)
         self.metrics.ready.set(1 if self.ready else 0)
+        self.traps.start()  # sysUpTime in traps then counts from the service's start
         while not stop.is_set():
             started = loop.time()
             try:

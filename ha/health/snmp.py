@@ -151,6 +151,11 @@ class TrapSender:
     def enabled(self) -> bool:
         return bool(self.snmp.targets) and bool(self.snmp.community or self.snmp.v3)
 
+    def start(self) -> None:
+        """Create the engine now (its sysUpTime, sent in every trap, counts from here)."""
+        if self.enabled:
+            self._get_engine()
+
     def _get_engine(self) -> SnmpEngine:
         if self._engine is None:
             self._engine = SnmpEngine(snmpEngineID=rfc1902.OctetString(engine_id(self.node)))

@@ -316,7 +316,7 @@ def test_readiness_gate_holds_healthy_until_given(tmp_path: Path) -> None:
     sentences, written = run(_with_responder(body))
     assert "readiness is not given" in sentences[1]
     assert "waiting for readiness" in sentences[2]
-    assert sentences[3].startswith("became healthy")
+    assert sentences[3].startswith("readiness given (resync complete): became healthy")
     assert written == [0, 1]
 
 
