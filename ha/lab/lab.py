@@ -335,6 +335,7 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
         "sip_port": cluster.proxy.listen.udp or 5060,
         "zk_client_port": cluster.zookeeper.client_port,
         "kamailio_by_lab": cfg["kamailio_by_lab"],
+        "stonith": 'name="stonith-enabled" value="true"' in cfg["cib"],
         "hosts": hosts,
         "power_on": [h["name"] for h in hosts if h["init"]],
     }
