@@ -187,7 +187,7 @@ def test_traps_received_by_net_snmp_snmptrapd(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("version", ["v2c", "v3"])
-def test_responder_serves_live_values(version: str) -> None:
+def test_responder_serves_live_values(version: str, tmp_path: Path) -> None:
     port = free_udp_port()
     cfg = Snmp(community="c0mm") if version == "v2c" else Snmp(v3=V3)
     current = {"state": STATE}
@@ -206,7 +206,7 @@ def test_responder_serves_live_values(version: str) -> None:
                 proc = await asyncio.create_subprocess_exec(
                     "snmpwalk", *auth, "-On", "-m", "", "-t", "2", f"127.0.0.1:{port}", s.oid_str(s.SIPHA_MIB),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    env={**os.environ, "SNMP_PERSISTENT_DIR": "/tmp/sipha-test-snmp", "MIBS": ""},
+                    env={**os.environ, "SNMP_PERSISTENT_DIR": str(tmp_path), "MIBS": ""},
                 )
                 out, _ = await proc.communicate()
                 net_snmp = out.decode()
