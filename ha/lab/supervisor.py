@@ -204,7 +204,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop)
         self.log(f"supervisor listening on {sock_path}, hosts: {', '.join(self.hosts)}")
         for name in self.spec.get("power_on", []):
-            self.log(f"{name}: {self.handle({'action': 'on', 'host': name})}")
+            reply = self.handle({"action": "on", "host": name})
+            if not reply.get("ok"):
+                self.log(f"{name}: power on at start failed: {reply.get('error')}")
         while not self.stopping:
             try:
                 conn, _ = srv.accept()
