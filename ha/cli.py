@@ -53,9 +53,11 @@ def validate_cmd(cluster_yaml: str) -> None:
 
 
 def _register() -> None:
+    from ha.health.cli import health
     from ha.lab.cli import lab
 
     main.add_command(lab)
+    main.add_command(health)
 
 
 _register()
