@@ -377,7 +377,12 @@ def up(cluster_yaml: str | Path, echo: Callable[[str], None] = print, variant: s
         raise LabError(str(exc)) from None
     preflight(cluster)
     CONTROL_DIR.mkdir(parents=True, exist_ok=True)
-    SPEC_FILE.write_text("{}")  # claims the lab at once: a second `lab up` now refuses
+    try:  # claims the lab atomically: a second (even concurrent) `lab up` now refuses
+        with open(SPEC_FILE, "x") as f:
+            f.write("{}")
+    except FileExistsError:
+        raise LabError("a lab is already being brought up (/run/sipha-lab/lab.json exists); "
+                       "`sipha lab down` removes it") from None  # fmt: skip
     try:
         _up(cluster, yaml_path, step, variant, timeout)
     except BaseException as exc:
