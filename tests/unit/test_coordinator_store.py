@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import conftest_zk
@@ -14,7 +15,7 @@ from kazoo.client import KazooClient
 
 from ha.coordinator.events import Event
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
-from ha.coordinator.store import StaleEpoch, ZkStore
+from ha.coordinator.store import Change, StaleEpoch, ZkStore
 from ha.zk_testing import Ensemble
 
 zk_ensemble = conftest_zk.zk_ensemble
@@ -47,6 +48,8 @@ def test_batched_writes_land_and_are_stamped(store: ZkStore) -> None:
     assert len(snap.contacts) == 1000 and snap.epoch == store.epoch == 1
     assert state_of(store) == fold(events)
     assert {(r.node, r.epoch) for r in snap.contacts} == {("node1", 1)}
+    store._multiread = False  # the one-request-per-znode path (servers before 3.6) reads the same state
+    assert store.snapshot() == snap
 
 
 def test_insert_update_delete_in_one_batch_and_replay_is_idempotent(store: ZkStore) -> None:
@@ -171,5 +174,55 @@ def test_journal_buffers_while_quorum_is_lost_then_replays(zk_ensemble: Ensemble
         assert state_of(s) == fold(all_events)  # nothing lost, nothing resurrected
         assert len(fold(all_events)) == 300 - 100 + 200 - 100 + 1
     finally:
+        client.stop()
+        client.close()
+
+
+def test_watch_reports_changes_and_resyncs_after_a_lost_session(
+    zk_ensemble: Ensemble, store: ZkStore, cluster: str
+) -> None:
+    store.write([contact(i, f"w{i}") for i in range(1, 51)])
+    client = connect(zk_ensemble)
+    seen: list[Change] = []
+    lock = threading.Lock()
+
+    def on_changes(changes: list[Change]) -> None:
+        with lock:
+            seen.extend(changes)
+
+    def wait(pred: Callable[[list[Change]], bool]) -> list[Change]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with lock:
+                if pred(seen):
+                    return list(seen)
+            time.sleep(0.05)
+        raise AssertionError(f"watch saw {len(seen)} changes")
+
+    watch = ZkStore(client, cluster, "node2").watch_contacts(on_changes)
+    try:
+        first = wait(lambda s: len(s) >= 50)
+        assert {(c.kind, c.resync) for c in first} == {("put", True)}
+        seen.clear()
+        store.write([contact(60, "w1", kind="update", ttl=99), contact(61, "w2", kind="delete"), contact(62, "new")])
+        live = wait(lambda s: len(s) >= 3)
+        assert sorted((c.kind, c.record.aor, c.resync) for c in live) == [
+            ("delete", "w2", False),
+            ("put", "new", False),
+            ("put", "w1", False),
+        ]
+        # Expire the watcher's session (a second client with the same session id closes it), change the
+        # store meanwhile: the watcher must notice on the new session by reading everything again.
+        seen.clear()
+        twin = KazooClient(hosts=zk_ensemble.hosts, client_id=client.client_id)
+        twin.start(10)
+        twin.stop()
+        twin.close()
+        store.write([contact(70, "w3", kind="delete"), contact(71, "during")])
+        resynced = wait(lambda s: any(c.record.aor == "during" for c in s) and any(c.record.aor == "w3" for c in s))
+        assert all(c.resync for c in resynced)
+        assert ("delete", "w3") in {(c.kind, c.record.aor) for c in resynced}
+    finally:
+        watch.stop()
         client.stop()
         client.close()
