@@ -12,6 +12,7 @@ Layout on the host:
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -87,7 +88,15 @@ def _lab_namespaces(cluster: model.Cluster) -> list[str]:
     return [BRIDGE_NS] + [PREFIX + n for n in names]
 
 
+LAB_SUBNET = ipaddress.IPv4Network("198.51.100.0/24")  # TEST-NET-2: documentation only, never routed
+
+
 def preflight(cluster: model.Cluster) -> None:
+    addrs = {h.name: h.ip for h in cluster.hosts} | {"lab.client": cluster.lab.client_ip}
+    addrs |= {f"VIP {v.name}": v.ip for v in cluster.vips}
+    outside = [f"{k} {ip}" for k, ip in addrs.items() if ipaddress.IPv4Address(ip) not in LAB_SUBNET]
+    if outside:
+        raise LabError(f"the lab only builds clusters on {LAB_SUBNET}; outside it: {', '.join(outside)}")
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network, PID and mount namespaces): run it with sudo")
     missing = sorted({pkg for path, pkg in REQUIRED.items() if not Path(path).exists()})
