@@ -47,6 +47,10 @@ class Replicator:
         self.synced = threading.Event()  # set after the first resync was applied
         self._watch: Watch | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._watch is not None
+
     def start(self) -> None:
         self._watch = self.store.watch_contacts(self.on_changes)
 
@@ -68,7 +72,7 @@ class Replicator:
     def on_changes(self, changes: list[Change]) -> None:
         adds: list[ContactRecord] = []
         removes: list[ContactRecord] = []
-        resync = any(c.resync for c in changes)
+        resync = not changes or any(c.resync for c in changes)  # an empty batch is an empty store's resync
         skipped = 0
         for c in changes:
             if not self._wanted(c.record, c.resync):

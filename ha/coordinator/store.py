@@ -783,7 +783,8 @@ class _ZkContactWatch(Watch):
                 self._q.put(("resync", ""))
                 time.sleep(0.5)
                 continue
-            if changes:
+            # A resync is reported even when empty: the consumer learns it is in step with the store.
+            if changes or any(kind == "resync" for kind, _ in items):
                 try:
                     self.on_changes(changes)
                 except Exception:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import conftest_zk
 import pytest
@@ -22,6 +24,8 @@ from test_proxy_live import proxy as proxy  # the module-scoped real Kamailio in
 
 from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.events import ContactEvent, Intake, SeqStatus
+from ha.coordinator.journal import Journal
+from ha.coordinator.replication import Replication
 from ha.coordinator.replicator import Replicator
 from ha.coordinator.store import ContactRecord, ZkStore
 from ha.proxy import kamailio
@@ -86,7 +90,7 @@ def wait_for(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-de
 
 
 def test_replicator_pushes_peer_writes_and_skips_own(
-    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy
 ) -> None:
     cluster = f"r{uuid.uuid4().hex[:8]}"
     peer = ZkStore(zk_client, cluster, "node2")  # the active node, writing its proxy's events
@@ -100,7 +104,8 @@ def test_replicator_pushes_peer_writes_and_skips_own(
     local_client = connect(zk_ensemble)
     try:
         local = ZkStore(local_client, cluster, "node1")
-        rep = Replicator(local, ProxyApplier(rpc), "node1")
+        own_rpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)  # the replicator's thread has its own client
+        rep = Replicator(local, ProxyApplier(own_rpc), "node1")
         rep.start()
         try:
             assert rep.synced.wait(20), rep.last_status
@@ -132,6 +137,7 @@ def test_replicator_pushes_peer_writes_and_skips_own(
             print(f"151 live changes written, watched and applied to kamailio in {latency * 1000:.0f} ms")
         finally:
             rep.stop()
+            own_rpc.close()
     finally:
         local_client.stop()
         local_client.close()
@@ -178,3 +184,55 @@ def test_real_register_event_goes_through_intake_into_the_store(proxy: Proxy, zk
     finally:
         events.close()
         ph.close()
+
+
+def test_events_from_the_active_reach_the_standbys_kamailio_and_a_takeover_fences_it(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy, tmp_path: Path
+) -> None:
+    """What the service will run: datagrams -> Replication (active node2) -> ZooKeeper -> Replication
+    (standby node1) -> ul.add into the real Kamailio; then node1 takes over and node2's next write is fenced."""
+    cluster = f"f{uuid.uuid4().hex[:8]}"
+    active = Replication(ZkStore(zk_client, cluster, "node2"), "node2", Journal(tmp_path / "a.jsonl"))
+    assert "started" in active.start()
+    assert "epoch 1" in active.promote()
+    standby_client = connect(zk_ensemble)
+    standby_rpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    standby = Replication(
+        ZkStore(standby_client, cluster, "node1"), "node1", Journal(tmp_path / "b.jsonl"), ProxyApplier(standby_rpc)
+    )
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        standby.start()
+        assert standby.replicator is not None and standby.replicator.synced.wait(20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(2)
+        datagrams = [
+            json.dumps(contact(i, f"fl{i}", f"sip:fl{i}@198.51.100.65:5060", node="node2").to_json()).encode()
+            for i in range(1, 201)
+        ]
+        datagrams.insert(50, b"not an event")
+        for start in range(0, len(datagrams), 20):  # bursts the default socket buffer holds
+            for d in datagrams[start : start + 20]:
+                tx.sendto(d, rx.getsockname())
+            for _ in datagrams[start : start + 20]:
+                active.feed(rx.recv(65535), "proxy")
+        assert active.flush() == "wrote 200 events"
+        wait_for(lambda: standby.replicator is not None and standby.replicator.stats.added >= 200)
+        assert bindings(rpc, "fl200") == {"sip:fl200@198.51.100.65:5060"}
+        assert active.status()["rejected"] == {"malformed": 1}
+
+        # node1 takes over; node2 (say, partitioned and not yet fenced by Pacemaker) writes on: rejected.
+        assert "epoch 2" in standby.promote()
+        active.feed(json.dumps(contact(201, "late", node="node2").to_json()).encode())
+        assert (active.flush() or "").startswith("FENCED")
+        assert not active.active and active.status()["fenced"] == 1
+        assert "late" not in {r.aor for r in standby.store.snapshot().contacts}
+    finally:
+        rx.close()
+        tx.close()
+        standby.close()
+        active.close()
+        standby_rpc.close()
+        standby_client.stop()
+        standby_client.close()
