@@ -20,6 +20,7 @@ the sentence to log (or None when there is nothing worth a line), the Patroni ha
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class Replication:
         applier: ProxyApplier | None = None,
         *,
         gc_grace_s: int = 30,
+        gc_interval_s: float = 30.0,
     ) -> None:
         self.store = store
         self.node = node
@@ -54,6 +56,9 @@ class Replication:
         self.replicator = Replicator(store, applier, node) if applier is not None else None
         self.active = False
         self.gc_grace_s = gc_grace_s
+        # GC reads every binding: at 100k that is a few seconds of ZooKeeper work, so not every tick.
+        self.gc_interval_s = gc_interval_s
+        self._next_gc = 0.0
         self.pending: list[Event] = []
         self.dropped = 0  # events lost because the journal was full (reconciliation repairs them)
         self.fenced = 0
@@ -141,7 +146,8 @@ class Replication:
             except StaleEpoch as exc:
                 self.active = False
                 said.append(f"FENCED while replaying the journal ({exc}); journal kept at {self.writer.journal.path}")
-        if self.store.available:
+        if self.store.available and time.monotonic() >= self._next_gc:
+            self._next_gc = time.monotonic() + self.gc_interval_s
             try:
                 n = self.store.gc_expired(grace_s=self.gc_grace_s)
             except StoreUnavailable:

@@ -665,11 +665,15 @@ class ZkStore(Store):
         Two collectors overlapping for a moment (a lock lost with a session) is harmless: every delete is
         conditional on the version that was read, so a binding refreshed meanwhile is never deleted.
         """
-        if not self._gc_lock.is_acquired:
-            try:
+        try:
+            lock = self._gc_lock
+            if lock.is_acquired and not self.client.exists(f"{lock.path}/{lock.node}"):
+                # kazoo's Lock still says "acquired" after its ephemeral node went with a lost session.
+                self._gc_lock = self.client.Lock(f"{self.root}/gc", self.node)
+            if not self._gc_lock.is_acquired:
                 self._gc_lock.acquire(blocking=False)
-            except self._unavailable_errors():
-                return False
+        except self._unavailable_errors():
+            return False
         return bool(self._gc_lock.is_acquired)
 
     def release_gc_lock(self) -> None:

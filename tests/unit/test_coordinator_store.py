@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from kazoo.client import KazooClient
 
 from ha.coordinator.events import Event
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
+from ha.coordinator.replication import Replication
 from ha.coordinator.store import Change, StaleEpoch, ZkStore
 from ha.zk_testing import Ensemble
 
@@ -224,5 +226,48 @@ def test_watch_reports_changes_and_resyncs_after_a_lost_session(
         assert ("delete", "w3") in {(c.kind, c.record.aor) for c in resynced}
     finally:
         watch.stop()
+        client.stop()
+        client.close()
+
+
+def test_replication_journals_drops_when_full_replays_on_tick_and_collects(
+    zk_ensemble: Ensemble, tmp_path: Path, cluster: str
+) -> None:
+    client = connect(zk_ensemble)
+    r = Replication(
+        ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl", max_bytes=30000), gc_interval_s=0
+    )
+    try:
+        r.start()
+        r.promote()
+        now = int(time.time())
+        for ev in (contact(1, "live"), contact(2, "dead", expires_at=now - 100)):
+            assert r.feed(json.dumps(ev.to_json()).encode()) is None
+        assert r.flush() == "wrote 2 events"
+        assert "collected 1 expired bindings" in (r.tick() or "")
+        client.stop()  # ZooKeeper out of reach, as far as this node can tell
+        for seq in range(3, 23):
+            r.feed(json.dumps(contact(seq, f"j{seq}").to_json()).encode())
+        assert "journaled 20 events" in (r.flush() or "")
+        for seq in range(23, 223):  # ~100 KB more than the journal may hold: dropped, counted, no crash
+            r.feed(json.dumps(contact(seq, f"k{seq}").to_json()).encode())
+        assert (r.flush() or "").startswith("DROPPED 200 events")
+        assert r.status()["dropped"] == 200 and r.status()["zookeeper"] == "unavailable"
+        client.start(timeout=20)
+        assert "replayed 20 journaled events" in (r.tick() or "")
+        assert {x.aor for x in r.store.snapshot().contacts} == {"live"} | {f"j{s}" for s in range(3, 23)}
+        # The GC lock's ephemeral node went with the old session: this node must take it again, not just
+        # believe it still holds it (and leave it to a second collector).
+        r.feed(json.dumps(contact(300, "dead2", expires_at=now - 100).to_json()).encode())
+        r.flush()
+        assert "collected 1 expired bindings" in (r.tick() or "")
+        other_client = connect(zk_ensemble)
+        try:
+            assert not ZkStore(other_client, cluster, "node2").holds_gc_lock()
+        finally:
+            other_client.stop()
+            other_client.close()
+    finally:
+        r.close()
         client.stop()
         client.close()
