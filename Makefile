@@ -51,5 +51,20 @@ demo: apt venv
 	$(VENV)/bin/sipha lab status; \
 	$(VENV)/bin/sipha lab failover --interval-ms 20 --after-s 5
 
+# Pacemaker runs agents from /usr/lib/ocf/resource.d with a bare environment and the system python3: the
+# installed copies carry this checkout's path (SIPHA_HOME, where ha/ and resource_agents/ocfagent.py live) and
+# its venv python (SIPHA_PYTHON, for the coordinator service). `install -C` leaves identical files alone.
+OCF_SIPHA := /usr/lib/ocf/resource.d/sipha
+install-agents:
+	@set -e; install -d -m 755 $(OCF_SIPHA); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	for pair in sipha-proxy:$(OCF_SIPHA)/proxy sipha-coordinator:$(OCF_SIPHA)/coordinator \
+			fence_sipha_lab:/usr/sbin/fence_sipha_lab; do \
+		src=$${pair%%:*}; dst=$${pair#*:}; \
+		sed -e 's|^SIPHA_HOME = "".*|SIPHA_HOME = "$(CURDIR)"  # written by make install-agents|' \
+			-e 's|^SIPHA_PYTHON = "".*|SIPHA_PYTHON = "$(CURDIR)/$(VENV)/bin/python"  # written by make install-agents|' \
+			resource_agents/$$src > "$$tmp/$$src"; \
+		install -C -m 755 "$$tmp/$$src" "$$dst"; echo "installed $$dst"; \
+	done
+
 clean:
 	rm -rf build $(VENV)
