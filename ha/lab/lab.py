@@ -240,7 +240,9 @@ def _chown(path: Path, user: str, group: str) -> None:
 
 def _zk_argv() -> list[str]:
     cp = ":".join(["/etc/zookeeper/conf", *(f"/usr/share/java/{j}" for j in ZK_JARS)])
-    return ["java", "-Xms32m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto",
+    # nice: on a small machine the three JVM start-ups would otherwise slow Pacemaker's own start
+    return ["nice", "-n", "10", "java", "-Xms32m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-Xshare:auto",
             "-Dzookeeper.log.dir=/var/log/zookeeper", "-Dzookeeper.root.logger=INFO,CONSOLE",
             "-Dlog4j.configuration=file:/etc/zookeeper/conf/log4j.properties",
             "-Dzookeeper.admin.enableServer=false", "-cp", cp,
@@ -303,8 +305,7 @@ def _services(cluster: model.Cluster, h: dict[str, Any], cfg: dict[str, Any]) ->
             svcs.append({"name": "kamailio", "argv": ["kamailio", "-DD", "-E", "-f", "/etc/sipha/kamailio.cfg",
                          "-m", str(p.shm_mb), "-M", str(p.pkg_mb)]})  # fmt: skip
     if zk_member:
-        zk = {"name": "zookeeper", "argv": _zk_argv(), "cwd": cluster.zookeeper.data_dir}
-        svcs.insert(1 if h["role"] == "node" else 0, zk)
+        svcs.append({"name": "zookeeper", "argv": _zk_argv(), "cwd": cluster.zookeeper.data_dir})
     return svcs
 
 
