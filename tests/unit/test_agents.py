@@ -247,7 +247,7 @@ def proxy(netns: str, tmp_path: Path) -> Iterator[Proxy]:
     cfg.write_text(TINY_CFG.format(port=5060))
     p = Proxy(netns, {
         "config": str(cfg), "pidfile": str(tmp_path / "run" / "kamailio.pid"), "logfile": str(tmp_path / "k.log"),
-        "probe_targets": "udp:5060,tcp:5060", "shm_mb": "64", "pkg_mb": "8", "probe_timeout_ms": "500",
+        "shm_mb": "64", "pkg_mb": "8", "probe_timeout_ms": "500",  # probe targets: from the config
     })
     yield p
     p.cleanup()
@@ -264,6 +264,7 @@ def test_kamailio_lifecycle_and_hang_detection(proxy: Proxy) -> None:
     rc, out = proxy("start")
     assert rc == 0, out
     assert "answers OPTIONS" in out
+    assert "udp:127.0.0.1:5060 200" in out and "tcp:127.0.0.1:5060 200" in out  # targets read from the config
     assert proxy("monitor")[0] == 0
     assert proxy("start")[0] == 0  # starting a started resource succeeds
 

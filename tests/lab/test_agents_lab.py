@@ -1,0 +1,86 @@
+"""The sipha agents inside a lab node: where Pacemaker really runs them (own PID, mount, UTS and network
+namespaces, a bare environment), beside the cluster's own proxy and coordinator without disturbing them.
+
+Uses the session lab of conftest.py. ``make install-agents`` runs first, so the lab's CIB keeps the
+ocf:sipha resources and the fence devices instead of its stand-ins.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ha.lab import lab as labmod
+
+pytestmark = pytest.mark.lab
+REPO = Path(__file__).resolve().parent.parent.parent
+OCF = "/usr/lib/ocf/resource.d/sipha"
+BARE = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "OCF_ROOT=/usr/lib/ocf"]
+TINY_CFG = """#!KAMAILIO
+children=1
+tcp_children=1
+auto_aliases=no
+dns=no
+rev_dns=no
+listen=udp:127.0.0.1:25060
+listen=tcp:127.0.0.1:25060
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "sl.so"
+request_route {
+    if (method == "OPTIONS") { sl_send_reply("200", "OK"); exit; }
+    sl_send_reply("404", "Not Here");
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def installed() -> None:
+    p = subprocess.run(["make", "-s", "install-agents"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture(scope="module")
+def node_lab(installed: None, lab: dict[str, Any]) -> dict[str, Any]:
+    return lab
+
+
+def in_node(lab: dict[str, Any], node: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
+    p = labmod.exec_in(lab, node, [*BARE, *argv], timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_ocf_tester_in_a_lab_node(node_lab: dict[str, Any], tmp_path: Path) -> None:
+    """A second, private instance (own config, port, pidfile) so the cluster's proxy is never touched."""
+    cfg = tmp_path / "tiny.cfg"  # /tmp is shared with the lab hosts
+    cfg.write_text(TINY_CFG)
+    cfg.chmod(0o644)
+    tmp_path.chmod(0o755)
+    proxy = ["-o", "kind=kamailio", "-o", f"config={cfg}", "-o", "pidfile=/run/sipha-agents-test/k.pid",
+             "-o", f"logfile={tmp_path}/k.log", "-o", "probe_targets=udp:25060,tcp:25060", "-o", "shm_mb=64"]
+    rc, out = in_node(node_lab, "node1", ["ocf-tester", "-n", "agents-test", *proxy, f"{OCF}/proxy"])
+    assert rc == 0 and "passed all tests" in out, out
+    coord = ["-o", "event_port=25091", "-o", "pidfile=/run/sipha-agents-test/c.pid",
+             "-o", "status_socket=/run/sipha-agents-test/c.sock", "-o", f"logfile={tmp_path}/c.log"]
+    rc, out = in_node(node_lab, "node1", ["ocf-tester", "-n", "agents-test", *coord, f"{OCF}/coordinator"])
+    assert rc == 0 and "passed all tests" in out, out
+
+
+def test_cluster_proxy_healthy_by_our_monitor(node_lab: dict[str, Any]) -> None:
+    """The proxy Pacemaker started from the rendered config answers our monitor on every node."""
+    for node in ("node1", "node2"):
+        rc, out = in_node(node_lab, node, ["OCF_RESKEY_kind=kamailio", "OCF_RESKEY_CRM_meta_interval=0",
+                                           f"{OCF}/proxy", "monitor"], timeout=30)
+        assert rc == 0, f"{node}: {out}"
+
+
+def test_fence_agent_speaks_to_the_real_supervisor(node_lab: dict[str, Any]) -> None:
+    rc, out = in_node(node_lab, "node1", ["fence_sipha_lab", "-o", "list"], timeout=30)
+    assert rc == 0, out
+    assert {"node1,", "node2,", "witness,"} <= set(out.split())
+    rc, out = in_node(node_lab, "node1", ["fence_sipha_lab", "-o", "status", "-n", "node2"], timeout=30)
+    assert rc == 0 and "Status: ON" in out, out
+    rc, out = in_node(node_lab, "node1", ["fence_sipha_lab", "-o", "monitor"], timeout=30)
+    assert rc == 0, out
