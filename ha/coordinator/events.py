@@ -102,6 +102,10 @@ class DialogEvent(_Common):
     created_ms: int
     start_ts: int
     state: int
+    # False: a dialog.end the proxy made from a BYE of a dialog it never saw (set up on the other node
+    # before a failover); its tags are as the BYE carries them (swapped when the callee hangs up) and its
+    # times are 0: the store takes them from the replicated dialog record.
+    known: bool = True
 
     REQUIRED_STR: ClassVar[tuple[str, ...]] = ("callid", "from_tag")
     REQUIRED_INT: ClassVar[tuple[str, ...]] = ()
@@ -116,8 +120,8 @@ Event = ContactEvent | DialogEvent
 _COMMON = ("seq", "node", "type", "ts", "boot")
 
 
-def _field_kinds(cls: type[_Common]) -> dict[str, type]:
-    return {f.name: (int if f.type in ("int", int) else str) for f in fields(cls) if f.name not in _COMMON}
+def _field_kinds(cls: type[_Common]) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(cls) if f.name not in _COMMON}
 
 
 _KINDS = {ContactEvent: _field_kinds(ContactEvent), DialogEvent: _field_kinds(DialogEvent)}
@@ -132,6 +136,13 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
         return default
     if not -_MAX_INT <= v <= _MAX_INT:
         raise EventError("bad-field", f"{key!r} out of range")
+    return v
+
+
+def _bool(obj: dict[str, Any], key: str, default: bool) -> bool:
+    v = obj.get(key, default)
+    if not isinstance(v, bool):
+        raise EventError("bad-field", f"{key!r} must be true or false, got {type(v).__name__}")
     return v
 
 
@@ -176,7 +187,12 @@ def from_dict(obj: Any) -> Event:
         if key not in obj:
             raise EventError("missing-field", f"{key!r} is required for {kind}")
     for key, t in _KINDS[cls].items():
-        values[key] = _int(obj, key, 0) if t is int else _str(obj, key, "")
+        if t == "int":
+            values[key] = _int(obj, key, 0)
+        elif t == "bool":
+            values[key] = _bool(obj, key, True)
+        else:
+            values[key] = _str(obj, key, "")
     for key in cls.REQUIRED_STR:
         if not values[key]:
             raise EventError("bad-field", f"{key!r} is empty")

@@ -465,14 +465,19 @@ class ZkStore(Store):
                 path = self.dialog_path(ev.callid, ev.from_tag)
                 rec = DialogRecord.from_event(ev, self.epoch)
                 if ev.ended:
+                    stored = None if ev.known else self._stored_dialog(ev)
+                    if stored is not None:
+                        path, orig = stored
+                    else:
+                        orig = rec
                     cdr = CdrRecord(
                         callid=ev.callid,
-                        from_tag=ev.from_tag,
-                        to_tag=ev.to_tag,
-                        from_uri=ev.from_uri,
-                        to_uri=ev.to_uri,
-                        created_ms=ev.created_ms,
-                        start_ts=ev.start_ts,
+                        from_tag=orig.from_tag,
+                        to_tag=orig.to_tag,
+                        from_uri=orig.from_uri,
+                        to_uri=orig.to_uri,
+                        created_ms=orig.created_ms,
+                        start_ts=orig.start_ts,
                         end_ms=ev.ts,
                         reason=ev.type.split(".", 1)[1],
                         node=ev.node,
@@ -483,6 +488,23 @@ class ZkStore(Store):
                 else:
                     out.append(_Intent("put", path, _encode(rec)))
         return out
+
+    def _stored_dialog(self, ev: DialogEvent) -> tuple[str, DialogRecord] | None:
+        """The dialog record the other node wrote for a call this proxy never saw (BYE after a failover).
+
+        The BYE's From tag is the caller's when the caller hangs up and the callee's otherwise, so both
+        tags are tried. Rare (once per call that outlived a failover), so a plain synchronous read.
+        """
+        for tag in dict.fromkeys((ev.from_tag, ev.to_tag)):
+            if not tag:
+                continue
+            path = self.dialog_path(ev.callid, tag)
+            try:
+                data, stat = self.client.get(path)
+            except NoNodeError:
+                continue
+            return path, _decode(DialogRecord, data, stat.version)
+        return None
 
     def _load_known(self) -> set[str]:
         """Which znodes exist, so a put becomes create or set without a failed round trip."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import conftest_zk
 import pytest
-from conftest_zk import connect, contact
+from conftest_zk import connect, contact, dialog
 from kazoo.client import KazooClient
 from test_proxy_live import Events, Phone, Proxy, request
 from test_proxy_live import proxy as proxy  # the module-scoped real Kamailio in its own namespace
@@ -236,3 +236,43 @@ def test_events_from_the_active_reach_the_standbys_kamailio_and_a_takeover_fence
         standby_rpc.close()
         standby_client.stop()
         standby_client.close()
+
+
+def test_real_bye_after_a_failover_closes_the_replicated_dialog(proxy: Proxy, zk_client: KazooClient) -> None:
+    """node2 set the call up (its dialog record is in the store); the callee's BYE reaches this proxy, which
+    never saw the INVITE: its real dialog.end (known=false) must still yield the CDR with the original times."""
+    cluster = f"d{uuid.uuid4().hex[:8]}"
+    old_active = ZkStore(zk_client, cluster, "node2")
+    old_active.ensure_layout()
+    old_active.bump_epoch()
+    cid, caller_tag, callee_tag = uuid.uuid4().hex, "c4ll3r", "c4ll33"
+    old_active.write([dialog(1, cid, node="node2", from_tag=caller_tag, to_tag=callee_tag, created_ms=1764014460123)])
+    new_active = ZkStore(zk_client, cluster, "node1")
+    new_active.bump_epoch()
+    events, callee, caller = Events(proxy), Phone(proxy, 5076), Phone(proxy, 5078)
+    try:
+        events.drain()
+        target = f"sip:alice@{caller.addr[0]}:{caller.addr[1]}"
+        bye = request(
+            "BYE", target, local=callee.addr, from_uri=f"sip:bob@{proxy.vip}", to_uri=f"sip:alice@{proxy.vip}",
+            call_id=cid, cseq=2, from_tag=callee_tag, to_tag=caller_tag,
+            headers=(f"Route: <sip:{proxy.vip};lr;ftag={caller_tag};did=abc.123>",),
+        )  # fmt: skip
+        callee.send(bye)
+        got = caller.recv()
+        assert got is not None and got[0] == f"BYE {target} SIP/2.0", got
+        events.sock.settimeout(3)
+        intake = Intake()
+        verdict = None
+        while verdict is None or getattr(verdict.event, "callid", None) != cid:
+            verdict = intake.feed(events.sock.recv(65535))
+        ev = verdict.event
+        assert ev.type == "dialog.end" and not getattr(ev, "known", True), ev
+        new_active.write([ev])
+        assert new_active.snapshot().dialogs == ()
+        (cdr,) = new_active.cdrs()
+        assert (cdr.callid, cdr.from_tag, cdr.created_ms, cdr.start_ts) == (cid, caller_tag, 1764014460123, 1764014461)
+    finally:
+        events.close()
+        callee.close()
+        caller.close()

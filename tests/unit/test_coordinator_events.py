@@ -22,7 +22,7 @@ from ha.coordinator.events import (
 
 # The example event from templates/kamailio.cfg.j2's header, byte for byte in shape.
 TEMPLATE_EXAMPLE = (
-    '{"seq":7,"node":"node1","type":"contact.insert","ts":1764014460123,"aor":"alice",'
+    '{"seq":7,"boot":1764010000,"node":"node1","type":"contact.insert","ts":1764014460123,"aor":"alice",'
     '"contact":"sip:alice@198.51.100.50:5062","expires":3600,"expires_at":1764018060,"q":-1,'
     '"received":"udp:198.51.100.50:5062","socket":"udp:198.51.100.10:5060","path":"",'
     '"callid":"a84b4c76e66710","cseq":1,"user_agent":"phone 1.0","flags":0,"cflags":0,"methods":-1,'
@@ -33,7 +33,7 @@ TEMPLATE_EXAMPLE = (
 def test_template_example_parses() -> None:
     ev = parse_event(TEMPLATE_EXAMPLE.encode())
     assert isinstance(ev, ContactEvent)
-    assert (ev.seq, ev.node, ev.aor, ev.expires_at, ev.q, ev.boot) == (7, "node1", "alice", 1764018060, -1, 0)
+    assert (ev.seq, ev.node, ev.aor, ev.expires_at, ev.q, ev.boot) == (7, "node1", "alice", 1764018060, -1, 1764010000)
     assert not ev.removed
     assert parse_event(json.dumps(ev.to_json())) == ev  # the journal's round trip
 
@@ -41,7 +41,9 @@ def test_template_example_parses() -> None:
 def test_dialog_event_and_unknown_extra_keys() -> None:
     d = dialog(3, "c@x", "timeout").to_json() | {"future_field": [1, 2]}
     ev = parse_event(json.dumps(d))
-    assert isinstance(ev, DialogEvent) and ev.ended and ev.created_ms == 1764014460123
+    assert isinstance(ev, DialogEvent) and ev.ended and ev.created_ms == 1764014460123 and ev.known
+    unknown = parse_event(json.dumps(d | {"known": False}))
+    assert isinstance(unknown, DialogEvent) and not unknown.known
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,7 @@ def test_dialog_event_and_unknown_extra_keys() -> None:
         (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,"q":1e999}', "bad-field"),
         (b'{"seq":1,"node":"n","type":"dialog.end","from_tag":"x"}', "missing-field"),
         (b'{"seq":99999999999999999999999,"node":"n","type":"dialog.end"}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"dialog.end","callid":"c","from_tag":"f","known":"no"}', "bad-field"),
         (b" " * (MAX_EVENT_BYTES + 1), "oversized"),
     ],
 )

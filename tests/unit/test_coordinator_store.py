@@ -271,3 +271,20 @@ def test_replication_journals_drops_when_full_replays_on_tick_and_collects(
         r.close()
         client.stop()
         client.close()
+
+
+def test_bye_after_a_failover_closes_the_replicated_dialog_with_its_original_times(
+    zk_client: KazooClient, store: ZkStore, cluster: str
+) -> None:
+    store.write([dialog(1, "call-fo@x", from_tag="caller", to_tag="callee", created_ms=1764014460123)])
+    new_active = ZkStore(zk_client, cluster, "node2")
+    new_active.bump_epoch()
+    # The callee hangs up on node2, which never saw the INVITE: tags swapped, no times (template: known=false).
+    bye = dialog(
+        5, "call-fo@x", "end", node="node2", known=False, from_tag="callee", to_tag="caller", created_ms=0, start_ts=0
+    )
+    new_active.write([bye])
+    assert new_active.snapshot().dialogs == ()
+    (cdr,) = new_active.cdrs()
+    assert (cdr.from_tag, cdr.to_tag, cdr.created_ms, cdr.start_ts) == ("caller", "callee", 1764014460123, 1764014461)
+    assert (cdr.node, cdr.epoch, cdr.reason) == ("node2", 2, "end")
