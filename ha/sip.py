@@ -13,7 +13,6 @@ a stale answer to an earlier probe (UDP can deliver late) is never taken for a l
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import secrets
@@ -625,6 +624,8 @@ async def options_probe_async(host: str, port: int, transport: str = "udp", time
     Same matching and verdicts; built on non-blocking sockets and the loop's ``sock_*`` calls so it costs no
     thread. UDP retransmits as in the blocking probe.
     """
+    import asyncio  # here, not at the top: the OCF monitor imports this module per call and asyncio costs ~25 ms
+
     t = _check_args(transport, port, timeout)
     target = f"{t}:{host}:{port}"
     loop = asyncio.get_running_loop()
