@@ -60,6 +60,7 @@ class Replication:
         self.gc_interval_s = gc_interval_s
         self._next_gc = 0.0
         self.pending: list[Event] = []
+        self.started = False
         self.dropped = 0  # events lost because the journal was full (reconciliation repairs them)
         self.fenced = 0
         self.gc_deleted = 0
@@ -98,6 +99,7 @@ class Replication:
             return f"zookeeper not reachable yet ({exc}); will retry on tick"
         if self.replicator is not None and not self.replicator.running:
             self.replicator.start()
+        self.started = True
         self.last = "replication started: watching the store for peers' bindings"
         return self.last
 
@@ -138,6 +140,10 @@ class Replication:
     def tick(self) -> str | None:
         """Periodic work: replay the journal when ZooKeeper is back, collect expired bindings if elected."""
         said = []
+        if not self.started:
+            if not self.store.available:
+                return None
+            said.append(self.start())
         if self.writer.journal and self.store.available:
             try:
                 said.append(f"replayed {self.writer.replay()} journaled events")
