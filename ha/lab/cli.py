@@ -44,6 +44,8 @@ def up_cmd(cluster_yaml: str, stock: bool, timeout: float) -> None:
     from ha.lab import lab as labmod
     from ha.lab.node import LabError
 
+    if cluster_yaml == DEFAULT_YAML and not os.path.exists(cluster_yaml):
+        cluster_yaml = str(labmod.REPO / DEFAULT_YAML)  # run from outside the checkout
     try:
         t = labmod.up(cluster_yaml, echo=_echo, variant="stock" if stock else "model", timeout=timeout)
     except (LabError, OSError) as exc:
