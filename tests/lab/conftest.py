@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="the lab needs root (network, PID and mount namespaces); run as root")
         for item in items:
-            if "lab" in item.keywords:
+            if item.get_closest_marker("lab") is not None:
                 item.add_marker(skip)
 
 
