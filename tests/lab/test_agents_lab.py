@@ -52,18 +52,18 @@ def in_node(lab: dict[str, Any], node: str, argv: list[str], timeout: float = 12
     return p.returncode, p.stdout + p.stderr
 
 
-def test_ocf_tester_in_a_lab_node(node_lab: dict[str, Any], tmp_path: Path) -> None:
+def test_ocf_tester_in_a_lab_node(node_lab: dict[str, Any]) -> None:
     """A second, private instance (own config, port, pidfile) so the cluster's proxy is never touched."""
-    cfg = tmp_path / "tiny.cfg"  # /tmp is shared with the lab hosts
-    cfg.write_text(TINY_CFG)
-    cfg.chmod(0o644)
-    tmp_path.chmod(0o755)
-    proxy = ["-o", "kind=kamailio", "-o", f"config={cfg}", "-o", "pidfile=/run/sipha-agents-test/k.pid",
-             "-o", f"logfile={tmp_path}/k.log", "-o", "probe_targets=udp:25060,tcp:25060", "-o", "shm_mb=64"]
+    d = "/run/sipha-agents-test"  # the node's own /run (its /tmp is private too): written from inside
+    p = subprocess.run([*labmod.nsenter_argv(node_lab, "node1"), "sh", "-c", f"mkdir -p {d} && cat > {d}/tiny.cfg"],
+                       input=TINY_CFG, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    proxy = ["-o", "kind=kamailio", "-o", f"config={d}/tiny.cfg", "-o", f"pidfile={d}/k.pid",
+             "-o", f"logfile={d}/k.log", "-o", "probe_targets=udp:25060,tcp:25060", "-o", "shm_mb=64"]
     rc, out = in_node(node_lab, "node1", ["ocf-tester", "-n", "agents-test", *proxy, f"{OCF}/proxy"])
     assert rc == 0 and "passed all tests" in out, out
     coord = ["-o", "event_port=25091", "-o", "pidfile=/run/sipha-agents-test/c.pid",
-             "-o", "status_socket=/run/sipha-agents-test/c.sock", "-o", f"logfile={tmp_path}/c.log"]
+             "-o", "status_socket=/run/sipha-agents-test/c.sock", "-o", "logfile=/run/sipha-agents-test/c.log"]
     rc, out = in_node(node_lab, "node1", ["ocf-tester", "-n", "agents-test", *coord, f"{OCF}/coordinator"])
     assert rc == 0 and "passed all tests" in out, out
 
