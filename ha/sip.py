@@ -18,7 +18,7 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAGIC_COOKIE = "z9hG4bK"  # RFC 3261 8.1.1.7: branches starting with this are globally unique
 SIP_VERSION = "SIP/2.0"
@@ -458,7 +458,6 @@ class ProbeResult:
     reason: str
     transport: str = "udp"
     target: str = ""
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def answered(self) -> bool:
