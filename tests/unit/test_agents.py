@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -64,6 +65,7 @@ def load_agent(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = mod  # dataclasses look their module up while the class is built
     loader.exec_module(mod)
     return mod
 
@@ -391,6 +393,32 @@ def test_coordinator_validate_errors(tmp_path: Path) -> None:
     assert run(COORD, "validate-all", config=str(tmp_path / "none.yaml"))[0] == 6
     assert run(COORD, "validate-all", event_port="70000")[0] == 6
     assert run(COORD, "validate-all", event_port="5090", python="/nonexistent/python")[0] == 5
+
+
+def test_stop_escalates_to_sigkill_within_the_grace() -> None:
+    """A service that ignores SIGTERM is SIGKILLed once the grace is over, well inside the stop deadline."""
+    ocfagent = load_agent(AGENTS / "ocfagent.py")
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        logged: list[str] = []
+        t0 = time.monotonic()
+        gone = ocfagent.terminate(
+            child.pid, lambda: [child.pid] if child.poll() is None else [], 0.3, t0 + 5,
+            lambda level, msg: logged.append(f"{level}: {msg}"),
+        )
+        took = time.monotonic() - t0
+        assert gone and child.poll() == -signal.SIGKILL
+        assert 0.3 <= took < 2.0
+        assert any("SIGKILL" in m for m in logged)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
 
 
 # ----------------------------------------------------------------------------------------------- ocf-tester
