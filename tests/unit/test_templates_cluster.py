@@ -131,7 +131,12 @@ def test_cib_proxy_clone_and_coordinator_clone(cluster: model.Cluster) -> None:
     prim = proxy.find("primitive")
     assert (prim.get("class"), prim.get("provider"), prim.get("type")) == ("ocf", "sipha", "proxy")
     kind = cluster.proxy.kind
-    assert nvpairs(prim.find("instance_attributes")) == {"kind": kind, "config": f"/etc/sipha/{kind}.cfg"}
+    assert nvpairs(prim.find("instance_attributes")) == {
+        "kind": kind,
+        "config": f"/etc/sipha/{kind}.cfg",
+        "shm_mb": str(cluster.proxy.shm_mb),
+        "pkg_mb": str(cluster.proxy.pkg_mb),
+    }
     (monitor,) = [op for op in prim.iter("op") if op.get("name") == "monitor"]
     assert monitor.get("interval") == f"{cluster.timings.proxy_monitor_ms}ms"
     assert monitor.get("on-fail") == "restart"
