@@ -206,26 +206,6 @@ request_route {{
 """
 
 
-KNET_TIMER_RES_MS = 200  # libknet's heartbeat thread wakes every 200 ms (KNET_THREADS_TIMER_RES)
-
-
-def _corosync_conf(text: str, cluster: model.Cluster, step: Step) -> str:
-    """corosync derives knet_ping_timeout = token / 2 (150 ms at token 300), below libknet's 200 ms heartbeat
-    resolution: measured here, the link then drops every ~9 s and the membership flaps. Until the template sets
-    the ping timers, the lab adds them (timeout = token, interval = token / 4) and says so."""
-    token = cluster.timings.token_ms
-    if "knet_ping_timeout" in text or token // 2 >= KNET_TIMER_RES_MS + 50:
-        return text
-    block = (f"    interface {{\n        linknumber: 0\n        knet_ping_interval: {token // 4}\n"
-             f"        knet_ping_timeout: {token}\n    }}\n")  # fmt: skip
-    head, sep, tail = text.partition("totem {\n")
-    if not sep:
-        return text
-    step(f"  corosync.conf: knet_ping_timeout {token // 2} ms is below libknet's {KNET_TIMER_RES_MS} ms timer "
-         f"(links flap): lab sets knet_ping_interval {token // 4}, knet_ping_timeout {token}")  # fmt: skip
-    return head + sep + block + tail
-
-
 def _host_binds(cluster: model.Cluster, root: Path) -> list[tuple[str, str]]:
     dirs = ["/etc/corosync", "/var/lib/corosync", "/var/lib/pacemaker", "/var/log/pacemaker", "/var/log/corosync",
             "/etc/sipha", "/var/log/zookeeper", cluster.zookeeper.data_dir]  # fmt: skip
@@ -439,7 +419,7 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     else:
         cib, kamailio_by_lab = _lab_cib(rendered["cib.xml"], cluster, step)
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
-           "corosync_conf": _corosync_conf(rendered["corosync.conf"], cluster, step),
+           "corosync_conf": rendered["corosync.conf"],
            "fallback_kamailio": FALLBACK_KAMAILIO, "variant": variant}  # fmt: skip
     if not any(p.endswith("kamailio.cfg") for p in rendered) and not kamailio_by_lab:
         raise LabError("no kamailio.cfg rendered (templates/kamailio.cfg.j2 missing)")

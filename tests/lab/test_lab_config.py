@@ -23,15 +23,6 @@ def rendered(cluster: model.Cluster) -> dict[str, str]:
     return {f.path: f.text for f in render.render_files(cluster)}
 
 
-def test_knet_ping_timeout_raised_above_libknet_timer(cluster: model.Cluster, rendered: dict[str, str]) -> None:
-    conf = labmod._corosync_conf(rendered["corosync.conf"], cluster, lambda _m: None)
-    if "knet_ping_timeout" in rendered["corosync.conf"]:
-        assert conf == rendered["corosync.conf"]  # the template took it over: the lab leaves it alone
-    else:
-        assert f"knet_ping_timeout: {cluster.timings.token_ms}" in conf
-        assert conf.index("interface {") > conf.index("totem {")
-
-
 def test_cib_without_our_agents_keeps_the_vip(cluster: model.Cluster, rendered: dict[str, str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setattr(labmod, "_agent_installed", lambda provider, agent: provider == "heartbeat")

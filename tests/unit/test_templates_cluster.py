@@ -281,3 +281,13 @@ def test_two_node_fence_race_delays_fencing_of_the_delay_node() -> None:
         if p.get("class") == "stonith"
     }
     assert delays == {"node1": None, "node2": "2500ms"}
+
+
+@pytest.mark.parametrize(("token", "timers"), [(300, (75, 300)), (400, (100, 400)), (500, None), (3000, None)])
+def test_knet_ping_timers_stay_above_libknets_timer(token: int, timers: tuple[int, int] | None) -> None:
+    data = load_data("lab")
+    data["timings"].update(token_ms=token, consensus_ms=token * 12 // 10)
+    totem = corosync_sections(files(build(data))["corosync.conf"])["totem"]
+    got = (int(totem["interface"]["knet_ping_interval"]), int(totem["interface"]["knet_ping_timeout"])) \
+        if "interface" in totem else None
+    assert got == timers
