@@ -46,7 +46,7 @@ from ha.health.probe import (
 )
 from ha.health.snmp import NodeState, TrapSender
 from ha.model import Cluster
-from ha.sip import options_probe_async
+from ha.sip import ProbeResult, options_probe_async
 
 log = logging.getLogger("sipha.health")
 DEFAULT_READY_FILE = Path("/run/sipha/ready")
@@ -57,6 +57,45 @@ ROLE_CHECK_S = 1.0
 # undefined (and an undefined attribute does not forbid the VIP), so the value is written again this often.
 REASSERT_S = 10.0
 PEER_PROBE_S = 1.0
+ATTR_BACKOFF_MAX_S = 2.0  # attrd is local: a retry every 2 s at worst (it is down only while Pacemaker starts)
+
+
+class ProbeDrops:
+    """Test-only fault injection: make the next N local UDP probes time out, as if the datagram were lost.
+
+    The lab's kernel has no ``sch_netem`` (``tc qdisc add dev lo root netem`` answers "Specified qdisc kind is
+    unknown") and no nftables/iptables, so a single lost probe packet cannot be produced in the network; this is
+    the stand-in. Enabled only when the service is started with ``--fault-file PATH`` (the lab does, production
+    never does): writing an integer N into PATH makes the next N UDP probes of the local proxy report "no answer"
+    after the full probe timeout, without sending; the file is consumed (deleted) when read.
+    """
+
+    def __init__(self, path: Path | None, probe: ProbeFn) -> None:
+        self.path = path
+        self.probe = probe
+        self.pending = 0
+        self.injected = 0
+
+    def poll(self) -> None:
+        if self.path is None:
+            return
+        try:
+            text = self.path.read_text()
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        with contextlib.suppress(ValueError):
+            self.pending += max(0, min(int(text.strip() or "1"), 1000))
+
+    async def __call__(self, host: str, port: int, transport: str, timeout: float) -> ProbeResult:
+        if self.pending > 0 and transport == "udp":
+            self.pending -= 1
+            self.injected += 1
+            await asyncio.sleep(timeout)
+            return ProbeResult(False, None, timeout * 1000, f"no answer within {timeout * 1000:.0f} ms "
+                               "(injected drop)", transport, f"{transport}:{host}:{port}")
+        return await self.probe(host, port, transport, timeout)
 
 
 def kv(**fields: Any) -> str:
@@ -146,6 +185,7 @@ class HealthService:
         json_logs: bool = False,
         clock: Callable[[], float] = time.time,
         peer_ports: dict[str, int] | None = None,
+        fault_file: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.me = cluster.node(node)  # KeyError for an unknown node: the CLI turns it into a message
@@ -153,8 +193,9 @@ class HealthService:
         self.period_s = t.probe_period_ms / 1000
         self.slow_ms = slow_ms if slow_ms is not None else t.probe_timeout_ms / 2
         ports = cluster.proxy.listen.ports()
+        self.drops = ProbeDrops(fault_file, probe)
         self.local = TargetProber(targets_for(probe_host or self.me.ip, ports), t.probe_timeout_ms / 1000,
-                                  self.slow_ms, probe)
+                                  self.slow_ms, self.drops if fault_file is not None else probe)
         self.peers = {
             n.name: TargetProber(targets_for(n.ip, peer_ports or ports), t.probe_timeout_ms / 1000, self.slow_ms,
                                  probe)
@@ -212,6 +253,7 @@ class HealthService:
         """Probe, decide, act; returns the sentence that says what happened."""
         self.cycles += 1
         now_mono = time.monotonic()
+        self.drops.poll()
         observations = await self.local.cycle()
         for o in observations:
             self.metrics.observe(self.me.name, o)
@@ -312,7 +354,7 @@ class HealthService:
             else:
                 self.attr_error = detail
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, ATTR_BACKOFF_MAX_S)
         self._attr_task = None
 
     def node_state(self) -> NodeState:
@@ -410,7 +452,8 @@ class HealthService:
                     for n, p in self.peer_status.items()
                 },
                 "history": [t.as_dict() for t in self.history],
+                "injected_drops": self.drops.injected,
             }
 
 
-__all__ = ["DEFAULT_READY_FILE", "HealthService", "Readiness", "kv"]
+__all__ = ["DEFAULT_READY_FILE", "HealthService", "ProbeDrops", "Readiness", "kv"]

@@ -55,9 +55,16 @@ def setup_mounts(h: dict[str, Any], control_dir: str) -> None:
             Path(dst).parent.mkdir(parents=True, exist_ok=True)
             Path(dst).touch()
         mount(src, dst, None, MS_BIND)
+    # A checkout (and its venv) under /tmp, e.g. a clean clone in /tmp/cc, would vanish under the private /tmp:
+    # hold it open and bind it back at the same path, so the agents and services it provides still run.
+    keep = [(d, os.open(d, os.O_RDONLY | os.O_DIRECTORY)) for d in h.get("keep_tmp", []) if Path(d).is_dir()]
     for dst in ("/run", "/tmp", "/dev/shm"):
         mode = "1777" if dst != "/run" else "755"
         mount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=256m")
+    for d, fd in keep:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", d, None, MS_BIND | MS_REC)
+        os.close(fd)
     for d, owner in h.get("run_dirs", []):
         p = Path(d)
         p.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,9 @@ from ha.lab.supervisor import CONTROL_DIR, PID_FILE, SOCKET_PATH, SupervisorErro
 
 REPO = Path(__file__).resolve().parent.parent.parent
 STATE_DIR = Path("/var/tmp/sipha-lab")
+# Test-only control of the lab's health services (see ha.health.service.ProbeDrops): inside a node, an integer N
+# written here makes the next N local UDP probes time out (this kernel has no sch_netem to drop a real packet).
+HEALTH_FAULT_FILE = "/run/sipha/health-drop-probes"
 SPEC_FILE = CONTROL_DIR / "lab.json"
 PREFIX = "sipha-"
 BRIDGE_NS = "sipha-br"
@@ -214,6 +217,15 @@ def _host_binds(cluster: model.Cluster, root: Path) -> list[tuple[str, str]]:
     return binds
 
 
+def _under_tmp(*paths: Path) -> list[str]:
+    """Of these paths, the ones under /tmp (each node mounts a private /tmp over it), outermost first."""
+    out: list[str] = []
+    for p in sorted({str(x.resolve()) if x.exists() else str(x) for x in paths}, key=len):
+        if (p + "/").startswith("/tmp/") and not any((p + "/").startswith(o + "/") for o in out):
+            out.append(p)
+    return out
+
+
 def _chown(path: Path, user: str, group: str) -> None:
     shutil.chown(path, user, group)
 
@@ -254,6 +266,11 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     os.chmod(etc / "authkey", 0o400)
     sipha = root / "etc/sipha"
     (sipha / "cluster.yaml").write_text(yaml_text)
+    # the REST API's bearer token (rest.token_file), one per lab, 256 random bits
+    token = root / (cluster.rest.token_file if cluster.rest.token_file.startswith("/etc/sipha/")
+                    else "/etc/sipha/api-token").lstrip("/")  # fmt: skip
+    token.write_text(cfg["api_token"] + "\n")
+    os.chmod(token, 0o600)
     (sipha / "zoo.cfg").write_text(rendered["zoo.cfg"])
     myid = rendered.get(f"{h['name']}/zookeeper-myid")
     if myid is not None:
@@ -284,6 +301,12 @@ def _services(cluster: model.Cluster, h: dict[str, Any], cfg: dict[str, Any]) ->
             p = cluster.proxy
             svcs.append({"name": "kamailio", "argv": ["kamailio", "-DD", "-E", "-f", "/etc/sipha/kamailio.cfg",
                          "-m", str(p.shm_mb), "-M", str(p.pkg_mb)]})  # fmt: skip
+        if cfg["variant"] != "stock":
+            # The health service: SIP probes of the local proxy -> attribute sipha-health, which the CIB's location
+            # rule reads to keep the VIP off an unhealthy proxy. attrd is not up yet when it starts: it retries.
+            svcs.append({"name": "sipha-health", "argv": [
+                sys.executable, "-m", "ha.cli", "health", "run", "/etc/sipha/cluster.yaml", "--node", h["name"],
+                "--fault-file", HEALTH_FAULT_FILE], "env": {"PYTHONPATH": str(REPO)}})  # fmt: skip
     if zk_member:
         svcs.append({"name": "zookeeper", "argv": _zk_argv(), "cwd": cluster.zookeeper.data_dir})
     return svcs
@@ -309,6 +332,7 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
             h["run_dirs"] = [("/run/corosync-qdevice", ""), ("/run/corosync-qnetd", ""), ("/run/kamailio", ""),
                              ("/run/crm", "hacluster:haclient"), ("/run/lock", ""), ("/run/sipha", "")]  # fmt: skip
             h["services"] = _services(cluster, h, cfg)
+            h["keep_tmp"] = _under_tmp(REPO, Path(sys.prefix), Path(sys.executable).parent)
         hosts.append(h)
     return {
         "version": 1,
@@ -326,6 +350,9 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
         "zk_client_port": cluster.zookeeper.client_port,
         "kamailio_by_lab": cfg["kamailio_by_lab"],
         "stonith": 'name="stonith-enabled" value="true"' in cfg["cib"],
+        "api_token_file": cluster.rest.token_file if cluster.rest.token_file.startswith("/etc/sipha/")
+        else "/etc/sipha/api-token",
+        "rest": f"http://{cluster.rest.bind}:{cluster.rest.port}",
         "hosts": hosts,
         "power_on": [h["name"] for h in hosts if h["init"]],
     }
@@ -420,7 +447,8 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
         cib, kamailio_by_lab = _lab_cib(rendered["cib.xml"], cluster, step)
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
            "corosync_conf": rendered["corosync.conf"],
-           "fallback_kamailio": FALLBACK_KAMAILIO, "variant": variant}  # fmt: skip
+           "fallback_kamailio": FALLBACK_KAMAILIO, "variant": variant,
+           "api_token": secrets.token_urlsafe(32)}  # fmt: skip
     if not any(p.endswith("kamailio.cfg") for p in rendered) and not kamailio_by_lab:
         raise LabError("no kamailio.cfg rendered (templates/kamailio.cfg.j2 missing)")
     spec = build_spec(cluster, yaml_path, rendered, cfg)
@@ -760,4 +788,38 @@ def failover(spec: dict[str, Any], interval: float = 0.02, after: float = 4.0, b
     new_holder = vip_holder(spec, vip)
     return {"killed": holder, "new_holder": new_holder, "recovered": bool(answered_after),
             "first_answer_after_kill_ms": round((answered_after[0] - t_kill) * 1000, 1) if answered_after else None,
+            **rep}  # fmt: skip
+
+
+def probed(spec: dict[str, Any], fault: Callable[[], Any], interval: float = 0.02, before: float = 1.0,
+           after: float = 4.0, until: Callable[[], bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``fault()`` while the client probes the VIP every ``interval`` s; the caller's-eye view of it.
+
+    ``first_answer_after_fault_ms``: from the moment ``fault()`` returned (the signal delivered, the command
+    done) to the send time of the first probe sent after it that was answered. ``longest_gap_ms``: the longest
+    time between the sends of two consecutive answered probes. Probing stops ``after`` s after the fault, or
+    earlier once ``until()`` holds and a probe sent after the fault was answered (checked every 0.1 s).
+    """
+    from ha.lab.prober import Prober
+
+    vip = spec["vips"][0]
+    prober = labnode.in_netns(client_ns(spec), lambda: Prober(vip, spec["sip_port"], interval))
+    prober.start(before + after)
+    time.sleep(before)
+    t0 = time.monotonic()
+    result = fault()
+    t_fault = time.monotonic()
+    while time.monotonic() - t_fault < after:
+        if until is not None and until() and any(
+            prober.sent[c] > t_fault for c in list(prober.answered)
+        ):
+            time.sleep(0.3)
+            break
+        time.sleep(0.1)
+    prober.stop()
+    prober.wait(grace=0.3)
+    rep = prober.report()
+    after_fault = sorted(prober.sent[c] for c in prober.order if c in prober.answered and prober.sent[c] > t_fault)
+    return {"fault_result": result, "fault_call_ms": round((t_fault - t0) * 1000, 1),
+            "first_answer_after_fault_ms": round((after_fault[0] - t_fault) * 1000, 1) if after_fault else None,
             **rep}  # fmt: skip

@@ -46,6 +46,13 @@ def lab() -> Any:
         pytest.skip("the lab needs root")
     if labmod.load_spec() is not None:
         pytest.skip("a lab is already up and is not this session's: `sipha lab down` first")
+    # The agents Pacemaker runs must be this checkout's before the CIB is built (the lab leaves an ocf:sipha
+    # resource out when its agent is not installed), whichever test file runs first.
+    import subprocess
+
+    inst = subprocess.run(["make", "-s", "install-agents"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if inst.returncode != 0:
+        pytest.fail(f"make install-agents: {inst.stderr.strip()[-300:]}")
     atexit.register(_teardown)  # also on an interpreter exit that skips fixture finalizers
     previous = signal.signal(signal.SIGTERM, lambda *_: (_teardown(), os._exit(143)))
     _ours["up"] = True  # from here on any partial lab is ours to remove
