@@ -25,7 +25,7 @@ JAVA = "/usr/bin/java"
 CLASSPATH = ":".join(
     ("/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-log4j12.jar", "/usr/share/java/log4j-1.2.jar")
 )
-JVM_OPTS = ("-Xms16m", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto")
+JVM_OPTS = ("-Xms16m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto")
 LOG4J = """log4j.rootLogger=INFO, FILE
 log4j.appender.FILE=org.apache.log4j.FileAppender
 log4j.appender.FILE.File=${zookeeper.log.dir}/zookeeper.log
@@ -90,6 +90,7 @@ class Ensemble:
     root: Path
     size: int = 3
     tick_ms: int = 500
+    heap_mb: int = 128  # enough for tests; ~100k bindings need ~512
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -128,6 +129,7 @@ class Ensemble:
             [
                 JAVA,
                 *JVM_OPTS,
+                f"-Xmx{self.heap_mb}m",
                 f"-Dzookeeper.log.dir={m.data_dir}",
                 f"-Dlog4j.configuration=file:{m.data_dir / 'log4j.properties'}",
                 "-cp",

@@ -19,18 +19,24 @@ the sentence to log (or None when there is nothing worth a line), the Patroni ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kazoo.client import KazooClient
 
+from ha.coordinator import proxytable
 from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.events import Event, Intake, SeqStatus
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
+from ha.coordinator.proxytable import ProxyBinding
+from ha.coordinator.reconcile import ReconcileResult, reconcile
 from ha.coordinator.replicator import Replicator
 from ha.coordinator.store import StaleEpoch, Store, StoreUnavailable, ZkStore
+from ha.proxy.kamailio import RpcError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ class Replication:
         *,
         gc_grace_s: int = 30,
         gc_interval_s: float = 30.0,
+        dump_table: Callable[[], Mapping[tuple[str, str], ProxyBinding]] | None = None,
+        proxy_boot: Callable[[], int | None] | None = None,
+        reconcile_delay_s: float = 1.0,
     ) -> None:
         self.store = store
         self.node = node
@@ -60,11 +69,26 @@ class Replication:
         self.gc_interval_s = gc_interval_s
         self._next_gc = 0.0
         self.pending: list[Event] = []
+        self._closers: list[Callable[[], None]] = []
         self.started = False
         self.dropped = 0  # events lost because the journal was full (reconciliation repairs them)
         self.fenced = 0
         self.gc_deleted = 0
         self.last = "not started"
+        # Reconciliation (ul.dump vs the store) after events were lost; only the active node runs it.
+        self.dump_table = dump_table
+        self.reconcile_delay_s = reconcile_delay_s
+        self.reconcile_due: float | None = None  # monotonic time it should run; None: not needed
+        self.reconciled: ReconcileResult | None = None
+        self.reconcile_runs = 0
+        # The local proxy's boot time (epoch s) from its uptime, polled on tick: a restart that sent no event
+        # (nobody registered since) must still trigger the full resync of its empty table.
+        self.proxy_boot_fn = proxy_boot
+        self.proxy_boot: int | None = None
+        self.proxy_generation = 0  # +1 each time the local proxy is found restarted (the service drops readiness)
+        self._next_boot_check = 0.0
+        self._next_resync_retry = 0.0
+        self.include_own_first = False  # the first resync also pushes this node's own bindings
 
     @classmethod
     def from_model(
@@ -74,19 +98,35 @@ class Replication:
         *,
         journal_path: str | Path = DEFAULT_JOURNAL,
         rpc_socket: str | Path | None = None,
+        hosts: str | None = None,
     ) -> Replication:
         """Build the real thing from the cluster model: kazoo client on every ZooKeeper member, the journal,
         and the JSON-RPC client of the local Kamailio (``ha.proxy.kamailio.Rpc``)."""
-        from ha.proxy.kamailio import Rpc  # imported here: only the service needs the proxy adapter
+        from ha.proxy.kamailio import Rpc  # only the service needs the adapter
+        from ha.proxy.kamailio import rpc_socket as default_socket
 
         z = cluster.zookeeper
-        hosts = ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
+        hosts = hosts or ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
+        sock = Path(rpc_socket or default_socket())
         client = KazooClient(
             hosts=hosts, timeout=z.session_timeout_ms / 1000, connection_retry={"max_tries": -1, "max_delay": 1}
         )
         client.start_async()  # never block the service's start on a ZooKeeper that is not there yet
         store = ZkStore(client, cluster.name, node)
-        return cls(store, node, Journal(journal_path), ProxyApplier(Rpc(rpc_socket, timeout=2.0)))
+        loop_rpc = Rpc(sock, timeout=0.3)  # the loop's own client (the applier's runs on the watch thread)
+
+        def proxy_boot() -> int | None:
+            try:
+                up = loop_rpc.call("core.uptime")
+            except (RpcError, OSError):
+                return None
+            return int(time.time() - float(up["uptime"])) if isinstance(up, dict) and "uptime" in up else None
+
+        apply_rpc = Rpc(sock, timeout=2.0)
+        repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
+                   dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot)
+        repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close]
+        return repl
 
     # -- the loop's calls ----------------------------------------------------------------------------------
 
@@ -98,10 +138,48 @@ class Replication:
         except StoreUnavailable as exc:
             return f"zookeeper not reachable yet ({exc}); will retry on tick"
         if self.replicator is not None and not self.replicator.running:
-            self.replicator.start()
+            self.replicator.start(include_own=self.include_own_first)
         self.started = True
-        self.last = "replication started: watching the store for peers' bindings"
+        own = " (this node's own included: the proxy's table is new)" if self.include_own_first else ""
+        self.last = f"replication started: loading the store's bindings into the local proxy{own}"
         return self.last
+
+    @property
+    def ready(self) -> bool:
+        """The local proxy holds the store's state: replication started and its last resync was applied."""
+        if not self.started:
+            return False
+        return self.replicator is None or self.replicator.synced.is_set()
+
+    def proxy_restarted(self, why: str) -> str:
+        """The local proxy's table is new (empty): push everything, own bindings included, then reconcile."""
+        self.proxy_generation += 1
+        if self.replicator is not None and self.started:
+            self.replicator.resync_own_next()
+        elif self.replicator is not None:
+            self.include_own_first = True
+        if self.active:
+            self.schedule_reconcile()
+        return f"local proxy restarted ({why}): full resync of its table from the store"
+
+    def schedule_reconcile(self, delay: float | None = None) -> None:
+        due = time.monotonic() + (self.reconcile_delay_s if delay is None else delay)
+        self.reconcile_due = due if self.reconcile_due is None else min(self.reconcile_due, due)
+
+    def reconcile(self) -> str:
+        """Diff the local proxy's table against the store and repair the store (active node only)."""
+        if self.dump_table is None:
+            return "reconcile: no way to read the proxy's table"
+        if self.pending:
+            self.flush()
+        started_ms = int(time.time() * 1000)
+        t0 = time.monotonic()
+        table = self.dump_table()
+        t1 = time.monotonic()
+        res = reconcile(self.store, table, self.node, started_ms)
+        self.reconciled = res
+        self.reconcile_runs += 1
+        return f"reconciled ({(t1 - t0) * 1000:.0f} ms dump, {(time.monotonic() - t1) * 1000:.0f} ms diff+write): {res}"
 
     def feed(self, data: bytes, peer: object = None) -> str | None:
         got = self.intake.feed(data, peer)
@@ -109,11 +187,14 @@ class Replication:
             return None  # counted (and rate-limited logging) in the intake
         msg = None
         if got.seq.status is SeqStatus.RESTART:
-            msg = f"proxy {got.event.node} restarted: full resync of its table from the store"
-            if self.replicator is not None:
-                self.replicator.resync_own_next()
+            if got.event.boot:
+                self.proxy_boot = got.event.boot
+            msg = self.proxy_restarted(f"its event seq went back to {got.event.seq}")
         elif got.seq.status is SeqStatus.GAP:
             msg = f"proxy {got.event.node}: {got.seq.missing} events lost before seq {got.event.seq}"
+            if self.active:
+                self.schedule_reconcile()
+                msg += ": reconciling from ul.dump"
         if self.active:
             self.pending.append(got.event)
         return msg
@@ -127,7 +208,8 @@ class Replication:
             out = self.writer.write(batch)
         except JournalFull as exc:
             self.dropped += len(batch)
-            self.last = f"DROPPED {len(batch)} events: {exc}"
+            self.schedule_reconcile()
+            self.last = f"DROPPED {len(batch)} events: {exc}; reconciliation repairs them"
         except StaleEpoch as exc:
             self.fenced += len(batch)
             self.active = False
@@ -152,6 +234,39 @@ class Replication:
             except StaleEpoch as exc:
                 self.active = False
                 said.append(f"FENCED while replaying the journal ({exc}); journal kept at {self.writer.journal.path}")
+        now = time.monotonic()
+        rep = self.replicator
+        if self.proxy_boot_fn is not None and now >= self._next_boot_check:
+            self._next_boot_check = now + 2.0
+            boot = self.proxy_boot_fn()
+            if boot is not None:
+                if self.proxy_boot is not None and abs(boot - self.proxy_boot) > 2:
+                    said.append(self.proxy_restarted(f"boot time {self.proxy_boot} -> {boot}"))
+                self.proxy_boot = boot
+        if rep is not None and rep.resync_failed and rep.running and now >= self._next_resync_retry:
+            self._next_resync_retry = now + 2.0
+            said.append(f"resync not applied ({rep.last_status}): trying again")
+            rep.restart(include_own=rep.include_own)
+        if (
+            self.reconcile_due is not None
+            and now >= self.reconcile_due
+            and self.active
+            and self.store.available
+            and not self.writer.journal
+            and (rep is None or rep.synced.is_set())  # an unsynced proxy is no truth: it lacks bindings
+        ):
+            self.reconcile_due = None
+            try:
+                said.append(self.reconcile())
+            except StoreUnavailable as exc:
+                self.schedule_reconcile(2.0)
+                said.append(f"reconcile postponed: {exc}")
+            except StaleEpoch as exc:
+                self.active = False
+                said.append(f"FENCED while reconciling ({exc})")
+            except (RpcError, OSError) as exc:
+                self.schedule_reconcile(2.0)
+                said.append(f"reconcile postponed, cannot read the proxy's table: {exc}")
         if self.store.available and time.monotonic() >= self._next_gc:
             self._next_gc = time.monotonic() + self.gc_interval_s
             try:
@@ -167,6 +282,8 @@ class Replication:
         """This node takes over: a new epoch fences every older writer (a partitioned old active included)."""
         epoch = self.store.bump_epoch()
         self.active = True
+        # Events the proxy sent before this node knew it was active were not written: reconcile them.
+        self.schedule_reconcile()
         self.last = f"active at epoch {epoch}: writing this node's proxy events"
         return self.last
 
@@ -193,6 +310,13 @@ class Replication:
             "fenced": self.fenced,
             "gc_deleted": self.gc_deleted,
             "replicator": rep.last_status if rep else "off",
+            "ready": self.ready,
+            "resync_ms": round(rep.resync_s * 1000) if rep and rep.resync_s is not None else None,
+            "resync_bindings": rep.resync_count if rep else 0,
+            "proxy_boot": self.proxy_boot,
+            "reconcile_runs": self.reconcile_runs,
+            "reconcile_pending": self.reconcile_due is not None,
+            "last_reconcile": str(self.reconciled) if self.reconciled else None,
             "last": self.last,
         }
 
@@ -200,8 +324,11 @@ class Replication:
         if self.replicator is not None:
             self.replicator.stop()
         if isinstance(self.store, ZkStore):
-            self.store.release_gc_lock()
+            with contextlib.suppress(Exception):  # best effort: the lock's node goes with the session anyway
+                self.store.release_gc_lock()
         self.writer.journal.close()
+        for close in self._closers:
+            close()
 
 
 __all__ = ["DEFAULT_JOURNAL", "Replication"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
@@ -44,15 +45,29 @@ class Replicator:
         self.include_own = include_own  # for the first resync only (the local proxy just started)
         self.stats = ReplicatorStats()
         self.last_status = "not started"
-        self.synced = threading.Event()  # set after the first resync was applied
+        self.synced = threading.Event()  # set after a resync was applied without an error
+        self.resync_failed = False  # the last resync could not be applied (proxy not answering): retry it
+        self.resync_started = 0.0  # monotonic, when the current resync was asked for
+        self.resync_s: float | None = None  # how long the last complete resync took (read + apply)
+        self.resync_count = 0  # bindings the last complete resync delivered
         self._watch: Watch | None = None
 
     @property
     def running(self) -> bool:
         return self._watch is not None
 
-    def start(self) -> None:
+    def start(self, include_own: bool | None = None) -> None:
+        if include_own is not None:
+            self.include_own = include_own
+        self.resync_failed = False
+        self.resync_started = time.monotonic()
         self._watch = self.store.watch_contacts(self.on_changes)
+
+    def restart(self, include_own: bool) -> None:
+        """Read and apply everything again (a failed resync, or the local proxy restarted)."""
+        self.stop()
+        self.synced.clear()
+        self.start(include_own)
 
     def stop(self) -> None:
         if self._watch is not None:
@@ -61,10 +76,7 @@ class Replicator:
 
     def resync_own_next(self) -> None:
         """The local proxy restarted (the intake saw its sequence restart): re-push everything, own included."""
-        self.include_own = True
-        self.stop()
-        self.synced.clear()
-        self.start()
+        self.restart(include_own=True)
 
     def _wanted(self, rec: ContactRecord, resync: bool) -> bool:
         return rec.node != self.node or (resync and self.include_own)
@@ -91,7 +103,16 @@ class Replicator:
         self.last_status = f"{what}: {len(changes)} from the store, {res}; {skipped} own skipped"
         (log.warning if res.errors else log.info)("replicator %s", self.last_status)
         if resync:
+            if res.errors:
+                # Not in step: readiness must not be given; Replication.tick() asks for the resync again
+                # (include_own stays as it was: a restarted proxy still needs its own bindings).
+                self.resync_failed = True
+                return
+            self.resync_s = time.monotonic() - self.resync_started
+            self.resync_count = len(adds)
+            self.last_status += f"; resync complete in {self.resync_s * 1000:.0f} ms"
             self.include_own = False
+            self.resync_failed = False
             self.synced.set()
 
 

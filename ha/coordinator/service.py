@@ -1,15 +1,32 @@
-"""The coordinator service, minimal for now: the local UDP intake for the proxy's events, counted and checked.
+"""The coordinator service: proxy events in, ZooKeeper out, peers' bindings into the local proxy.
 
-What it does today, honestly: bind ``127.0.0.1:<proxy.event_port>``, hand each datagram to
-:class:`ha.coordinator.events.Intake` (validation and per-proxy sequence tracking live there, once), count
-the verdicts and log every gap (an event the proxy sent and we never saw: reconciliation must repair it) and
-every proxy restart. It answers ``status`` on a unix socket so ``ocf:sipha:coordinator`` can tell a live
-service from a hung one. What it does not do yet: write to ZooKeeper, watch peers, push into the local proxy
-(ha.coordinator.store/replicator/apply exist; wiring them in is the replication issue); those land behind the
-same intake and the same status answer.
+One loop, one ``selectors`` wait (1 s at most), from one thread:
 
-One loop, one ``selectors`` wait; every branch logs one sentence saying what it just did, so the log alone
-explains the service's behaviour (the Patroni habit the design notes ask for).
+* the local UDP intake (``127.0.0.1:<proxy.event_port>``): each datagram goes to
+  :meth:`Replication.feed` (validated, sequence-checked, queued when this node is active); after each drained
+  burst one :meth:`Replication.flush` writes the batch to ZooKeeper (journaled while it has no quorum);
+* once a second :meth:`Replication.tick` (start once ZooKeeper answers, journal replay, resync retries,
+  reconciliation after a gap, GC) and the role check (below);
+* ``status`` on a unix socket, so ``ocf:sipha:coordinator`` can tell a live service from a hung one.
+
+Every branch logs one sentence saying what it just did, so the log alone explains the service (Patroni).
+
+Role: **a node is active while one of the model's VIPs is on one of its interfaces** (``ip -j addr``, about
+2 ms, once a second). Why the VIP and not a command from an agent: the VIP is exactly where the phones'
+REGISTERs arrive, so "the node whose proxy sees the REGISTERs writes them" holds by construction, with no
+CIB change, no extra resource and no ordering between agents to get wrong; a node that loses the VIP stops
+writing within a second, and one that was partitioned but still holds it is fenced by the epoch the new
+active bumped. Promotion bumps the epoch and schedules a reconciliation (events the proxy sent before the
+promotion were not written).
+
+Readiness (the gate of ``ha.health``: the file ``/run/sipha/ready``): absent while the local proxy is not
+known to hold the store's state. At start the file is removed and the full state loaded into the proxy
+(resync) before it is written again, with one exception: on the **active** node whose proxy has not
+restarted since the file was written (its boot time, recorded in the file, is unchanged), the proxy still
+holds everything, and removing readiness there would make Pacemaker move the VIP away for nothing on a mere
+coordinator restart. A proxy restart seen later (its event sequence restarts, or its boot time changes)
+removes the file until the resync of its new, empty table completes. On a clean stop of a standby the file is
+removed too: nobody keeps that proxy in step any more.
 """
 
 from __future__ import annotations
@@ -22,31 +39,47 @@ import os
 import selectors
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ha.coordinator.events import Intake, SeqStatus
+from ha.coordinator.replication import DEFAULT_JOURNAL, Replication
+from ha.coordinator.store import StaleEpoch, StoreUnavailable
 
 log = logging.getLogger("sipha.coordinator")
 
 DEFAULT_CONFIG = "/etc/sipha/cluster.yaml"
 DEFAULT_PIDFILE = "/run/sipha/coordinator.pid"
 DEFAULT_STATUS_SOCKET = "/run/sipha/coordinator.sock"
+DEFAULT_READY_FILE = "/run/sipha/ready"  # ha.health.service.DEFAULT_READY_FILE (a test keeps them equal)
+DEFAULT_RUN_DIR = "/run/sipha"
 SUMMARY_EVERY_S = 5.0  # one counters line when they changed, instead of a line per event at 10k events/s
+TICK_S = 1.0
+BOOT_SLACK_S = 2  # the proxy's boot time is derived from whole seconds of uptime
 
 
-def event_port_from(config: str) -> int:
-    """The intake port from the cluster model: read once through ha.model, never re-parsed here."""
+def local_addresses(ip_argv: Iterable[str] = ("ip",)) -> set[str] | None:
+    """Every address on this host's interfaces (``ip -j addr``); None when ``ip`` fails."""
     try:
-        from ha import model
-    except ImportError as exc:  # the system python has no pydantic: the agent then passes --event-port
-        raise SystemExit(f"cannot read {config}: ha.model needs pydantic ({exc}); pass --event-port") from None
-    try:
-        return model.load(config).proxy.event_port
-    except model.ModelError as exc:
-        raise SystemExit(str(exc)) from None
+        out = subprocess.run([*ip_argv, "-j", "addr"], capture_output=True, text=True, timeout=2, check=True).stdout
+        return {a["local"] for link in json.loads(out) for a in link.get("addr_info", []) if "local" in a}
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
+        return None
+
+
+def vip_check(vips: Iterable[str], ip_argv: Iterable[str] = ("ip",)) -> Callable[[], bool | None]:
+    """A role check: True while a VIP is local, False when none is, None when it cannot tell (keep the role)."""
+    wanted, argv = set(vips), tuple(ip_argv)
+
+    def check() -> bool | None:
+        have = local_addresses(argv)
+        return None if have is None else bool(wanted & have)
+
+    return check
 
 
 def query_status(path: str, timeout: float = 1.0) -> dict[str, Any]:
@@ -76,16 +109,116 @@ def _raise_stop(*_: object) -> None:
 
 
 class Service:
-    def __init__(self, bind: str, port: int, pidfile: str, status_socket: str) -> None:
+    def __init__(
+        self,
+        bind: str,
+        port: int,
+        pidfile: str,
+        status_socket: str,
+        repl: Replication,
+        *,
+        ready_file: str | Path | None = DEFAULT_READY_FILE,
+        role: Callable[[], bool | None] | None = None,
+        intake: socket.socket | None = None,
+    ) -> None:
         self.bind, self.port, self.pidfile, self.status_socket = bind, port, pidfile, status_socket
-        self.intake = Intake(log_every=100)
+        self.repl = repl
+        self.ready_file = Path(ready_file) if ready_file else None
+        self.role = role  # None: never active (a node without VIPs, or --active never)
+        self._udp_given = intake  # a pre-made intake socket (tests create it inside a network namespace)
+        self.ready_given = False
+        self._generation = 0
         self._last_summary: dict[str, Any] = {}
         self.started = time.monotonic()
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- readiness -------------------------------------------------------------------------------------------
+
+    def _read_ready(self) -> dict[str, Any] | None:
+        if self.ready_file is None:
+            return None
+        try:
+            d = json.loads(self.ready_file.read_text() or "{}")
+        except (OSError, ValueError):
+            return None if not self.ready_file.exists() else {}
+        return d if isinstance(d, dict) else {}
+
+    def _drop_ready(self, why: str) -> None:
+        if self.ready_file is not None and self.ready_file.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self.ready_file.unlink()
+            log.info("readiness withdrawn (%s removed): %s", self.ready_file, why)
+        self.ready_given = False
+
+    def _give_ready(self) -> None:
+        self.ready_given = True
+        if self.ready_file is None:
+            return
+        st = self.repl.status()
+        body = {"node": self.repl.node, "proxy_boot": self.repl.proxy_boot, "resync_ms": st["resync_ms"],
+                "bindings": st["resync_bindings"], "ts": int(time.time())}
+        self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ready_file.with_name(f".{self.ready_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(body) + "\n")
+        tmp.replace(self.ready_file)  # atomic: the health service never sees a half-written file
+        log.info("resync complete (%s bindings in %s ms): readiness given, %s written", body["bindings"],
+                 body["resync_ms"], self.ready_file)
+
+    def _startup_readiness(self) -> None:
+        """Keep readiness only on the active node whose proxy has not restarted since it was given (see top)."""
+        boot = self.repl.proxy_boot_fn() if self.repl.proxy_boot_fn else None
+        self.repl.proxy_boot = boot
+        prev = self._read_ready()
+        same_proxy = (
+            prev is not None and boot is not None and isinstance(prev.get("proxy_boot"), int)
+            and abs(prev["proxy_boot"] - boot) <= BOOT_SLACK_S
+        )
+        active = bool(self.role and self.role())
+        # A proxy that restarted since (or is not up yet) has an empty table: it needs this node's bindings too.
+        self.repl.include_own_first = not same_proxy
+        if same_proxy and active:
+            self.ready_given = True
+            log.info("active node, proxy unchanged since readiness was given (boot %s): readiness kept while "
+                     "peers' changes are resynced", boot)
+        else:
+            why = "proxy not answering yet" if boot is None else (
+                "proxy restarted since the last resync" if prev is not None and not same_proxy else "standby start")
+            self._drop_ready(f"resync first ({why})")
+            if prev is None:
+                log.info("readiness absent until the resync completes (%s)", why)
+
+    def _readiness(self) -> None:
+        if self.repl.proxy_generation != self._generation:
+            self._generation = self.repl.proxy_generation
+            self._drop_ready("the local proxy restarted: its table is resynced first")
+        if not self.ready_given and self.repl.ready:
+            self._give_ready()
+
+    # -- role ------------------------------------------------------------------------------------------------
+
+    def _check_role(self) -> None:
+        if not self.repl.started:
+            return
+        want = self.role() if self.role else False
+        if want is None:
+            return
+        try:
+            if want and not self.repl.active:
+                log.info("a VIP is local: taking over; %s", self.repl.promote())
+            elif not want and self.repl.active:
+                log.info("no VIP is local any more: %s", self.repl.demote())
+        except StoreUnavailable as exc:
+            log.warning("a VIP is local but the epoch cannot be bumped yet (%s): retrying next second", exc)
+
+    # -- the loop --------------------------------------------------------------------------------------------
 
     def _open(self) -> tuple[socket.socket, socket.socket]:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        udp.bind((self.bind, self.port))
+        if self._udp_given is not None:
+            udp = self._udp_given
+        else:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            udp.bind((self.bind, self.port))
         Path(self.status_socket).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.status_socket)  # a stale socket of a dead instance; the agent checked none is alive
@@ -95,10 +228,11 @@ class Service:
         return udp, ctl
 
     def counters(self) -> dict[str, Any]:
-        t = self.intake.tracker
+        intake = self.repl.intake
+        t = intake.tracker
         return {
-            "events": self.intake.accepted,
-            "rejected": dict(self.intake.rejected),
+            "events": intake.accepted,
+            "rejected": dict(intake.rejected),
             "gaps": t.gaps,
             "lost": t.lost,
             "duplicates": t.duplicates,
@@ -106,26 +240,28 @@ class Service:
         }
 
     def _receive(self, udp: socket.socket) -> None:
+        got = 0
         for _ in range(256):  # drain a burst, bounded so status queries are not starved
             try:
                 data, peer = udp.recvfrom(65535, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
-            got = self.intake.feed(data, f"{peer[0]}:{peer[1]}")
-            if got is None:
-                continue  # the intake counted and (rate-limited) logged why
-            ev, seq = got.event, got.seq
-            if seq.status is SeqStatus.FIRST:
-                log.info("first event from proxy %s: %s seq %d", ev.node, ev.type, ev.seq)
-            else:
-                log.debug("event %s from proxy %s seq %d (%s)", ev.type, ev.node, ev.seq, seq.status.value)
+                break
+            got += 1
+            m = self.repl.feed(data, f"{peer[0]}:{peer[1]}")
+            if m is not None:
+                log.warning("%s", m)
+        if got:
+            m = self.repl.flush()
+            if m is not None:
+                (log.warning if m.startswith(("FENCED", "DROPPED", "zookeeper")) else log.debug)("%s", m)
 
     def _summary(self) -> None:
-        now = self.counters()
+        now = {**self.counters(), "active": self.repl.active, "ready": self.ready_given}
         if now != self._last_summary:
             self._last_summary = now
-            log.info("%d events so far: %d gaps (%d lost), %d restarts, rejected %s", now["events"], now["gaps"],
-                     now["lost"], now["restarts"], now["rejected"] or "none")
+            log.info("%d events so far: %d gaps (%d lost), %d restarts, rejected %s; %s, %s", now["events"],
+                     now["gaps"], now["lost"], now["restarts"], now["rejected"] or "none",
+                     "active" if now["active"] else "standby", "ready" if now["ready"] else "NOT ready")
 
     def _answer(self, ctl: socket.socket) -> None:
         conn, _ = ctl.accept()
@@ -136,12 +272,30 @@ class Service:
                 body = {
                     "ok": True,
                     "pid": os.getpid(),
+                    "node": self.repl.node,
                     "intake": f"udp:{self.bind}:{self.port}",
                     "uptime_s": round(time.monotonic() - self.started, 3),
-                    "replication": "not yet (events are counted and checked only)",
+                    "ready": self.ready_given,
+                    "ready_file": str(self.ready_file) if self.ready_file else None,
+                    "replication": self.repl.status(),
                     **self.counters(),
                 }
                 conn.sendall(json.dumps(body).encode() + b"\n")
+
+    def _tick(self) -> None:
+        try:
+            m = self.repl.tick()
+        except StaleEpoch as exc:  # belt and braces: tick absorbs it, a fenced writer must never crash the loop
+            m = f"FENCED: {exc}"
+        if m:
+            log.info("%s", m)
+        self._check_role()
+        self._readiness()
+
+    def stop(self) -> None:
+        """Ask a running loop (in another thread) to end."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
 
     def run(self) -> int:
         try:
@@ -152,30 +306,51 @@ class Service:
             return 1
         Path(self.pidfile).parent.mkdir(parents=True, exist_ok=True)
         Path(self.pidfile).write_text(f"{os.getpid()}\n")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _raise_stop)  # raising (not a flag) interrupts the select at once: fast stop
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, _raise_stop)  # raising (not a flag) interrupts the select at once: fast stop
         sel = selectors.DefaultSelector()
         sel.register(udp, selectors.EVENT_READ, "udp")
         sel.register(ctl, selectors.EVENT_READ, "ctl")
-        next_summary = time.monotonic() + SUMMARY_EVERY_S
-        log.info("listening for proxy events on udp:%s:%s, status on %s", self.bind, self.port, self.status_socket)
+        sel.register(self._wake_r, selectors.EVENT_READ, "stop")
+        log.info("node %s: listening for proxy events on udp:%s:%s, status on %s, readiness file %s",
+                 self.repl.node, self.bind, self.port, self.status_socket, self.ready_file)
         try:
+            self._startup_readiness()
+            next_summary = time.monotonic() + SUMMARY_EVERY_S
+            next_tick = 0.0
             while True:
-                for key, _ in sel.select(timeout=1.0):
+                for key, _ in sel.select(timeout=TICK_S):
                     if key.data == "udp":
                         self._receive(udp)
-                    else:
+                    elif key.data == "ctl":
                         self._answer(ctl)
-                if time.monotonic() >= next_summary:
+                    else:
+                        raise _Stop
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK_S
+                    self._tick()
+                if now >= next_summary:
                     self._summary()
-                    next_summary = time.monotonic() + SUMMARY_EVERY_S
+                    next_summary = now + SUMMARY_EVERY_S
         except _Stop:
             pass
         finally:
-            log.info("stopping after %d events (rejected %s)", self.intake.accepted, dict(self.intake.rejected))
+            log.info("stopping after %d events (rejected %s)", self.repl.intake.accepted,
+                     dict(self.repl.intake.rejected))
+            with contextlib.suppress(Exception):
+                m = self.repl.flush()
+                if m:
+                    log.info("last flush: %s", m)
+            if not self.repl.active:
+                self._drop_ready("standby coordinator stopping: nobody keeps this proxy in step")
+            self.repl.close()
             sel.close()
             udp.close()
             ctl.close()
+            self._wake_r.close()
+            self._wake_w.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.status_socket)
             with contextlib.suppress(OSError):
@@ -186,15 +361,24 @@ class Service:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ha.coordinator", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml (for proxy.event_port)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml (ZooKeeper members, VIPs, event port)")
+    p.add_argument("--node", default=os.uname().nodename.split(".")[0],
+                   help="this node's name in the model (default: the short hostname, as crm_node -n)")
     p.add_argument("--event-port", type=int, help="intake port; overrides the model's proxy.event_port")
     p.add_argument("--bind", default="127.0.0.1", help="intake address (events come from the local proxy)")
+    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="Kamailio's run dir (its JSON-RPC socket and FIFO)")
+    p.add_argument("--journal", default=DEFAULT_JOURNAL, help="on-disk journal for events ZooKeeper cannot take")
+    p.add_argument("--ready-file", default=DEFAULT_READY_FILE, help="readiness file the health service waits on")
+    p.add_argument("--zk-hosts", help="ZooKeeper connect string; overrides the model's members")
+    p.add_argument("--active", choices=("auto", "always", "never"), default="auto",
+                   help="auto: active while a VIP of the model is local (default)")
     p.add_argument("--pidfile", default=DEFAULT_PIDFILE)
     p.add_argument("--status-socket", default=DEFAULT_STATUS_SOCKET)
     p.add_argument("--status", action="store_true", help="query a running service and print its status")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s sipha-coordinator[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("kazoo").setLevel(logging.WARNING)
     if args.status:
         try:
             print(json.dumps(query_status(args.status_socket), indent=2))
@@ -202,7 +386,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coordinator at {args.status_socket} does not answer: {exc}", file=sys.stderr)
             return 1
         return 0
-    port = args.event_port if args.event_port is not None else event_port_from(args.config)
+    from ha import model
+    from ha.proxy import kamailio
+
+    try:
+        cluster = model.load(args.config)
+    except model.ModelError as exc:
+        raise SystemExit(str(exc)) from None
+    names = [n.name for n in cluster.nodes]
+    if args.node not in names:  # not fatal: the name only stamps this node's writes; but say it loudly
+        log.warning("--node %r is not a node of %s (%s): its writes are stamped with that name anyway",
+                    args.node, cluster.name, ", ".join(names))
+    port = args.event_port if args.event_port is not None else cluster.proxy.event_port
     if not 1 <= port <= 65535:
         p.error(f"event port {port} out of range 1-65535")
-    return Service(args.bind, port, args.pidfile, args.status_socket).run()
+    role: Callable[[], bool | None] | None
+    if args.active == "auto":
+        role = vip_check(v.ip for v in cluster.vips)
+    else:
+        role = (lambda: True) if args.active == "always" else None
+    repl = Replication.from_model(cluster, args.node, journal_path=args.journal,
+                                  rpc_socket=kamailio.rpc_socket(args.run_dir), hosts=args.zk_hosts)
+    return Service(args.bind, port, args.pidfile, args.status_socket, repl, ready_file=args.ready_file,
+                   role=role).run()

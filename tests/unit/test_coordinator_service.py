@@ -1,0 +1,428 @@
+"""The coordinator service on real parts: the 3-member ZooKeeper ensemble, a real Kamailio (the rendered lab
+config, FIFO transport enabled, in a throwaway ``sipha-t-<rand>`` namespace) and real REGISTERs.
+
+The service runs in-process (its loop in a thread) with its intake socket created inside the proxy's namespace,
+so it receives the proxy's real events, and its role check runs ``ip -n <ns>``: the namespace holds the VIP, so
+this node is the active one, as on a cluster node that holds the VIP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import conftest_zk
+import pytest
+import test_proxy_live as tpl
+from click.testing import CliRunner
+from conftest_zk import contact, dialog
+from kazoo.client import KazooClient
+
+from ha import model
+from ha.coordinator import proxytable
+from ha.coordinator.cli import calls, registrations
+from ha.coordinator.proxytable import FifoRpc, parse_dump
+from ha.coordinator.reconcile import diff
+from ha.coordinator.replication import Replication
+from ha.coordinator.service import DEFAULT_READY_FILE, Service, vip_check
+from ha.coordinator.store import ContactRecord, ZkStore
+from ha.proxy import kamailio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.validators,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
+]
+
+zk_ensemble = conftest_zk.zk_ensemble
+zk_client = conftest_zk.zk_client
+
+# What templates/kamailio.cfg.j2 needs for ul.dump of a big table (see ha/coordinator/proxytable.py); added
+# to the rendered config here until the template carries it.
+FIFO_PARAMS = """modparam("jsonrpcs", "transport", 6)
+modparam("jsonrpcs", "fifo_name", "kamailio-rpc.fifo")
+#!ifndef SIPHA_RPC_REPLY_DIR
+#!define SIPHA_RPC_REPLY_DIR "/run/sipha/"
+#!endif
+modparam("jsonrpcs", "fifo_reply_dir", SIPHA_RPC_REPLY_DIR)"""
+
+
+def with_fifo(cfg: str) -> str:
+    if '"fifo_name"' in cfg:
+        return cfg
+    old = 'modparam("jsonrpcs", "transport", 4)'
+    assert old in cfg, "the template's jsonrpcs transport line changed"
+    return cfg.replace(old, FIFO_PARAMS)
+
+
+class _FifoRender:
+    """Stands in for ha.render inside test_proxy_live while the fixture renders: the same template, FIFO on."""
+
+    def _env(self) -> Any:
+        from ha import render
+
+        real = render._env()
+
+        class Env:
+            def get_template(self, name: str) -> Any:
+                t = real.get_template(name)
+
+                class T:
+                    def render(self, **kw: Any) -> str:
+                        return with_fifo(t.render(**kw))
+
+                return T()
+
+        return Env()
+
+
+@contextlib.contextmanager
+def fifo_proxy(tmp: Path) -> Iterator[tpl.Proxy]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tpl, "render", _FifoRender())
+        cm = tpl.running_proxy(tmp, "lab", defines={"SIPHA_RPC_REPLY_DIR": f"{tmp / 'run'}/"})
+        p = cm.__enter__()
+    try:
+        yield p
+    finally:
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tpl.Proxy]:
+    with fifo_proxy(tmp_path_factory.mktemp("kamailio-fifo")) as p:
+        yield p
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.05)
+
+
+def clear_table(p: tpl.Proxy) -> None:
+    aors = {aor for aor, _ in proxytable.dump(p.rpc_sock)}
+    with kamailio.Rpc(p.rpc_sock, timeout=5.0) as r:
+        r.call_many([("ul.rm", ["location", a]) for a in sorted(aors)], 8)
+    assert proxytable.dump(p.rpc_sock) == {}
+
+
+def fill_table(p: tpl.Proxy, n: int, prefix: str) -> None:
+    with kamailio.Rpc(p.rpc_sock, timeout=5.0) as r:
+        calls_ = [("ul.add", ["location", f"{prefix}{i}", f"sip:{prefix}{i}@198.51.100.71:5060", 600, -1, "0", 0,
+                              0, -1]) for i in range(n)]
+        errors = [o for o in r.call_many(calls_, 8) if isinstance(o, Exception)]
+    assert errors == []
+
+
+def unique_cluster(name: str) -> model.Cluster:
+    c = model.load(ROOT / "examples/lab.yaml")
+    return c.model_copy(update={"name": f"{name}{uuid.uuid4().hex[:8]}"})
+
+
+# ------------------------------------------------------------------------------------------- the dump transport
+
+
+def test_fifo_dump_carries_10k_bindings_where_the_datagram_socket_fails(proxy: tpl.Proxy) -> None:
+    clear_table(proxy)
+    fill_table(proxy, 10_000, "big")
+    try:
+        with kamailio.Rpc(proxy.rpc_sock, timeout=3.0) as r, pytest.raises(kamailio.RpcError):
+            r.call("ul.dump")  # ~6 MB of JSON cannot be one datagram (jsonrpcs caps replies at ~128 KiB)
+        t0 = time.monotonic()
+        raw = FifoRpc(proxytable.fifo_for(proxy.rpc_sock)).call("ul.dump")
+        took = time.monotonic() - t0
+        table = parse_dump(raw)
+        assert len(table) == 10_000
+        b = table[("big42", "sip:big42@198.51.100.71:5060")]
+        assert b.pushed and 590 <= b.record.expires_at - time.time() <= 601 and b.record.q == -1
+        print(f"ul.dump of 10,000 bindings over the FIFO: {took * 1000:.0f} ms")
+    finally:
+        clear_table(proxy)
+
+
+def test_fifo_errors_are_rpc_errors(proxy: tpl.Proxy, tmp_path: Path) -> None:
+    f = FifoRpc(proxytable.fifo_for(proxy.rpc_sock), timeout=3.0)
+    with pytest.raises(kamailio.RpcError, match=r"nosuch\.method"):
+        f.call("nosuch.method")
+    with pytest.raises(kamailio.RpcError, match="cannot reach"):
+        FifoRpc(tmp_path / "no.fifo", reply_dir=tmp_path).call("core.uptime")
+    assert list(proxy.run_dir.glob("sipha_reply_*")) == []  # reply FIFOs are removed
+
+
+def test_parse_dump_of_a_real_register(proxy: tpl.Proxy) -> None:
+    clear_table(proxy)
+    ph = tpl.Phone(proxy, 5082)
+    try:
+        assert ph.ask(tpl._register(proxy, ph, "dora", "cid-dora", 7, 300, "dora/2")) == "SIP/2.0 200 OK"
+        (b,) = parse_dump_for(proxy).values()
+        r = b.record
+        assert not b.pushed
+        assert (r.aor, r.contact, r.callid, r.cseq, r.user_agent) == (
+            "dora", f"sip:dora@{proxy.node_ip}:5082", "cid-dora", 7, "dora/2")
+        assert r.socket == f"udp:{proxy.vip}:5060" and r.methods == -1
+    finally:
+        ph.close()
+        clear_table(proxy)
+
+
+def parse_dump_for(p: tpl.Proxy) -> dict[tuple[str, str], proxytable.ProxyBinding]:
+    return proxytable.dump(p.rpc_sock)
+
+
+def test_diff_keeps_what_ul_add_cannot_carry_and_spares_a_peers_fresh_record() -> None:
+    now = int(time.time())
+    zk = ContactRecord(aor="a", contact="sip:a@x", expires_at=now + 100, received="udp:198.51.100.9:5060",
+                       callid="real", node="node2", ts_ms=(now - 60) * 1000)
+    pushed = proxytable.ProxyBinding(ContactRecord(aor="a", contact="sip:a@x", expires_at=now + 400,
+                                                   callid="x@kamailio.rpc"), pushed=True)
+    events, n = diff({("a", "sip:a@x"): pushed}, {("a", "sip:a@x"): zk}, "node1", now * 1000)
+    assert n["updated"] == 1
+    (ev,) = events
+    assert (ev.expires_at, ev.received, ev.callid) == (now + 400, "udp:198.51.100.9:5060", "real")
+    fresh = ContactRecord(aor="b", contact="sip:b@x", expires_at=now + 100, node="node2", ts_ms=now * 1000)
+    mine = ContactRecord(aor="c", contact="sip:c@x", expires_at=now + 100, node="node1", ts_ms=now * 1000)
+    events, n = diff({}, {("b", "sip:b@x"): fresh, ("c", "sip:c@x"): mine}, "node1", now * 1000)
+    assert n == {"added": 0, "updated": 0, "removed": 1, "skipped_recent": 1}
+    assert [e.aor for e in events] == ["c"] and events[0].type == "contact.delete"
+
+
+# ------------------------------------------------------------------------------------------------- the service
+
+
+class Running:
+    def __init__(self, svc: Service, thread: threading.Thread, dropping: threading.Event) -> None:
+        self.svc, self.thread, self.dropping = svc, thread, dropping
+
+    @property
+    def repl(self) -> Replication:
+        return self.svc.repl
+
+
+@contextlib.contextmanager
+def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str, ready: Path) -> Iterator[Running]:
+    repl = Replication.from_model(cluster, "node1", journal_path=tmp / "journal.jsonl", rpc_socket=p.rpc_sock,
+                                  hosts=hosts)
+    repl.reconcile_delay_s = 0.5
+    dropping = threading.Event()
+    real_feed = repl.feed
+
+    def feed(data: bytes, peer: object = None) -> str | None:  # the intake never sees what is "lost in transit"
+        return None if dropping.is_set() else real_feed(data, peer)
+
+    repl.feed = feed  # type: ignore[method-assign]
+    udp = tpl.ns_socket(p.ns)
+    udp.bind(("127.0.0.1", cluster.proxy.event_port))
+    svc = Service("127.0.0.1", cluster.proxy.event_port, str(tmp / "c.pid"), str(tmp / "c.sock"), repl,
+                  ready_file=ready, role=vip_check([v.ip for v in cluster.vips], ("ip", "-n", p.ns)), intake=udp)
+    t = threading.Thread(target=svc.run, name="coordinator-under-test", daemon=True)
+    t.start()
+    try:
+        yield Running(svc, t, dropping)
+    finally:
+        svc.stop()
+        t.join(20)
+        assert not t.is_alive(), "the service loop did not stop"
+
+
+def keys_in_store(store: ZkStore) -> set[tuple[str, str]]:
+    return {(r.aor, r.contact) for r in store.snapshot().contacts}
+
+
+def keys_in_proxy(p: tpl.Proxy) -> set[tuple[str, str]]:
+    return set(proxytable.dump(p.rpc_sock))
+
+
+def register(p: tpl.Proxy, ph: tpl.Phone, users: list[str], expires: int = 300) -> None:
+    for u in users:
+        got = ph.ask(tpl._register(p, ph, u, f"cid-{u}", 1 if expires else 2, expires, "svc-test/1"))
+        assert got == "SIP/2.0 200 OK", (u, got)
+
+
+def test_service_resyncs_before_readiness_writes_live_events_and_reconciles_lost_ones(
+    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    clear_table(proxy)
+    cluster = unique_cluster("svc")
+    peer = ZkStore(zk_client, cluster.name, "node2")  # the previous active wrote these
+    peer.ensure_layout()
+    peer.bump_epoch()
+    n = 2000
+    peer.write([contact(i, f"pre{i}", f"sip:pre{i}@198.51.100.70:5060", node="node2") for i in range(1, n + 1)])
+    reader = ZkStore(zk_client, cluster.name, "reader")
+    ready = tmp_path / "ready"
+    ready.write_text(json.dumps({"proxy_boot": 1}))  # given to a proxy long gone: must not count
+    ph = tpl.Phone(proxy, 5084)
+    try:
+        with running_service(proxy, cluster, tmp_path, zk_ensemble.hosts, ready) as run:
+            wait_for(lambda: not ready.exists(), 5, "stale readiness withdrawn")
+            wait_for(ready.exists, 30, "readiness given")
+            # The gate: at the moment readiness appears, the proxy already holds every replicated binding.
+            have = keys_in_proxy(proxy)
+            assert {(f"pre{i}", f"sip:pre{i}@198.51.100.70:5060") for i in range(1, n + 1)} <= have
+            body = json.loads(ready.read_text())
+            assert body["bindings"] == n and body["node"] == "node1" and body["proxy_boot"]
+            print(f"resync of {n} bindings before readiness: {body['resync_ms']} ms")
+
+            wait_for(lambda: run.repl.active, 10, "promotion (the VIP is in the namespace)")
+            assert run.repl.store.epoch == 2
+            wait_for(lambda: run.repl.reconcile_runs >= 1, 10, "reconciliation after the promotion")
+
+            # Live: real REGISTERs -> the proxy's events -> the service -> ZooKeeper.
+            register(proxy, ph, [f"live{i}" for i in range(5)])
+            wait_for(lambda: {("live4", f"sip:live4@{proxy.node_ip}:5084")} <= keys_in_store(reader), 10,
+                     "live registrations in zookeeper")
+            assert run.repl.reconcile_runs == 1
+
+            # Lost events: 20 REGISTERs and 2 un-REGISTERs the intake never sees, then one it does: a gap.
+            run.dropping.set()
+            register(proxy, ph, [f"lost{i}" for i in range(20)])
+            register(proxy, ph, ["live0", "live1"], expires=0)
+            time.sleep(0.5)  # let the dropped datagrams drain
+            run.dropping.clear()
+            assert keys_in_store(reader) != keys_in_proxy(proxy)
+            register(proxy, ph, ["after"])
+            wait_for(lambda: run.repl.intake.tracker.gaps >= 1, 5, "the gap seen")
+            wait_for(lambda: keys_in_store(reader) == keys_in_proxy(proxy), 15, "zookeeper == proxy after the gap")
+            assert run.repl.reconcile_runs == 2
+            assert ("lost19", f"sip:lost19@{proxy.node_ip}:5084") in keys_in_store(reader)
+            assert ("live0", f"sip:live0@{proxy.node_ip}:5084") not in keys_in_store(reader)
+            st = run.repl.status()
+            assert st["gaps"] == 1 and st["active"] and st["ready"], st
+
+        # A coordinator restart on the active node: nothing listens while phones register (events lost) ...
+        assert ready.exists(), "an active coordinator's stop must not withdraw readiness (no failover for it)"
+        register(proxy, ph, [f"down{i}" for i in range(10)])
+        # ... the new one keeps readiness (same proxy), takes over and reconciles what was missed.
+        gone: list[float] = []
+        with running_service(proxy, cluster, tmp_path, zk_ensemble.hosts, ready) as run:
+
+            def in_step() -> bool:
+                if not ready.exists():
+                    gone.append(time.monotonic())
+                return run.repl.reconcile_runs >= 1 and keys_in_store(reader) == keys_in_proxy(proxy)
+
+            wait_for(in_step, 20, "zookeeper == proxy after the restart")
+            assert gone == []
+            assert run.repl.store.epoch == 3
+            assert ("down9", f"sip:down9@{proxy.node_ip}:5084") in keys_in_store(reader)
+    finally:
+        ph.close()
+        clear_table(proxy)
+
+
+def test_standby_withdraws_readiness_and_retries_a_resync_the_proxy_could_not_take(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """No proxy answers yet (it is still starting): the resync fails, readiness stays absent, and it is
+    retried until the proxy is there; then readiness is given with everything (own bindings included)."""
+    cluster = unique_cluster("sby")
+    peer = ZkStore(zk_client, cluster.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    peer.write([contact(i, f"s{i}", f"sip:s{i}@198.51.100.72:5060", node="node2") for i in range(1, 301)])
+    peer.write([contact(1, "mine", "sip:mine@198.51.100.73:5060", node="node1")])
+    ready = tmp_path / "ready"
+    ready.write_text("{}")
+    run_dir = tmp_path / "late"
+    run_dir.mkdir()
+    repl = Replication.from_model(cluster, "node1", journal_path=tmp_path / "j.jsonl",
+                                  rpc_socket=kamailio.rpc_socket(run_dir / "run"), hosts=zk_ensemble.hosts)
+    svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=ready,
+                  role=None)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: not ready.exists(), 5, "readiness withdrawn on a standby start")
+        wait_for(lambda: repl.replicator is not None and repl.replicator.resync_failed, 15, "a failed resync")
+        time.sleep(1.5)
+        assert not ready.exists() and not svc.ready_given
+        with fifo_proxy(run_dir) as p:  # the proxy comes up where the coordinator expects it
+            wait_for(ready.exists, 30, "readiness once the proxy answers")
+            have = keys_in_proxy(p)
+            assert ("s300", "sip:s300@198.51.100.72:5060") in have
+            assert ("mine", "sip:mine@198.51.100.73:5060") in have  # its table was new: own bindings too
+            assert len(have) == 301 and not repl.active
+    finally:
+        svc.stop()
+        t.join(20)
+    assert not ready.exists(), "a standby's coordinator stopping withdraws readiness"
+
+
+def test_ready_file_default_matches_the_health_service() -> None:
+    from ha.health.service import DEFAULT_READY_FILE as HEALTH_READY
+
+    assert Path(DEFAULT_READY_FILE) == HEALTH_READY
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_lists_registrations_and_calls(zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient,
+                                           tmp_path: Path) -> None:
+    cluster = unique_cluster("cli")
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {cluster.name}", 1))
+    runner = CliRunner()
+    base = ["--config", str(cfg), "--zk-hosts", zk_ensemble.hosts]
+    res = runner.invoke(registrations, [*base, "--json"])
+    assert res.exit_code == 1 and "nothing replicated yet" in res.output
+    store = ZkStore(zk_client, cluster.name, "node1")
+    store.ensure_layout()
+    store.bump_epoch()
+    store.write([contact(1, "alice", "sip:alice@198.51.100.50:5062"), contact(2, "bob", "sip:bob@198.51.100.51:5062"),
+                 dialog(3, "call-1"), dialog(4, "call-2", from_tag="ft2"), dialog(5, "call-2", "end", from_tag="ft2")])
+    res = runner.invoke(registrations, [*base, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["count"] == 2 and doc["epoch"] == 1
+    assert [(r["aor"], r["received"], r["node"]) for r in doc["registrations"]] == [
+        ("alice", "udp:198.51.100.50:5062", "node1"), ("bob", "udp:198.51.100.50:5062", "node1")]
+    res = runner.invoke(registrations, [*base, "--aor", "bob"])
+    assert res.exit_code == 0 and "1 registrations" in res.output and "sip:bob@198.51.100.51:5062" in res.output
+    res = runner.invoke(calls, [*base, "--json"])
+    doc = json.loads(res.output)
+    assert [(c["callid"], c["from_tag"], c["start_ts"]) for c in doc["calls"]] == [("call-1", "ft1", 1764014461)]
+    res = runner.invoke(calls, base)
+    assert res.exit_code == 0 and "1 calls" in res.output and "call-1" in res.output
+    res = runner.invoke(calls, [*base, "--cdrs", "--json"])
+    (cdr,) = json.loads(res.output)["cdrs"]
+    assert (cdr["callid"], cdr["reason"], cdr["created_ms"]) == ("call-2", "end", 1764014460123)
+    res = runner.invoke(calls, [*base, "--cdrs"])
+    assert res.exit_code == 0 and "1 finished calls" in res.output
+    res = runner.invoke(calls, ["--config", str(cfg), "--zk-hosts", "127.0.0.1:1", "--timeout", "1"])
+    assert res.exit_code == 1 and "not reachable" in res.output
+
+
+# ------------------------------------------------------------------------------------------------- the agent
+
+
+def test_agent_passes_node_run_dir_and_ready_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_agents import COORD, load_agent, run
+
+    ocf = load_agent(COORD)
+    meta = run(COORD, "meta-data")[1]
+    for name in ("node", "run_dir", "ready_file"):
+        assert f'<parameter name="{name}"' in meta
+    monkeypatch.setenv("OCF_RESKEY_node", "node2")
+    monkeypatch.setenv("OCF_RESKEY_ready_file", "/run/sipha/ready")
+    cmd = ocf.Config().command()
+    assert cmd[cmd.index("--node") + 1] == "node2"
+    assert cmd[cmd.index("--ready-file") + 1] == "/run/sipha/ready"
+    assert cmd[cmd.index("--run-dir") + 1] == "/run/sipha"
+    monkeypatch.delenv("OCF_RESKEY_node")
+    default = ocf.Config().command()
+    assert default[default.index("--node") + 1] == ocf.local_node_name()
