@@ -1,0 +1,124 @@
+"""The drill's :class:`~ha.drill.faults.ClusterControl` for the namespace lab: a thin layer over ``ha.lab``.
+
+Kept thin on purpose: every decision (health rules, targets, fault sequences, measurements) lives in modules
+tested without a lab; this file only maps each question to the lab function that answers it.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from typing import Any
+
+from ha.drill.faults import ClusterState, DrillError
+from ha.drill.ownership import NamespaceView
+from ha.drill.traffic import SocketFactory
+
+
+class LabControl:
+    def __init__(self, spec: dict[str, Any] | None = None) -> None:
+        from ha.lab import lab as labmod
+
+        spec = spec or labmod.load_spec()
+        if not spec or not spec.get("hosts"):
+            raise DrillError("no lab is up (start one with `sipha lab up`)")
+        self.lab = labmod
+        self.spec = spec
+        self.hosts = {h["name"]: h for h in spec["hosts"]}
+        self.nodes = tuple(h["name"] for h in spec["hosts"] if h["role"] == "node")
+        self.vip = spec["vips"][0]
+        self.sip_port = int(spec["sip_port"])
+        self.client_ip = labmod.host(spec, "client")["ip"]
+        self.variant = spec.get("variant", "model")
+        self._views = {n: NamespaceView(self.hosts[n]["ns"], self._in_netns) for n in self.nodes}
+        self._model: Any = None
+
+    @staticmethod
+    def _in_netns(ns: str, fn: Any) -> Any:
+        from ha.lab import node as labnode
+
+        return labnode.in_netns(ns, fn)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from ha import model
+
+            self._model = model.load(self.spec["cluster_yaml"])
+        return self._model
+
+    def status(self) -> ClusterState:
+        st = self.lab.status(self.spec)
+        holders = st["vips"].get(self.vip, "-")
+        proxies = {}
+        for n in self.nodes:
+            if st["hosts"][n].get("power") == "on":
+                proxies[n] = self.lab.sip_options(self.spec, self.hosts[n]["ip"], timeout=0.5)
+        pm = st.get("pacemaker", {})
+        failed = tuple(f"{r['id']} on {','.join(r['nodes']) or '?'}" for r in pm.get("resources", []) if r["failed"])
+        return ClusterState(
+            nodes=self.nodes,
+            vip=self.vip,
+            powered={n: st["hosts"][n].get("power") == "on" for n in self.nodes},
+            quorate={n: bool(st["quorum"].get(n, {}).get("quorate")) for n in self.nodes},
+            vip_holders=tuple(h for h in holders.split(",") if h and h != "-"),
+            vip_answers=bool(st["vip_sip"]["answered"]),
+            vip_detail=st["vip_sip"]["detail"],
+            proxies=proxies,
+            partitioned=tuple(n for n in self.nodes if st["hosts"][n].get("partitioned")),
+            failed_resources=failed,
+        )
+
+    def vip_owners(self) -> dict[str, bool]:
+        # A powered-off node's namespace still holds the VIP, but nothing there answers: not an owner.
+        return {n: self.lab.powered(n) and v.holds(self.vip) for n, v in self._views.items()}
+
+    def exec(self, node: str, argv: list[str], timeout: float = 10.0) -> tuple[int, str]:
+        try:
+            p = self.lab.exec_in(self.spec, node, argv, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return 124, f"`{' '.join(argv)}` timed out after {timeout:g} s"
+        except RuntimeError as exc:  # LabError: powered off
+            return 1, str(exc)
+        return p.returncode, (p.stdout + p.stderr)
+
+    def power(self, node: str, on: bool) -> None:
+        from ha.lab.supervisor import SupervisorError, power
+
+        try:
+            power("on" if on else "off", node)
+        except SupervisorError as exc:
+            raise DrillError(str(exc)) from None
+
+    def partition(self, node: str, cut: bool) -> None:
+        from ha.lab import node as labnode
+
+        labnode.partition(self.spec, self.hosts[node], cut=cut)
+
+    def link(self, node: str, up: bool) -> None:
+        from ha.lab import node as labnode
+
+        labnode.link(self.spec, self.hosts[node], up=up)
+
+    def socket_factory(self) -> SocketFactory:
+        ns = self.lab.client_ns(self.spec)
+        return lambda kind: self._in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))
+
+    def pacemaker_command(self, what: str, node: str, on: bool = True) -> list[str]:
+        """The same command spellings as the health service's actions (``ha.health.cluster``)."""
+        from ha.health.cluster import PacemakerActions
+
+        actions = PacemakerActions(self.model)
+        if what == "move":
+            return actions.move_command(node)
+        if what == "clear":
+            return actions.clear_command()
+        if what == "standby":
+            return actions.maintenance_command(node, on)
+        if what == "cleanup":
+            return ["crm_resource", "--cleanup", "--node", node]
+        raise ValueError(f"unknown pacemaker command {what!r}")
+
+    def close(self) -> None:
+        for v in self._views.values():
+            v.close()

@@ -1,0 +1,183 @@
+"""One drill, and ``--repeat`` of them: check health, start the traffic, inject, undo, measure, report.
+
+The order of one run (times from :class:`DrillOptions`):
+
+    health check -> traffic (stream, REGISTERs, established calls) -> ``before_s`` -> INJECT, new calls at
+    ``rate`` -> ``hold_s`` -> UNDO -> ``after_s`` -> BYE the established calls -> MESSAGE every AoR -> stop
+
+Undo always runs once the fault was (even partly) injected: normally in sequence, else in a ``finally`` --
+after an exception, and after Ctrl-C, when what was measured so far is still returned (``interrupted``).
+Between repeats the cluster must be healthy again (the same check as before the first run), or the repeats
+stop there and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ha.drill import measure, report
+from ha.drill.faults import KINDS, ClusterControl, DrillError, Fault, describe, health_problems, make_fault
+from ha.drill.ownership import OwnershipSampler
+from ha.drill.traffic import Traffic, TrafficConfig
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DrillOptions:
+    fault: str
+    target: str = "active"
+    registrations: int = 20
+    calls: int = 5
+    rate: float = 2.0
+    transport: str = "udp"
+    before_s: float = 1.0
+    hold_s: float = 3.0
+    after_s: float = 4.0
+    repeat: int = 1
+    settle_timeout_s: float = 120.0
+    baseline: bool = False
+
+    def check(self) -> None:
+        """Bad input is one line, before anything is touched."""
+        if self.fault not in KINDS:
+            raise DrillError(f"unknown fault {self.fault!r}; one of {', '.join(KINDS)}")
+        if not 1 <= self.repeat <= 1000:
+            raise DrillError(f"--repeat {self.repeat}: 1-1000")
+        if min(self.before_s, self.hold_s, self.after_s) < 0 or self.before_s + self.hold_s + self.after_s > 600:
+            raise DrillError("drill phases must be >= 0 s and last at most 600 s together")
+        try:
+            self._traffic_config("192.0.2.1", "192.0.2.2", 5060)
+        except ValueError as exc:
+            raise DrillError(str(exc)) from None
+
+    def _traffic_config(self, vip: str, local_ip: str, port: int) -> TrafficConfig:
+        return TrafficConfig(vip=vip, local_ip=local_ip, port=port, transport=self.transport,
+                             registrations=self.registrations, calls=self.calls, rate=self.rate,
+                             max_duration=self.before_s + self.hold_s + self.after_s + 120)  # fmt: skip
+
+
+def refuse_if_unhealthy(ctl: ClusterControl) -> Any:
+    st = ctl.status()
+    problems = health_problems(st)
+    if problems:
+        raise DrillError("the cluster is not healthy, not starting a drill: " + "; ".join(problems))
+    return st
+
+
+def wait_healthy(ctl: ClusterControl, timeout: float, sleep: Callable[[float], None] = time.sleep,
+                 poll_s: float = 1.0) -> list[str]:  # fmt: skip
+    """Poll until the health check passes; the remaining problems (empty: healthy) when time runs out."""
+    deadline = time.monotonic() + timeout
+    problems: list[str] = ["not checked"]
+    for _ in range(max(1, int(timeout / poll_s) + 1)):
+        problems = health_problems(ctl.status())
+        if not problems or time.monotonic() >= deadline:
+            return problems
+        sleep(poll_s)
+    return problems
+
+
+async def _drive(traffic: Traffic, fault: Fault, opts: DrillOptions, marks: dict[str, float],
+                 progress: Progress) -> None:  # fmt: skip
+    try:
+        await traffic.start(progress)
+        await asyncio.sleep(opts.before_s)
+        new = asyncio.create_task(traffic.new_calls(opts.hold_s + opts.after_s))
+        marks["fault injected"] = time.monotonic()
+        progress(await asyncio.to_thread(fault.inject))
+        await asyncio.sleep(opts.hold_s)
+        marks["undo started"] = time.monotonic()
+        progress(await asyncio.to_thread(fault.undo))
+        marks["fault undone"] = time.monotonic()
+        progress(f"observing {opts.after_s:g} s more")
+        await asyncio.sleep(opts.after_s)
+        await new
+        progress("hanging up the established calls (BYE through the route set), reaching every registration")
+        await traffic.hangup_established()
+        await traffic.check_reachable()
+    finally:
+        await traffic.close()
+
+
+def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m: None,
+             fault_factory: Callable[[str, str, ClusterControl], Fault] = make_fault) -> dict[str, Any]:  # fmt: skip
+    """One drill; returns its report document (``interrupted`` True after Ctrl-C, with what was measured)."""
+    from ha.drill.faults import resolve_target
+
+    st = refuse_if_unhealthy(ctl)
+    node = resolve_target(opts.target, st)
+    fault = fault_factory(opts.fault, node, ctl)
+    old = st.holder
+    progress(f"{opts.fault} on {node} (VIP {ctl.vip} on {old}); {opts.registrations} registrations, "
+             f"{opts.calls} calls, {opts.rate:g} new calls/s, {opts.transport}")  # fmt: skip
+    traffic = Traffic(opts._traffic_config(ctl.vip, ctl.client_ip, ctl.sip_port), ctl.socket_factory())
+    sampler = OwnershipSampler(ctl.vip_owners)
+    marks: dict[str, float] = {}
+    interrupted, undo_error, error = False, None, None
+    sampler.start()
+    try:
+        asyncio.run(_drive(traffic, fault, opts, marks, progress))
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted: undoing the fault, then reporting what was measured")
+    except DrillError as exc:
+        error = str(exc)
+        progress(f"drill failed: {error}")
+    finally:
+        sampler.stop()
+        if fault.injected and "fault undone" not in marks:
+            try:
+                progress(fault.undo())
+                marks["fault undone"] = time.monotonic()
+            except Exception as exc:
+                undo_error = f"{type(exc).__name__}: {exc}"
+    rec = traffic.record
+    figs = measure.figures(rec.samples, rec.registrations, rec.calls, fault_at=marks.get("fault injected"),
+                           old_node=old, ownership=sampler.samples)  # fmt: skip
+    return report.document(
+        rec, figs, fault=opts.fault, target=node, old_node=old, marks=marks, ownership=sampler.samples,
+        extra={"variant": ctl.variant, "transport": opts.transport, "options": asdict(opts), "fault_detail":
+               describe(fault), "interrupted": interrupted, "undo_error": undo_error, "error": error},
+    )  # fmt: skip
+
+
+def run(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m: None,
+        fault_factory: Callable[[str, str, ClusterControl], Fault] = make_fault,
+        sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:  # fmt: skip
+    """``opts.repeat`` drills; ``aggregate`` holds p50/p95/p99/max per figure over the completed ones."""
+    opts.check()
+    if opts.baseline and ctl.variant != "stock":
+        raise DrillError("--baseline runs against the stock lab: `sipha lab down && sipha lab up --stock`, "
+                         "then the same drill again (the lab now is the sipha variant)")  # fmt: skip
+    runs: list[dict[str, Any]] = []
+    stopped = None
+    for k in range(opts.repeat):
+        if k:
+            progress(f"waiting for the cluster to be healthy again (up to {opts.settle_timeout_s:g} s)")
+            problems = wait_healthy(ctl, opts.settle_timeout_s, sleep)
+            if problems:
+                stopped = f"after run {k}: the cluster did not recover: {'; '.join(problems)}"
+                break
+        progress(f"run {k + 1}/{opts.repeat}")
+        doc = run_once(ctl, opts, progress, fault_factory)
+        runs.append(doc)
+        if doc["interrupted"] or doc["undo_error"]:
+            stopped = "interrupted" if doc["interrupted"] else f"undo failed: {doc['undo_error']}"
+            break
+    return {
+        "fault": opts.fault,
+        "variant": ctl.variant,
+        "repeat": opts.repeat,
+        "completed": len(runs),
+        "stopped": stopped,
+        "aggregate": measure.aggregate([r["figures"] for r in runs]),
+        "runs": runs,
+    }
+
+
+__all__ = ["DrillOptions", "refuse_if_unhealthy", "run", "run_once", "wait_healthy"]

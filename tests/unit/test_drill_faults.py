@@ -1,0 +1,190 @@
+"""ha.drill.faults: refusal rules, targets, and each fault's inject/undo against a recording control.
+
+Nothing here touches a lab: the control records what it was asked to do and answers from a script.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from ha.drill import faults
+from ha.drill.faults import ClusterState, DrillError
+
+HEALTHY = ClusterState(
+    nodes=("node1", "node2"),
+    vip="198.51.100.10",
+    powered={"node1": True, "node2": True},
+    quorate={"node1": True, "node2": True},
+    vip_holders=("node1",),
+    vip_answers=True,
+    proxies={"node1": (True, "200 OK"), "node2": (True, "200 OK")},
+)
+
+
+class Recorder:
+    """A ClusterControl that records every call; ``answers`` maps a command's first words to (rc, output)."""
+
+    nodes = ("node1", "node2")
+    vip = "198.51.100.10"
+    sip_port = 5060
+    client_ip = "198.51.100.50"
+    variant = "model"
+
+    def __init__(self, answers: dict[str, tuple[int, str]] | None = None) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.answers = answers or {}
+
+    def status(self) -> ClusterState:
+        return HEALTHY
+
+    def vip_owners(self) -> dict[str, bool]:
+        return {"node1": True, "node2": False}
+
+    def exec(self, node: str, argv: list[str], timeout: float = 10.0) -> tuple[int, str]:
+        self.log.append(("exec", node, *argv))
+        for prefix, answer in self.answers.items():
+            if " ".join(argv).startswith(prefix):
+                return answer
+        return 0, ""
+
+    def power(self, node: str, on: bool) -> None:
+        self.log.append(("power", node, on))
+
+    def partition(self, node: str, cut: bool) -> None:
+        self.log.append(("partition", node, cut))
+
+    def link(self, node: str, up: bool) -> None:
+        self.log.append(("link", node, up))
+
+    def socket_factory(self) -> Any:
+        return lambda kind: socket.socket(socket.AF_INET, kind)
+
+    def pacemaker_command(self, what: str, node: str, on: bool = True) -> list[str]:
+        return ["pcmk", what, node, "on" if on else "off"]
+
+
+def test_healthy_cluster_has_no_problems() -> None:
+    assert faults.health_problems(HEALTHY) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"quorate": {"node1": False, "node2": False}}, ["no quorum on any node"]),
+        ({"quorate": {"node1": True, "node2": False}}, ["node2 has no quorum"]),
+        ({"vip_holders": (), "vip_answers": False}, ["VIP 198.51.100.10 is nowhere"]),
+        ({"vip_holders": ("node1", "node2")}, ["VIP 198.51.100.10 is on 2 nodes (node1, node2)"]),
+        ({"vip_answers": False, "vip_detail": "timeout"}, ["VIP 198.51.100.10 does not answer SIP OPTIONS (timeout)"]),
+        ({"proxies": {"node1": (True, "ok"), "node2": (False, "refused")}},
+         ["the proxy on node2 is not started (no answer to SIP OPTIONS: refused)"]),
+        ({"powered": {"node1": True, "node2": False}, "quorate": {"node1": True, "node2": False},
+          "proxies": {"node1": (True, "ok")}}, ["node2 is powered off"]),
+        ({"partitioned": ("node2",)}, ["node2 is partitioned"]),
+        ({"failed_resources": ("proxy on node2",)}, ["resource proxy on node2 failed"]),
+    ],
+)  # fmt: skip
+def test_unhealthy_cluster_says_why(change: dict[str, Any], expected: list[str]) -> None:
+    assert faults.health_problems(replace(HEALTHY, **change)) == expected
+
+
+def test_targets() -> None:
+    assert faults.resolve_target("active", HEALTHY) == "node1"
+    assert faults.resolve_target("standby", HEALTHY) == "node2"
+    assert faults.resolve_target("node2", HEALTHY) == "node2"
+    with pytest.raises(DrillError, match=r"^unknown node 'node9'; one of node1, node2, active, standby$"):
+        faults.resolve_target("node9", HEALTHY)
+    with pytest.raises(DrillError, match="not on exactly one node"):
+        faults.resolve_target("active", replace(HEALTHY, vip_holders=()))
+
+
+def test_unknown_fault_is_one_line() -> None:
+    with pytest.raises(DrillError, match=r"^unknown fault 'meteor'; one of node-crash, proxy-crash"):
+        faults.make_fault("meteor", "node1", Recorder())
+
+
+def test_node_crash_powers_off_then_on() -> None:
+    r = Recorder()
+    f = faults.make_fault("node-crash", "node1", r)
+    f.inject()
+    f.undo()
+    assert r.log == [("power", "node1", False), ("power", "node1", True)] and f.injected
+
+
+def test_proxy_crash_kills_by_pid_then_cleans_up_from_the_other_node() -> None:
+    r = Recorder({"sh -c": (0, "4242\n")})
+    f = faults.make_fault("proxy-crash", "node1", r)
+    assert f.inject() == "kamailio 4242 on node1 killed (-9)"
+    f.undo()
+    assert r.log[1] == ("exec", "node1", "kill", "-9", "4242")
+    assert r.log[2] == ("exec", "node2", "pcmk", "cleanup", "node1", "on")
+    assert "/run/sipha/kamailio.pid" in r.log[0][-1]
+
+
+def test_proxy_crash_without_a_pid_file_injects_nothing() -> None:
+    r = Recorder({"sh -c": (1, "no kamailio pid file\n")})
+    f = faults.make_fault("proxy-crash", "node1", r)
+    with pytest.raises(DrillError, match="proxy pid on node1: exit 1: no kamailio pid file"):
+        f.inject()
+    assert not f.injected and len(r.log) == 1
+
+
+def test_proxy_hang_stops_and_continues_the_same_group() -> None:
+    r = Recorder({"sh -c": (0, "4242"), "ps -o": (0, "  4242\n")})
+    f = faults.make_fault("proxy-hang", "node2", r)
+    f.inject()
+    f.undo()
+    cmds = [e[2:] for e in r.log if e[0] == "exec"]
+    assert ("kill", "-STOP", "--", "-4242") in cmds and ("kill", "-CONT", "--", "-4242") in cmds
+    assert cmds.index(("kill", "-STOP", "--", "-4242")) < cmds.index(("kill", "-CONT", "--", "-4242"))
+
+
+def test_proxy_hang_refuses_to_stop_init() -> None:
+    r = Recorder({"sh -c": (0, "7"), "ps -o": (0, "1")})
+    with pytest.raises(DrillError, match="process group"):
+        faults.make_fault("proxy-hang", "node1", r).inject()
+    assert not any("-STOP" in e for e in r.log)
+
+
+def test_partition_link_flap_zk() -> None:
+    r = Recorder()
+    p = faults.make_fault("partition", "node2", r)
+    p.inject()
+    p.undo()
+    assert r.log == [("partition", "node2", True), ("partition", "node2", False)]
+    r = Recorder()
+    lf = faults.make_fault("link-flap", "node1", r)
+    slept: list[float] = []
+    lf.sleep = slept.append  # type: ignore[method-assign]
+    lf.inject()
+    lf.undo()
+    assert r.log == [("link", "node1", False), ("link", "node1", True)] * 3 + [("link", "node1", True)]
+    assert slept == [0.3, 0.7, 0.3, 0.7, 0.3]
+    r = Recorder({"pgrep": (0, "99\n")})
+    z = faults.make_fault("zk-member-loss", "node2", r)
+    z.inject()
+    z.undo()
+    assert r.log[1:] == [("exec", "node2", "kill", "-STOP", "99"), ("exec", "node2", "kill", "-CONT", "99")]
+
+
+def test_planned_faults_move_and_clear() -> None:
+    r = Recorder()
+    s = faults.make_fault("switchover", "node1", r)
+    s.inject()
+    s.undo()
+    assert r.log == [
+        ("exec", "node2", "pcmk", "move", "node2", "on"),
+        ("exec", "node2", "pcmk", "clear", "node1", "on"),
+    ]
+    r = Recorder()
+    m = faults.make_fault("maintenance", "node1", r)
+    m.inject()
+    m.undo()
+    assert [e[3:] for e in r.log] == [("standby", "node1", "on"), ("standby", "node1", "off")]
+
+
+def test_every_kind_is_registered() -> None:
+    assert set(faults.FAULTS) == set(faults.KINDS) and len(faults.KINDS) == 8
