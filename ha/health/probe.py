@@ -15,7 +15,9 @@ Verdicts per probe:
   the slow threshold. It is *not* a failure for the VIP: moving the VIP to the peer would move the same load
   there, and a proxy that answers still serves most calls. It is reported (metrics, /health body, log).
 * ``dead``: no final response (silence, only a provisional, refused, port unreachable, garbage). This is the
-  only verdict that counts as a failure.
+  only verdict that counts as a failure. Silence needs N consecutive failed cycles (a datagram may be lost);
+  "nothing listening" (port unreachable, connection refused: the proxy's sockets are gone) is certain and makes
+  the node unhealthy at once (:meth:`Hysteresis.fail_now`).
 
 A cycle fails when any probed transport is dead: the VIP serves every transport, so a proxy whose TCP listener
 died strands every TCP phone even while UDP answers.
@@ -59,6 +61,12 @@ class Observation:
     @property
     def alive(self) -> bool:
         return self.verdict is not Verdict.DEAD
+
+    @property
+    def certain(self) -> bool:
+        """Dead beyond doubt: nothing listens (ICMP port unreachable, TCP RST). Unlike silence, which a lost
+        datagram also produces, no network fault makes the local kernel say this."""
+        return self.verdict is Verdict.DEAD and "nothing listening" in self.reason
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -130,6 +138,12 @@ class Hysteresis:
             flip = failures >= self.failure_threshold and state.health is not Health.UNHEALTHY
             new = Health.UNHEALTHY if flip else state.health
         return HealthState(new, failures, successes, flip, reason or state.reason)
+
+    def fail_now(self, state: HealthState, reason: str = "") -> HealthState:
+        """A failed cycle whose evidence is certain (nothing listens): unhealthy at once, no run of N needed."""
+        failures = max(state.failures + 1, self.failure_threshold)
+        flip = state.health is not Health.UNHEALTHY
+        return HealthState(Health.UNHEALTHY, failures, 0, flip, reason or state.reason)
 
     def run(self, outcomes: Sequence[bool], state: HealthState | None = None) -> list[HealthState]:
         """Every state along a sequence of outcomes: how tests and operators replay a history."""

@@ -235,6 +235,7 @@ class HealthService:
         self._last_peer_probe = -1e9
         self._peer_task: asyncio.Task[None] | None = None
         self.cycles = 0
+        self.last_alive = True
 
     # ------------------------------------------------------------------------------------------ logging
 
@@ -263,7 +264,11 @@ class HealthService:
                 self.event("probe_verdict", transport=o.transport, was=previous.get(o.transport, Verdict.OK),
                            now=o.verdict, reason=o.reason, latency_ms=o.latency_ms, status=o.status_code)
         alive, reason = cycle_outcome(observations)
-        raw = self.hysteresis.step(self.raw, alive, reason)
+        if not alive and self.raw.health is not Health.UNHEALTHY and any(o.certain for o in observations):
+            raw = self.hysteresis.fail_now(self.raw, reason)  # nothing listens: no lost packet says that
+        else:
+            raw = self.hysteresis.step(self.raw, alive, reason)
+        self.last_alive = alive
         ready = self.readiness.is_ready()
         if ready != self.ready:
             self.event("readiness", ready=ready)
@@ -411,8 +416,13 @@ class HealthService:
                 await self.cycle()
             except Exception as exc:  # one bad cycle must not end the service
                 self.event("cycle_error", logging.ERROR, error=repr(exc))
+            # After a failed cycle the next one starts at once: a failure has already waited a probe timeout,
+            # and the N-in-a-row verdict should not also wait N periods.
+            elapsed = loop.time() - started
+            counting = not self.last_alive and self.raw.health is not Health.UNHEALTHY
+            wait = max(0.0, (self.period_s / 4 if counting else self.period_s) - elapsed)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, self.period_s - (loop.time() - started)))
+                await asyncio.wait_for(stop.wait(), wait)
         await self.close()
         self.event("stop", health=self.state.health)
 

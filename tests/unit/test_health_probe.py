@@ -56,6 +56,19 @@ def test_n_consecutive_failures_flip_and_m_successes_recover() -> None:
     assert healths("++---+-++") == "UHHHXXXXH"  # a failure resets the recovery count
 
 
+def test_certain_death_flips_at_once_silence_does_not() -> None:
+    from ha.health.probe import Observation
+
+    healthy = H.run([True, True])[-1]
+    refused = Observation("tcp", "tcp:x", Verdict.DEAD, None, 0.5, "connection refused (nothing listening)")
+    silent = Observation("udp", "udp:x", Verdict.DEAD, None, 80, "no answer within 80 ms")
+    assert refused.certain and not silent.certain
+    st = H.fail_now(healthy, refused.reason)
+    assert st.health is Health.UNHEALTHY and st.changed and st.failures == 3
+    again = H.fail_now(st)
+    assert not again.changed and H.step(again, True).health is Health.UNHEALTHY  # recovery still needs M
+
+
 def test_changed_is_true_only_on_the_flip() -> None:
     states = H.run([True, True, True, False, False, False, False])
     assert [s.changed for s in states] == [False, True, False, False, False, True, False]
