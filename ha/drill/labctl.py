@@ -119,6 +119,20 @@ class LabControl:
             return ["crm_resource", "--cleanup", "--node", node]
         raise ValueError(f"unknown pacemaker command {what!r}")
 
+    def log_lines(self, node: str, max_bytes: int = 4 << 20) -> list[str]:
+        """The tail of the node's Pacemaker and Corosync logs (files on the host: reading disturbs nothing)."""
+        root = self.lab.STATE_DIR / node / "root" / "var" / "log"
+        out: list[str] = []
+        for f in (root / "pacemaker" / "pacemaker.log", root / "corosync" / "corosync.log"):
+            try:
+                with f.open("rb") as fh:
+                    size = fh.seek(0, 2)
+                    fh.seek(max(0, size - max_bytes))
+                    out += fh.read().decode(errors="replace").splitlines()
+            except OSError:
+                continue
+        return out
+
     def close(self) -> None:
         for v in self._views.values():
             v.close()

@@ -192,8 +192,10 @@ def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
     for e in doc.get("timeline", []):
         if e["t"] is None or e["event"].startswith(("last answer", "first answer")):
             continue
-        ax.axvline(e["t"], color="black", linestyle="--", linewidth=0.8)
-        ax.annotate(e["event"], (e["t"], top), rotation=90, fontsize=7, va="top", ha="right")
+        cluster = ": " in e["event"]  # "node2: pacemaker: ..." lines from the cluster's own logs
+        ax.axvline(e["t"], color="grey" if cluster else "black", linestyle=":" if cluster else "--", linewidth=0.8)
+        ax.annotate(e["event"], (e["t"], top), rotation=90, fontsize=6 if cluster else 7, va="top", ha="right",
+                    color="dimgrey" if cluster else "black")  # fmt: skip
     ax.set_ylabel("answer time (ms)")
     ax.set_ylim(0, top * 1.08)
     ax.legend(loc="upper right", fontsize=7)

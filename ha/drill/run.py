@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ha.drill import measure, report
+from ha.drill import measure, report, timeline
 from ha.drill.faults import KINDS, ClusterControl, DrillError, Fault, describe, health_problems, make_fault
 from ha.drill.ownership import OwnershipSampler
 from ha.drill.traffic import Traffic, TrafficConfig
@@ -104,6 +104,20 @@ async def _drive(traffic: Traffic, fault: Fault, opts: DrillOptions, marks: dict
         await traffic.close()
 
 
+def _cluster_events(ctl: ClusterControl, wall_start: float, wall_minus_mono: float) -> list[tuple[float, str]]:
+    """The cluster's own log lines of this drill, on the drill's clock (controls without logs give none)."""
+    read = getattr(ctl, "log_lines", None)
+    if read is None:
+        return []
+    evs: list[tuple[float, str]] = []
+    for n in ctl.nodes:
+        try:
+            evs += timeline.events(read(n), wall_start - 1.0, time.time() + 1.0, node=n)
+        except OSError:
+            continue
+    return timeline.to_monotonic(sorted(evs, key=lambda e: e[0]), wall_minus_mono)
+
+
 def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m: None,
              fault_factory: Callable[[str, str, ClusterControl], Fault] = make_fault) -> dict[str, Any]:  # fmt: skip
     """One drill; returns its report document (``interrupted`` True after Ctrl-C, with what was measured)."""
@@ -119,6 +133,8 @@ def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambd
     sampler = OwnershipSampler(ctl.vip_owners)
     marks: dict[str, float] = {}
     interrupted, undo_error, error = False, None, None
+    wall_minus_mono = time.time() - time.monotonic()
+    wall_start = time.time()
     sampler.start()
     try:
         asyncio.run(_drive(traffic, fault, opts, marks, progress))
@@ -137,13 +153,13 @@ def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambd
             except Exception as exc:
                 undo_error = f"{type(exc).__name__}: {exc}"
     rec = traffic.record
+    cluster_events = _cluster_events(ctl, wall_start, wall_minus_mono)
     figs = measure.figures(rec.samples, rec.registrations, rec.calls, fault_at=marks.get("fault injected"),
                            old_node=old, ownership=sampler.samples)  # fmt: skip
-    return report.document(
-        rec, figs, fault=opts.fault, target=node, old_node=old, marks=marks, ownership=sampler.samples,
-        extra={"variant": ctl.variant, "transport": opts.transport, "options": asdict(opts), "fault_detail":
-               describe(fault), "interrupted": interrupted, "undo_error": undo_error, "error": error},
-    )  # fmt: skip
+    extra = {"variant": ctl.variant, "transport": opts.transport, "options": asdict(opts),
+             "fault_detail": describe(fault), "interrupted": interrupted, "undo_error": undo_error, "error": error}
+    return report.document(rec, figs, fault=opts.fault, target=node, old_node=old, marks=marks,
+                           ownership=sampler.samples, cluster_events=cluster_events, extra=extra)
 
 
 def run(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m: None,

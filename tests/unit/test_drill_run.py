@@ -246,3 +246,18 @@ def test_namespace_view_sees_the_vip_come_and_go() -> None:
         view.close()
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
     assert not view.holds("198.51.100.10")  # the namespace is gone: nobody holds anything there
+
+
+def test_cluster_log_events_join_the_timeline(responder: Responder) -> None:
+    import time
+
+    class WithLogs(Ctl):
+        def log_lines(self, node: str) -> list[str]:
+            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(time.time() - 0.5))
+            return [f"{stamp}.250 {node} pacemaker-controld  [30] (te_rsc_command) \tnotice: Initiating start "
+                    f"operation vip-vip_start_0 locally on {node} | action 9"]  # fmt: skip
+
+    doc = run.run_once(WithLogs(responder), OPTS, lambda _m: None, lambda k, n, c: Silence(node=n, ctl=c))
+    got = [e for e in doc["timeline"] if "pacemaker" in e["event"]]
+    assert [e["event"] for e in got] == [f"{n}: pacemaker: vip-vip start initiated on {n}" for n in ("node1", "node2")]
+    assert all(0 < e["t"] < 5 for e in got)  # on the drill's clock, seconds after the first probe
