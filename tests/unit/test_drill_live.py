@@ -73,8 +73,13 @@ def test_registrations_calls_and_a_one_second_hang(proxy: Proxy) -> None:
             assert len(est) == 5 and all(c.set_up for c in est), [(c.setup_status, c.callee) for c in est]
             for c in est:  # the route set is the Record-Route, and it names the VIP (loose routing)
                 assert c.route and proxy.vip in c.route[0] and ";lr" in c.route[0], c.route
-            # Every callee saw its INVITE and the ACK that came through the route set.
-            got = {ua.user: {m for _t, m, _c in ua.received} for ua in t.uas}
+            # Every callee saw its INVITE and the ACK that came through the route set (the ACK is sent
+            # without waiting for anything: give it a moment to cross the proxy).
+            for _ in range(50):
+                got = {ua.user: {m for _t, m, _c in ua.received} for ua in t.uas}
+                if all({"INVITE", "ACK"} <= got[c.callee] for c in est):
+                    break
+                await asyncio.sleep(0.02)
             assert all({"INVITE", "ACK"} <= got[c.callee] for c in est), got
             await asyncio.sleep(0.6)
             new = asyncio.create_task(t.new_calls(2.0))
@@ -100,7 +105,7 @@ def test_registrations_calls_and_a_one_second_hang(proxy: Proxy) -> None:
     assert marks["fault"] - 0.1 <= gap["start"] <= marks["fault"] + 0.1
     # Queued probes are answered when Kamailio resumes: a probe sent at the start of a ~1 s hang waited
     # ~1 s, so a UDP UAC would have resent once (at +0.5) and nothing would have failed.
-    assert f["retransmits_max"] == 1 and f["requests_failed"] == 0
+    assert 1 <= f["retransmits_max"] <= 2 and f["requests_failed"] == 0  # 2 only if the hang ran past 1.5 s
     assert f["registrations_checked"] == 20 and f["registrations_reachable"] == 20, f["details"]["registrations"]
     assert f["calls_established"] == 5 and f["calls_bye_ok"] == 5, f["details"]["calls"]
     new = f["details"]["calls"]["new"]

@@ -261,3 +261,82 @@ def test_cluster_log_events_join_the_timeline(responder: Responder) -> None:
     got = [e for e in doc["timeline"] if "pacemaker" in e["event"]]
     assert [e["event"] for e in got] == [f"{n}: pacemaker: vip-vip start initiated on {n}" for n in ("node1", "node2")]
     assert all(0 < e["t"] < 5 for e in got)  # on the drill's clock, seconds after the first probe
+
+
+def test_a_real_ctrl_c_mid_drill_undoes_and_reports(responder: Responder) -> None:
+    """SIGINT while the fault holds (asyncio.run cancels the drill): undo runs, sockets close, figures come back."""
+    import signal
+
+    class Interrupting(Silence):
+        def inject(self) -> str:
+            threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            return super().inject()
+
+    ctl = Ctl(responder)
+    doc = run.run_once(ctl, OPTS, lambda _m: None, lambda k, n, c: Interrupting(node=n, ctl=c))
+    assert doc["interrupted"] and ctl.log == [("undo",)] and not responder.silent
+    assert "fault undone" in [e["event"] for e in doc["timeline"]] and "undo started" not in str(doc["timeline"])
+    assert doc["figures"]["probes_unanswered"] >= 5  # the silence before Ctrl-C was measured
+
+
+def test_tcp_stream_reconnects_after_the_connection_drops() -> None:
+    """A TCP phone has no SIP retransmits: when its connection dies it must reconnect; so does the stream."""
+    import asyncio
+
+    from ha.drill.traffic import Endpoint, OptionsStream
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(0.1)
+    port = srv.getsockname()[1]
+    stop, drop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        for _ in range(200):  # bounded: at most ~20 s
+            if stop.is_set():
+                return
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(0.05)
+            buf = b""
+            with conn:
+                while not stop.is_set() and not drop.is_set():
+                    try:
+                        data = conn.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        break
+                    msgs, buf = sip.parse_stream(buf + data)
+                    for m in msgs:
+                        conn.sendall(sip.response(m, 200).encode())
+            drop.clear()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    async def go() -> OptionsStream:
+        ep = Endpoint("tcp", "127.0.0.1", ("127.0.0.1", port), lambda k: socket.socket(socket.AF_INET, k))
+        await ep.open()
+        stream = OptionsStream(ep, "127.0.0.1", port, interval=0.02, max_samples=100)
+        stream.start()
+        await asyncio.sleep(0.3)
+        drop.set()  # the server closes the connection (a failover: the new node knows no connection)
+        await asyncio.sleep(0.5)
+        await stream.stop(grace=0.1)
+        await ep.close()
+        return stream
+
+    try:
+        stream = asyncio.run(go())
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        srv.close()
+    assert stream.reconnects >= 1
+    answered = [s for s in stream.samples if s.answered]
+    assert answered and answered[-1].sent > stream.samples[0].sent + 0.35  # answers again after the drop
