@@ -144,11 +144,12 @@ def plan(cluster: Cluster, prefix: str = "") -> Plan:
                 Install(f"{h.name}/{kind}.cfg", f"/etc/sipha/{kind}.cfg",
                         check=f"{kind} -c -f {{file}}" if real else None,
                         after=f"{kind} reads it at its next start: Pacemaker restarts it on a switchover"),
-                Install("cib.xml", "/etc/sipha/cib.xml", mode=0o640,
-                        check="crm_verify --xml-file {file}" if real else None),
                 Install("cluster.yaml", "/etc/sipha/cluster.yaml", mode=0o640, group="sipha",
                         after="the health service reads it at start: restart sipha-health"),
             ]  # fmt: skip
+        if h.name == first:  # where the CIB is loaded from, as the playbook does (roles/cluster/tasks/cib.yml)
+            items.append(Install("cib.xml", "/etc/sipha/cib.xml", mode=0o640,
+                                 check="crm_verify --xml-file {file}" if real else None))  # fmt: skip
         if h.name in zk_names:
             zk_after = "restart ZooKeeper member by member (sipha-zookeeper), checking `srvr` between"
             items += [
@@ -299,8 +300,9 @@ class Deployer:
                     s = by_name[a.host]
                     cmd = a.command.replace("{backup}", s.backup)
                     done.append(a)
-                    self._task(a.host, a.name, lambda s=s, cmd=cmd: s.remote.run(cmd, sudo=True))
-                    self.report.activated.append(f"{a.host}: {a.name}")
+                    res = self._task(a.host, a.name, lambda s=s, cmd=cmd: s.remote.run(cmd, sudo=True))
+                    said = res.stdout.strip().splitlines()[-1:] if res is not None else []
+                    self.report.activated.append(f"{a.host}: {a.name}" + (f" ({said[0]})" if said else ""))
             except _Failed as f:
                 raise self._rollback(states, by_name, done, f) from None
             for s in states:
@@ -374,13 +376,14 @@ def deploy(cluster: Cluster, cluster_yaml_text: str, known_hosts: str | Path,
 # -------------------------------------------------------------------------------------------------- playbook
 
 ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
-_TASK = re.compile(r"^TASK \[(?P<task>.*)\] \**$")
+_TASK = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?P<task>.*)\] \**$")
 _FATAL = re.compile(r"^(?:fatal|failed): \[(?P<host>[^\]]+)\]")
 _UNREACHABLE = re.compile(r"^fatal: \[(?P<host>[^\]]+)\]: UNREACHABLE!")
 
 
 def playbook_command(render_dir: Path, cluster_yaml: Path, known_hosts: str | Path, identity: str | Path | None,
-                     service_manager: str = "systemd", only: Sequence[str] = ()) -> list[str]:  # fmt: skip
+                     service_manager: str = "systemd", only: Sequence[str] = (),
+                     extra_vars: Sequence[str] = ()) -> list[str]:  # fmt: skip
     """The ansible-playbook command line for ansible/site.yml on a render, with host keys checked against
     ``known_hosts`` (StrictHostKeyChecking=yes: an unknown or changed key fails the host)."""
     ssh_args = f"-o UserKnownHostsFile={Path(known_hosts).expanduser()} -o StrictHostKeyChecking=yes"
@@ -391,6 +394,8 @@ def playbook_command(render_dir: Path, cluster_yaml: Path, known_hosts: str | Pa
         cmd += ["--private-key", str(Path(identity).expanduser())]
     if only:
         cmd += ["--limit", ",".join(only)]
+    for ev in extra_vars:
+        cmd += ["-e", ev]
     return cmd
 
 
@@ -408,15 +413,18 @@ def failed_tasks(lines: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def run_playbook(cluster: Cluster, cluster_yaml: Path, known_hosts: str | Path, identity: str | Path | None,
-                 service_manager: str = "systemd", only: Sequence[str] = (),
+                 service_manager: str = "systemd", only: Sequence[str] = (), extra_vars: Sequence[str] = (),
                  echo: Callable[[str], None] = print) -> int:  # fmt: skip
     """Render into a temp dir and run the site playbook on it, streaming its output; on failure, one line per
     failed host naming the task. Ansible provisions; it does not roll back (re-run it after fixing the cause)."""
     with tempfile.TemporaryDirectory(prefix="sipha-deploy-") as tmp:
         rdir = Path(tmp) / "render"
         render.write(cluster, rdir)
-        cmd = playbook_command(rdir, cluster_yaml, known_hosts, identity, service_manager, only)
-        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0"}
+        cmd = playbook_command(rdir, cluster_yaml, known_hosts, identity, service_manager, only, extra_vars)
+        # A fresh ControlPath directory: a master connection left by an earlier run (made with another
+        # known_hosts) must not be reused, or the host keys would not be checked against this one.
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
+               "ANSIBLE_SSH_CONTROL_PATH_DIR": str(Path(tmp) / "cp")}
         lines: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               cwd=ANSIBLE_DIR) as proc:  # fmt: skip

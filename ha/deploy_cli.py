@@ -56,15 +56,17 @@ def _progress(host: str, task: str, state: str, detail: str = "") -> None:
               help="provision with ansible/site.yml instead (packages, users, units, agents; first installs)")
 @click.option("--service-manager", type=click.Choice(["systemd", "lab"]), default="systemd", show_default=True,
               help="with --playbook: how services are run (lab: the namespace lab, no systemd)")
+@click.option("-e", "--extra-vars", "extra_vars", multiple=True,
+              help="with --playbook: passed to ansible-playbook -e (e.g. sipha_install=present)")
 def deploy_cmd(cluster_yaml: str, known_hosts: str, identity: str | None, only: tuple[str, ...], playbook: bool,
-               service_manager: str) -> None:  # fmt: skip
+               service_manager: str, extra_vars: tuple[str, ...]) -> None:  # fmt: skip
     """Render CLUSTER_YAML, push it to every host, check, install and activate; roll back on failure."""
     from ha import deploy
 
     cluster = _load(cluster_yaml)
     if playbook:
         rc = deploy.run_playbook(cluster, Path(cluster_yaml), known_hosts, identity, service_manager, only,
-                                 echo=click.echo)  # fmt: skip
+                                 extra_vars, echo=click.echo)  # fmt: skip
         sys.exit(rc)
     try:
         report = deploy.deploy(cluster, Path(cluster_yaml).read_text(), known_hosts, identity, _progress, only=only)

@@ -262,10 +262,13 @@ def test_playbook_failures_name_host_and_task() -> None:
         'fatal: [node2]: FAILED! => {"msg": "failed to validate"}',
         "TASK [Gathering Facts] ****",
         "fatal: [witness]: UNREACHABLE! => {}",
+        "RUNNING HANDLER [zookeeper : Restart ZooKeeper under systemd] ****",
+        'fatal: [node1]: FAILED! => {"msg": "failure 1 during daemon-reload"}',
     ]
     assert deploy.failed_tasks(out) == [
         ("node2", "cluster : Install corosync.conf from the render"),
         ("witness", "Gathering Facts (unreachable)"),
+        ("node1", "zookeeper : Restart ZooKeeper under systemd"),
     ]
     cmd = deploy.playbook_command(Path("/r"), REPO / "examples/lab.yaml", "/k", None)
     assert "-o UserKnownHostsFile=/k -o StrictHostKeyChecking=yes" in cmd
