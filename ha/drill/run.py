@@ -141,7 +141,7 @@ def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambd
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: undoing the fault, then reporting what was measured")
-    except DrillError as exc:
+    except (DrillError, OSError) as exc:  # e.g. the traffic's sockets could not be opened: still undo, report
         error = str(exc)
         progress(f"drill failed: {error}")
     finally:
