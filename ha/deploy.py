@@ -173,8 +173,9 @@ def plan(cluster: Cluster, prefix: str = "") -> Plan:
                        f" && {{ {CIB_COMPARE} /etc/sipha/cib.xml /var/lib/sipha/cib-configuration.xml; rc=$?;"
                        " if [ $rc = 3 ]; then cibadmin --replace --scope configuration"
                        " --xml-file /var/lib/sipha/cib-configuration.xml; elif [ $rc != 0 ]; then exit $rc; fi; }",
-                       undo="test -s {backup}/cib-configuration.xml && cibadmin --replace --scope configuration"
-                       " --xml-file {backup}/cib-configuration.xml"),
+                       # No saved configuration: the step failed before it touched the CIB, nothing to undo.
+                       undo="if [ -s {backup}/cib-configuration.xml ]; then cibadmin --replace --scope configuration"
+                       " --xml-file {backup}/cib-configuration.xml; fi"),
         )  # fmt: skip
     return Plan(tuple(hosts), activations)
 
