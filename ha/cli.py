@@ -53,11 +53,13 @@ def validate_cmd(cluster_yaml: str) -> None:
 
 
 def _register() -> None:
+    from ha.drill.cli import drill
     from ha.health.cli import health
     from ha.lab.cli import lab
 
     main.add_command(lab)
     main.add_command(health)
+    main.add_command(drill)
 
 
 _register()

@@ -293,6 +293,7 @@ def test_options_to_loopback_is_answered_for_local_probes(proxy: Proxy) -> None:
         ph.send(_options(proxy, ph), ("127.0.0.1", 5060))
         got = ph.recv()
         assert got is not None and got[0] == "SIP/2.0 200 OK"
+        assert got[1]["x-sipha-node"] == ["node1"]  # drills credit each answer to the node that gave it
     finally:
         ph.close()
 
