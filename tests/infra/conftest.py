@@ -37,7 +37,7 @@ class InventoryHost:
 
 
 def read_inventory(path: Path) -> list[InventoryHost]:
-    """The rendered inventory's [nodes] and [witness] host lines (name key=value ...)."""
+    """The rendered inventory's [nodes] and [witnesses] host lines (name key=value ...)."""
     hosts, group = [], ""
     for raw in path.read_text().splitlines():
         line = raw.strip()
@@ -46,7 +46,7 @@ def read_inventory(path: Path) -> list[InventoryHost]:
         if line.startswith("["):
             group = line.strip("[]")
             continue
-        if group in ("nodes", "witness"):
+        if group in ("nodes", "witnesses"):
             name, *kv = line.split()
             hosts.append(InventoryHost(name, group, dict(x.split("=", 1) for x in kv if "=" in x)))
     return hosts
@@ -60,7 +60,7 @@ def _inventory() -> list[InventoryHost]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``node`` / ``any_host`` parameters: one test per inventory host (a placeholder that skips when none)."""
     hosts = _inventory()
-    for arg, group in (("node", "nodes"), ("witness_host", "witness"), ("any_host", None)):
+    for arg, group in (("node", "nodes"), ("witness_host", "witnesses"), ("any_host", None)):
         if arg in metafunc.fixturenames:
             names = [h.name for h in hosts if group is None or h.group == group]
             metafunc.parametrize(arg, names or ["<no inventory>"], scope="session")
@@ -128,4 +128,4 @@ def node_names(inventory: list[InventoryHost]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def has_witness(inventory: list[InventoryHost]) -> bool:
-    return any(h.group == "witness" for h in inventory)
+    return any(h.group == "witnesses" for h in inventory)

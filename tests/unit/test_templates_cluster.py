@@ -215,8 +215,8 @@ def test_two_node_without_witness() -> None:
     assert quorum["two_node"] == "1"
     assert "device" not in quorum
     inv = inventory(out["inventory.ini"])
-    assert inv["witness"] == {}
-    assert list(inv["cluster:children"]) == ["nodes", "witness"]
+    assert inv["witnesses"] == {}
+    assert list(inv["cluster:children"]) == ["nodes", "witnesses"]
 
 
 def test_zookeeper(cluster: model.Cluster) -> None:
@@ -240,7 +240,7 @@ def test_zookeeper(cluster: model.Cluster) -> None:
 def test_inventory(cluster: model.Cluster) -> None:
     inv = inventory(files(cluster)["inventory.ini"])
     assert list(inv["nodes"]) == [n.name for n in cluster.nodes]
-    assert list(inv["cluster:children"]) == ["nodes", "witness"]
+    assert list(inv["cluster:children"]) == ["nodes", "witnesses"]
     assert inv["all:vars"]["cluster_name"] == {"value": cluster.name}
     for i, node in enumerate(cluster.nodes, 1):
         hv = inv["nodes"][node.name]
@@ -249,8 +249,8 @@ def test_inventory(cluster: model.Cluster) -> None:
         assert hv["corosync_nodeid"] == str(i)
         assert hv["zk_myid"] == str(cluster.zk_myid(node.name))
     w = cluster.witness
-    assert inv["witness"][w.name]["ansible_host"] == w.ssh_host
-    assert inv["witness"][w.name]["zk_myid"] == str(cluster.zk_myid(w.name))
+    assert inv["witnesses"][w.name]["ansible_host"] == w.ssh_host
+    assert inv["witnesses"][w.name]["zk_myid"] == str(cluster.zk_myid(w.name))
 
 
 def test_model_timing_changes_reach_the_output() -> None:
