@@ -6,7 +6,7 @@ datagram from a socket whose send buffer it sets to 64 KiB (the kernel doubles i
 ``brief``, only drops fields; the AoR list alone still grows without bound). jsonrpcs' FIFO transport has no
 size limit: the request is one line written to ``<run dir>/kamailio-rpc.fifo``, the reply is written to a
 FIFO the client creates (``reply_name``, no ``.`` or ``/`` allowed) in the module's ``fifo_reply_dir``.
-Measured here: a dump of 10,000 bindings (~6 MB of JSON) in about half a second.
+How :func:`dump` uses it for big tables (jsonrpcs' reply building is O(n^2)) is explained there.
 
 The proxy config must enable it (templates/kamailio.cfg.j2)::
 
@@ -177,19 +177,38 @@ def parse_dump(result: Any, now: float | None = None) -> dict[tuple[str, str], P
     return out
 
 
-def dump(rpc_socket: Path | str, *, fifo: Path | str | None = None, timeout: float = 30.0) -> dict[
-        tuple[str, str], ProxyBinding]:
-    """The local proxy's whole table: over the FIFO when it exists, else one datagram (small tables only)."""
-    f = FifoRpc(fifo or fifo_for(rpc_socket), timeout=timeout)
-    if f.available:
-        return parse_dump(f.call("ul.dump"))
+def dump(rpc_socket: Path | str, *, fifo: Path | str | None = None, timeout: float = 60.0,
+         window: int = 8) -> dict[tuple[str, str], ProxyBinding]:
+    """The local proxy's whole table.
+
+    With the FIFO: the AoR list (``ul.dump brief``) over the FIFO, then one ``ul.lookup`` per AoR over the
+    datagram socket, pipelined. Why not one full ``ul.dump``: jsonrpcs builds its reply by appending to a
+    linked list (O(n^2) in the number of AoRs): measured here, full dumps of 10k/20k/40k bindings took
+    1.1/4.5/23 s, while brief 40k took 6 s and 40k lookups 1.8 s (~22k/s). Without the FIFO: one full
+    ``ul.dump`` datagram, enough for a small table, a clear error for a big one.
+    """
     from ha.proxy.kamailio import Rpc
 
+    f = FifoRpc(fifo or fifo_for(rpc_socket), timeout=timeout)
     with Rpc(rpc_socket, timeout=min(timeout, 5.0)) as r:
-        try:
-            return parse_dump(r.call("ul.dump"))
-        except RpcError as exc:
-            raise RpcError(f"{exc} (no {f.fifo}: a table above ~128 KiB of JSON needs the FIFO transport)") from None
+        if not f.available:
+            try:
+                return parse_dump(r.call("ul.dump"))
+            except RpcError as exc:
+                raise RpcError(f"{exc} (no {f.fifo}: a table above ~128 KiB of JSON needs the FIFO)") from None
+        now = time.time()
+        brief = f.call("ul.dump", "brief") or {}
+        doms = [d.get("Domain", {}) for d in brief.get("Domains", []) or []]
+        tables = [(d.get("Domain", "location"), [a.get("AoR") for a in d.get("AoRs") or []]) for d in doms]
+        domains = []
+        for table, aors in tables:
+            outs = r.call_many([("ul.lookup", [table, a]) for a in aors], window)
+            found = [o for o in outs if isinstance(o, dict)]  # an error: the AoR went away meanwhile (404)
+            lost = [o for o in outs if isinstance(o, RpcError) and "404" not in str(o) and "not found" not in str(o)]
+            if lost:
+                raise RpcError(f"ul.lookup failed for {len(lost)} AoRs (first: {lost[0]})")
+            domains.append({"Domain": {"Domain": table, "AoRs": found}})
+        return parse_dump({"Domains": domains}, now)
 
 
 __all__ = ["FIFO_NAME", "FifoRpc", "ProxyBinding", "dump", "fifo_for", "parse_dump"]

@@ -5,11 +5,18 @@
 * ``feed(datagram, peer)`` for each datagram (validated, sequence-checked, queued when this node writes),
 * ``flush()`` after each drained burst (one batched, epoch-fenced write; journaled if ZooKeeper has no
   quorum),
-* ``tick()`` about once a second (journal replay once ZooKeeper is back, expired-binding GC on the elected
-  node),
+* ``tick()`` about once a second (start once ZooKeeper answers, journal replay, a failed resync retried, the
+  local proxy's boot time checked for a silent restart, reconciliation from ``ul.dump`` after lost events,
+  expired-binding GC on the elected node),
 * ``promote()`` when this node takes over (VIP here: bump the epoch, fencing the old active) and
   ``demote()`` when it stops being active,
-* ``status()`` for the status socket, ``close()`` at exit.
+* ``status()`` for the status socket, ``close()`` at exit; ``ready`` says whether the local proxy holds the
+  store's state (the service turns it into the health service's readiness file).
+
+Reconciliation (active node only, :mod:`ha.coordinator.reconcile`): scheduled by a sequence gap, a journal
+overflow, a proxy restart and every promotion (events sent before this node knew it was active were not
+written), run from ``tick()`` once the journal is empty and the local proxy is synced (an unsynced proxy is
+no truth: it lacks bindings).
 
 The replicator runs on the store's watch thread and pushes peers' bindings into the local proxy. Only the
 active node writes its proxy's events: the standby's proxy sees no REGISTERs (the VIP is elsewhere), and

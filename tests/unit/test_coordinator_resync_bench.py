@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest_zk import connect, contact
-from test_coordinator_service import clear_table, fifo_proxy, keys_in_proxy
+from test_coordinator_service import fifo_proxy, keys_in_proxy
 
 from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.replicator import Replicator
@@ -86,7 +86,8 @@ def test_resync_time(n: int, big_ensemble: Ensemble, tmp_path: Path) -> None:
             res = applier.apply(snap.contacts)
             t_add = time.monotonic() - t0
             assert res.added == n and not res.errors, str(res)
-            clear_table(p)
+            gone = rpc.call_many([("ul.rm", ["location", f"u{i}"]) for i in range(1, n + 1)], 8)
+            assert not [g for g in gone if isinstance(g, Exception)]
             rep_rpc = kamailio.Rpc(p.rpc_sock, timeout=5.0)
             rep = Replicator(reader, ProxyApplier(rep_rpc), "node1")
             try:
@@ -97,7 +98,9 @@ def test_resync_time(n: int, big_ensemble: Ensemble, tmp_path: Path) -> None:
             finally:
                 rep.stop()
                 rep_rpc.close()
-            assert len(keys_in_proxy(p)) == n
+            assert rep.resync_count == n
+            if n <= 10_000:  # ul.dump of a bigger table does not come back in time (see proxytable)
+                assert len(keys_in_proxy(p)) == n
         print(f"\nRESYNC n={n}: write {t_write:.2f} s ({n / t_write:.0f}/s); multiRead snapshot {t_multi:.2f} s; "
               f"watch resync read {t_watch:.2f} s; ul.add {t_add:.2f} s ({n / t_add:.0f}/s); "
               f"replicator start->synced {t_rep:.2f} s")

@@ -288,3 +288,42 @@ def test_bye_after_a_failover_closes_the_replicated_dialog_with_its_original_tim
     (cdr,) = new_active.cdrs()
     assert (cdr.from_tag, cdr.to_tag, cdr.created_ms, cdr.start_ts) == ("caller", "callee", 1764014460123, 1764014461)
     assert (cdr.node, cdr.epoch, cdr.reason) == ("node2", 2, "end")
+
+
+def test_watch_resync_misses_nothing_changed_while_its_watches_are_armed(
+    zk_ensemble: Ensemble, store: ZkStore, cluster: str
+) -> None:
+    """The resync reads without watches (multiRead) and arms them afterwards, in chunks: what changes in
+    between (refreshed, deleted, deleted and re-created) must still reach the watcher."""
+    store.write([contact(i, f"arm{i}", ttl=600) for i in range(1, 6001)])
+    first = threading.Event()
+    seen: list[Change] = []
+
+    def on_changes(changes: list[Change]) -> None:
+        seen.extend(changes)
+        first.set()
+
+    client = connect(zk_ensemble)
+    w = ZkStore(client, cluster, "node2").watch_contacts(on_changes)
+    try:
+        assert first.wait(30) and len(seen) == 6000
+        # Straight after the resync was delivered, while (most) data watches are not armed yet:
+        store.write(
+            [contact(7000 + i, f"arm{i}", ttl=1200) for i in range(5990, 6001)]  # refreshed
+            + [contact(8000 + i, f"arm{i}", kind="delete") for i in range(5980, 5990)]  # deleted
+            + [contact(9000, "arm5979", kind="delete"), contact(9001, "arm5979", ttl=1800)]  # re-created
+        )
+        want = {(r.aor, r.contact): r.expires_at for r in store.snapshot().contacts}
+
+        def view() -> dict[tuple[str, str], int]:
+            return {(r.aor, r.contact): r.expires_at for r in w.records().values()}  # type: ignore[attr-defined]
+
+        deadline = time.monotonic() + 30
+        while view() != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert view() == want
+        assert len(want) == 5990
+    finally:
+        w.stop()
+        client.stop()
+        client.close()
