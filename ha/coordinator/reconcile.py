@@ -9,8 +9,9 @@ writes the difference as ordinary, epoch-fenced events:
   the store's richer record is kept and only its expiry taken from the proxy;
 * a binding the store has and the proxy lacks is deleted.
 
-Races: this node's own writes cannot interleave (reconciliation runs on the loop that writes), so its records
-are always judged by the dump. A *peer's* record written shortly before or after the dump began (``ts_ms``
+Races: the dump is read while the loop keeps writing events; every binding an event touched after the dump
+began is excluded (``exclude``: the event is newer than the dump), so this node's other records are judged by
+the dump alone. A *peer's* record written shortly before or after the dump began (``ts_ms``
 after the dump's start minus ``margin_s``) is left alone in both directions: replication may not have pushed
 it into this proxy yet. Events still queued in the intake are applied after the reconciliation, in order, so
 they end at the newest state either way.
@@ -19,7 +20,7 @@ they end at the newest state either way.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from ha.coordinator.events import ContactEvent
@@ -65,12 +66,18 @@ def diff(
     node: str,
     started_ms: int,
     margin_s: float = 2.0,
+    exclude: Set[tuple[str, str]] = frozenset(),
 ) -> tuple[list[ContactEvent], dict[str, int]]:
-    """The events that make the store equal the proxy, and how many of each kind."""
+    """The events that make the store equal the proxy, and how many of each kind.
+
+    ``exclude``: bindings an event changed after the dump began (the event is newer than the dump)."""
     fresh_after = started_ms - int(margin_s * 1000)
     events: list[ContactEvent] = []
     n = {"added": 0, "updated": 0, "removed": 0, "skipped_recent": 0}
     for key, pb in proxy.items():
+        if key in exclude:
+            n["skipped_recent"] += 1
+            continue
         zk = stored.get(key)
         if zk is None:
             events.append(_event(pb.record, "insert", node, started_ms))
@@ -88,6 +95,9 @@ def diff(
     for key, zk in stored.items():
         if key in proxy:
             continue
+        if key in exclude:
+            n["skipped_recent"] += 1
+            continue
         if zk.node != node and zk.ts_ms >= fresh_after:
             n["skipped_recent"] += 1
             continue
@@ -97,14 +107,15 @@ def diff(
 
 
 def reconcile(store: Store, proxy: Mapping[tuple[str, str], ProxyBinding], node: str,
-              started_ms: int | None = None, margin_s: float = 2.0) -> ReconcileResult:
+              started_ms: int | None = None, margin_s: float = 2.0,
+              exclude: Set[tuple[str, str]] = frozenset()) -> ReconcileResult:
     """Make the store hold exactly the proxy's bindings; raises StaleEpoch/StoreUnavailable like any write.
 
     ``started_ms``: when the dump was started (default: now); take it *before* calling ``ul.dump``.
     """
     started = int(time.time() * 1000) if started_ms is None else started_ms
     stored = {(r.aor, r.contact): r for r in store.snapshot().contacts}
-    events, n = diff(proxy, stored, node, started, margin_s)
+    events, n = diff(proxy, stored, node, started, margin_s, exclude)
     if events:
         store.write(events)
     return ReconcileResult(proxy=len(proxy), store=len(stored), **n)

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from kazoo.client import KazooClient
 
 from ha.coordinator import proxytable
 from ha.coordinator.apply import ProxyApplier
-from ha.coordinator.events import Event, Intake, SeqStatus
+from ha.coordinator.events import ContactEvent, Event, Intake, SeqStatus
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.reconcile import ReconcileResult, reconcile
@@ -88,6 +89,11 @@ class Replication:
         self.reconcile_due: float | None = None  # monotonic time it should run; None: not needed
         self.reconciled: ReconcileResult | None = None
         self.reconcile_runs = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._dump: Future[Mapping[tuple[str, str], ProxyBinding]] | None = None  # a dump in flight
+        self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
+        self._dump_started_ms = 0
+        self._dump_t0 = 0.0
         # The local proxy's boot time (epoch s) from its uptime, polled on tick: a restart that sent no event
         # (nobody registered since) must still trigger the full resync of its empty table.
         self.proxy_boot_fn = proxy_boot
@@ -174,19 +180,45 @@ class Replication:
         self.reconcile_due = due if self.reconcile_due is None else min(self.reconcile_due, due)
 
     def reconcile(self) -> str:
-        """Diff the local proxy's table against the store and repair the store (active node only)."""
+        """Diff the local proxy's table against the store and repair the store, synchronously (active node)."""
+        self.start_reconcile()
+        assert self._dump is not None
+        with contextlib.suppress(Exception):
+            self._dump.result()
+        return self.finish_reconcile() or "reconcile: nothing"
+
+    def start_reconcile(self) -> str:
+        """Read the proxy's table on a worker thread; the loop keeps taking events meanwhile (a 100k-binding
+        table takes seconds to read), and every binding an event touches from now on is left out of the diff:
+        the event is newer than anything the dump can show."""
         if self.dump_table is None:
-            return "reconcile: no way to read the proxy's table"
+            raise RpcError("no way to read the proxy's table")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
+        self._touched = set()
+        self._dump_started_ms = int(time.time() * 1000)
+        self._dump_t0 = time.monotonic()
+        self._dump = self._pool.submit(self.dump_table)
+        return "reconcile: reading the proxy's table"
+
+    def finish_reconcile(self) -> str | None:
+        """When the dump is in: write the difference (raises what the store or the dump raised)."""
+        fut, touched = self._dump, self._touched or set()
+        if fut is None or not fut.done():
+            return None
+        self._dump, self._touched = None, None
+        t_dump = time.monotonic() - self._dump_t0
+        table = fut.result()  # RpcError/OSError: the caller postpones
+        if not self.active:
+            return "reconcile dropped: no longer active"
         if self.pending:
-            self.flush()
-        started_ms = int(time.time() * 1000)
-        t0 = time.monotonic()
-        table = self.dump_table()
+            self.flush()  # every event fed so far is in the store before it is read
         t1 = time.monotonic()
-        res = reconcile(self.store, table, self.node, started_ms)
+        res = reconcile(self.store, table, self.node, self._dump_started_ms, exclude=touched)
         self.reconciled = res
         self.reconcile_runs += 1
-        return f"reconciled ({(t1 - t0) * 1000:.0f} ms dump, {(time.monotonic() - t1) * 1000:.0f} ms diff+write): {res}"
+        return (f"reconciled ({t_dump * 1000:.0f} ms dump, {(time.monotonic() - t1) * 1000:.0f} ms diff+write, "
+                f"{len(touched)} bindings changed meanwhile left to their events): {res}")
 
     def feed(self, data: bytes, peer: object = None) -> str | None:
         got = self.intake.feed(data, peer)
@@ -204,6 +236,8 @@ class Replication:
                 msg += ": reconciling from ul.dump"
         if self.active:
             self.pending.append(got.event)
+        if self._touched is not None and isinstance(got.event, ContactEvent):
+            self._touched.add((got.event.aor, got.event.contact))
         return msg
 
     def flush(self) -> str | None:
@@ -254,17 +288,11 @@ class Replication:
             self._next_resync_retry = now + 2.0
             said.append(f"resync not applied ({rep.last_status}): trying again")
             rep.restart(include_own=rep.include_own)
-        if (
-            self.reconcile_due is not None
-            and now >= self.reconcile_due
-            and self.active
-            and self.store.available
-            and not self.writer.journal
-            and (rep is None or rep.synced.is_set())  # an unsynced proxy is no truth: it lacks bindings
-        ):
-            self.reconcile_due = None
+        if self._dump is not None:
             try:
-                said.append(self.reconcile())
+                m = self.finish_reconcile()
+                if m:
+                    said.append(m)
             except StoreUnavailable as exc:
                 self.schedule_reconcile(2.0)
                 said.append(f"reconcile postponed: {exc}")
@@ -274,6 +302,19 @@ class Replication:
             except (RpcError, OSError) as exc:
                 self.schedule_reconcile(2.0)
                 said.append(f"reconcile postponed, cannot read the proxy's table: {exc}")
+        elif (
+            self.reconcile_due is not None
+            and now >= self.reconcile_due
+            and self.active
+            and self.store.available
+            and not self.writer.journal
+            and (rep is None or rep.synced.is_set())  # an unsynced proxy is no truth: it lacks bindings
+        ):
+            self.reconcile_due = None
+            try:
+                said.append(self.start_reconcile())
+            except RpcError as exc:
+                said.append(f"reconcile impossible: {exc}")
         if self.store.available and time.monotonic() >= self._next_gc:
             self._next_gc = time.monotonic() + self.gc_interval_s
             try:
@@ -322,7 +363,7 @@ class Replication:
             "resync_bindings": rep.resync_count if rep else 0,
             "proxy_boot": self.proxy_boot,
             "reconcile_runs": self.reconcile_runs,
-            "reconcile_pending": self.reconcile_due is not None,
+            "reconcile_pending": self.reconcile_due is not None or self._dump is not None,
             "last_reconcile": str(self.reconciled) if self.reconciled else None,
             "last": self.last,
         }
@@ -334,6 +375,8 @@ class Replication:
             with contextlib.suppress(Exception):  # best effort: the lock's node goes with the session anyway
                 self.store.release_gc_lock()
         self.writer.journal.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         for close in self._closers:
             close()
 

@@ -203,6 +203,10 @@ def test_diff_keeps_what_ul_add_cannot_carry_and_spares_a_peers_fresh_record() -
     events, n = diff({}, {("b", "sip:b@x"): fresh, ("c", "sip:c@x"): mine}, "node1", now * 1000)
     assert n == {"added": 0, "updated": 0, "removed": 1, "skipped_recent": 1}
     assert [e.aor for e in events] == ["c"] and events[0].type == "contact.delete"
+    # A binding an event changed while the dump was being read is the event's business, in both directions.
+    events, n = diff({("a", "sip:a@x"): pushed}, {("c", "sip:c@x"): mine}, "node1", now * 1000,
+                     exclude={("a", "sip:a@x"), ("c", "sip:c@x")})
+    assert events == [] and n["skipped_recent"] == 2
 
 
 # ------------------------------------------------------------------------------------------------- the service
