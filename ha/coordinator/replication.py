@@ -71,6 +71,8 @@ class Replication:
         self.intake = Intake()
         self.writer = BufferedWriter(store, journal)
         self.replicator = Replicator(store, applier, node) if applier is not None else None
+        if self.replicator is not None:
+            self.replicator.standby = lambda: not self.active
         self.active = False
         self.gc_grace_s = gc_grace_s
         # GC reads every binding: at 100k that is a few seconds of ZooKeeper work, so not every tick.

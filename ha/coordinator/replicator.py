@@ -7,8 +7,9 @@ decides what the local proxy must do with it and hands that to :class:`~ha.coord
   with ``ul.add`` would even wipe what ``ul.add`` cannot carry (the received address of a NATed phone).
   So this node's own writes are skipped, except on a resync after the local proxy *restarted*
   (``include_own=True``): its table is empty then and needs everything.
-* a delete is applied only if the last version of the binding was written by a peer (a binding this
-  node's proxy wrote and then removed or let expire is already gone here).
+* a delete is applied if the last version of the binding was written by a peer, or, while this node is
+  standby, by this node (it wrote it while it was active; the new active's phone un-registered it). While
+  active, its own deletes are skipped: they came from its own proxy, where the binding is already gone.
 
 Every pass ends in one sentence (``last_status``) for the service's log, Patroni-style.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
@@ -43,6 +45,7 @@ class Replicator:
         self.applier = applier
         self.node = node
         self.include_own = include_own  # for the first resync only (the local proxy just started)
+        self.standby: Callable[[], bool] = lambda: True  # Replication points it at "not active"
         self.stats = ReplicatorStats()
         self.last_status = "not started"
         self.synced = threading.Event()  # set after a resync was applied without an error
@@ -78,8 +81,14 @@ class Replicator:
         """The local proxy restarted (the intake saw its sequence restart): re-push everything, own included."""
         self.restart(include_own=True)
 
-    def _wanted(self, rec: ContactRecord, resync: bool) -> bool:
-        return rec.node != self.node or (resync and self.include_own)
+    def _wanted(self, c: Change) -> bool:
+        if c.record.node != self.node or (c.resync and self.include_own):
+            return True
+        # This node's own binding deleted while it is standby: the active removed it (the phone un-registered
+        # there, or it expired), and this proxy still holds it from when this node was active. While active,
+        # its own deletes came from its own proxy (already gone there; re-applying one could even remove a
+        # binding the phone re-registered in the meantime).
+        return c.kind == "delete" and self.standby()
 
     def on_changes(self, changes: list[Change]) -> None:
         adds: list[ContactRecord] = []
@@ -87,7 +96,7 @@ class Replicator:
         resync = not changes or any(c.resync for c in changes)  # an empty batch is an empty store's resync
         skipped = 0
         for c in changes:
-            if not self._wanted(c.record, c.resync):
+            if not self._wanted(c):
                 skipped += 1
             elif c.kind == "put":
                 adds.append(c.record)

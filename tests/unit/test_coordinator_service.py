@@ -435,3 +435,54 @@ def test_agent_passes_node_run_dir_and_ready_file(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("OCF_RESKEY_node")
     default = ocf.Config().command()
     assert default[default.index("--node") + 1] == ocf.local_node_name()
+
+
+def test_a_standby_removes_its_own_old_binding_when_the_active_deletes_it(
+    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """node1 wrote a binding while it was active (its proxy got it from the REGISTER); after a failover the
+    phone un-registers through node2. node1, now standby, must drop it from its proxy, or a failback would
+    route to a phone that is gone. While node1 is active, its own deletes are not pushed back."""
+    clear_table(proxy)
+    cluster = unique_cluster("del")
+    old = ZkStore(zk_client, cluster.name, "node1")
+    old.ensure_layout()
+    old.bump_epoch()
+    old.write([contact(1, "own1", "sip:own1@198.51.100.74:5060", node="node1")])
+    with kamailio.Rpc(proxy.rpc_sock, timeout=5.0) as r:  # what node1's proxy holds from the REGISTER
+        r.call("ul.add", "location", "own1", "sip:own1@198.51.100.74:5060", 600, -1, "0", 0, 0, -1)
+    client = conftest_zk.connect(zk_ensemble)
+    rpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    from ha.coordinator.apply import ProxyApplier
+    from ha.coordinator.journal import Journal
+
+    repl = Replication(ZkStore(client, cluster.name, "node1"), "node1", Journal(tmp_path / "j.jsonl"),
+                       ProxyApplier(rpc))
+    try:
+        repl.start()
+        assert repl.replicator is not None and repl.replicator.synced.wait(20)
+        assert ("own1", "sip:own1@198.51.100.74:5060") in keys_in_proxy(proxy)
+        new = ZkStore(zk_client, cluster.name, "node2")  # the new active
+        new.bump_epoch()
+        new.write([contact(2, "own1", "sip:own1@198.51.100.74:5060", "delete", node="node2")])
+        wait_for(lambda: ("own1", "sip:own1@198.51.100.74:5060") not in keys_in_proxy(proxy), 10,
+                 "the standby's proxy dropping its old binding")
+
+        # node1 active again: its own binding and its own delete (from its own proxy) are not pushed back.
+        repl.promote()
+        repl.store.write([contact(3, "own2", "sip:own2@198.51.100.74:5060", node="node1")])
+        with kamailio.Rpc(proxy.rpc_sock, timeout=5.0) as r:  # the phone re-registered already
+            r.call("ul.add", "location", "own2", "sip:own2@198.51.100.74:5060", 600, -1, "0", 0, 0, -1)
+        rep = repl.replicator
+        wait_for(lambda: rep.stats.skipped_own >= 2, 10, f"own put skipped ({rep.stats}, {rep.last_status})")
+        removed = rep.stats.removed
+        repl.store.write([contact(4, "own2", "sip:own2@198.51.100.74:5060", "delete", node="node1")])
+        wait_for(lambda: rep.stats.skipped_own >= 3, 10, f"own delete skipped ({rep.stats}, {rep.last_status})")
+        assert rep.stats.removed == removed
+        assert ("own2", "sip:own2@198.51.100.74:5060") in keys_in_proxy(proxy)
+    finally:
+        repl.close()
+        rpc.close()
+        client.stop()
+        client.close()
+        clear_table(proxy)
