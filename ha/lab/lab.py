@@ -443,6 +443,7 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     if variant == "stock":
         fence = _fence_agent_installed(cluster.fencing.agent)
         cib, kamailio_by_lab = stock.cib(cluster, rendered["cib.xml"], fence, step), False
+        rendered = {k: stock.kamailio_cfg(v) if k.endswith("kamailio.cfg") else v for k, v in rendered.items()}
     else:
         cib, kamailio_by_lab = _lab_cib(rendered["cib.xml"], cluster, step)
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
