@@ -134,14 +134,23 @@ class Service:
 
     # -- readiness -------------------------------------------------------------------------------------------
 
-    def _read_ready(self) -> dict[str, Any] | None:
-        if self.ready_file is None:
-            return None
-        try:
-            d = json.loads(self.ready_file.read_text() or "{}")
-        except (OSError, ValueError):
-            return None if not self.ready_file.exists() else {}
-        return d if isinstance(d, dict) else {}
+    @property
+    def _loaded_file(self) -> Path | None:
+        """Which proxy instance (boot time) was last fully loaded; outlives a withdrawn readiness file, so a
+        restarted standby coordinator knows its proxy still holds its own bindings (no ul.add over them)."""
+        return self.ready_file.with_name(self.ready_file.name + ".loaded") if self.ready_file else None
+
+    def _loaded_boot(self) -> int | None:
+        for f in (self._loaded_file, self.ready_file):
+            if f is None:
+                continue
+            try:
+                d = json.loads(f.read_text() or "{}")
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict) and isinstance(d.get("proxy_boot"), int):
+                return int(d["proxy_boot"])
+        return None
 
     def _drop_ready(self, why: str) -> None:
         if self.ready_file is not None and self.ready_file.exists():
@@ -160,6 +169,9 @@ class Service:
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ready_file.with_name(f".{self.ready_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(body) + "\n")
+        if self._loaded_file is not None:
+            with contextlib.suppress(OSError):
+                self._loaded_file.write_text(json.dumps(body) + "\n")
         tmp.replace(self.ready_file)  # atomic: the health service never sees a half-written file
         log.info("resync complete (%s bindings in %s ms): readiness given, %s written", body["bindings"],
                  body["resync_ms"], self.ready_file)
@@ -168,23 +180,21 @@ class Service:
         """Keep readiness only on the active node whose proxy has not restarted since it was given (see top)."""
         boot = self.repl.proxy_boot_fn() if self.repl.proxy_boot_fn else None
         self.repl.proxy_boot = boot
-        prev = self._read_ready()
-        same_proxy = (
-            prev is not None and boot is not None and isinstance(prev.get("proxy_boot"), int)
-            and abs(prev["proxy_boot"] - boot) <= BOOT_SLACK_S
-        )
+        prev = self._loaded_boot()
+        had_ready = self.ready_file is not None and self.ready_file.exists()
+        same_proxy = prev is not None and boot is not None and abs(prev - boot) <= BOOT_SLACK_S
         active = bool(self.role and self.role())
         # A proxy that restarted since (or is not up yet) has an empty table: it needs this node's bindings too.
         self.repl.include_own_first = not same_proxy
-        if same_proxy and active:
+        if same_proxy and active and had_ready:
             self.ready_given = True
             log.info("active node, proxy unchanged since readiness was given (boot %s): readiness kept while "
                      "peers' changes are resynced", boot)
         else:
             why = "proxy not answering yet" if boot is None else (
-                "proxy restarted since the last resync" if prev is not None and not same_proxy else "standby start")
+                "proxy restarted since its last resync" if not same_proxy else "standby start")
             self._drop_ready(f"resync first ({why})")
-            if prev is None:
+            if not had_ready:
                 log.info("readiness absent until the resync completes (%s)", why)
 
     def _readiness(self) -> None:

@@ -222,10 +222,13 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str, ready: Path) -> Iterator[Running]:
+def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str, ready: Path,
+                    standby: bool = False, boot: Callable[[], int | None] | None = None) -> Iterator[Running]:
     repl = Replication.from_model(cluster, "node1", journal_path=tmp / "journal.jsonl", rpc_socket=p.rpc_sock,
                                   hosts=hosts)
     repl.reconcile_delay_s = 0.5
+    if boot is not None:
+        repl.proxy_boot_fn = boot
     dropping = threading.Event()
     real_feed = repl.feed
 
@@ -236,7 +239,8 @@ def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str,
     udp = tpl.ns_socket(p.ns)
     udp.bind(("127.0.0.1", cluster.proxy.event_port))
     svc = Service("127.0.0.1", cluster.proxy.event_port, str(tmp / "c.pid"), str(tmp / "c.sock"), repl,
-                  ready_file=ready, role=vip_check([v.ip for v in cluster.vips], ("ip", "-n", p.ns)), intake=udp)
+                  ready_file=ready, intake=udp,
+                  role=None if standby else vip_check([v.ip for v in cluster.vips], ("ip", "-n", p.ns)))
     t = threading.Thread(target=svc.run, name="coordinator-under-test", daemon=True)
     t.start()
     try:
@@ -485,4 +489,43 @@ def test_a_standby_removes_its_own_old_binding_when_the_active_deletes_it(
         rpc.close()
         client.stop()
         client.close()
+        clear_table(proxy)
+
+
+def test_a_proxy_restart_without_events_withdraws_readiness_until_its_new_table_is_loaded(
+    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """The proxy restarts (its boot time changes) and nobody registers: no event tells it, the boot poll does.
+    Its table is empty, so readiness goes until everything, this node's own bindings included, is back."""
+    clear_table(proxy)
+    cluster = unique_cluster("rst")
+    peer = ZkStore(zk_client, cluster.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    peer.write([contact(i, f"r{i}", f"sip:r{i}@198.51.100.75:5060", node="node2") for i in range(1, 201)])
+    peer.write([contact(1, "mine", "sip:mine@198.51.100.76:5060", node="node1")])
+    want = {(f"r{i}", f"sip:r{i}@198.51.100.75:5060") for i in range(1, 201)}
+    want.add(("mine", "sip:mine@198.51.100.76:5060"))
+    boot = [int(time.time()) - 100]
+    ready = tmp_path / "ready"
+    try:
+        with running_service(proxy, cluster, tmp_path, zk_ensemble.hosts, ready, standby=True,
+                             boot=lambda: boot[0]) as run:
+            wait_for(ready.exists, 20, "readiness")
+            assert keys_in_proxy(proxy) == want and json.loads(ready.read_text())["proxy_boot"] == boot[0]
+            clear_table(proxy)  # what a restarted proxy holds
+            boot[0] += 50
+            wait_for(lambda: run.repl.proxy_generation == 1, 10, "the restart noticed")
+            wait_for(lambda: run.svc.ready_given and ready.exists(), 20, "readiness given again")
+            assert keys_in_proxy(proxy) == want
+            assert json.loads(ready.read_text())["proxy_boot"] == boot[0]
+        assert not ready.exists()  # a standby's coordinator stopped: nobody keeps the proxy in step
+        # Restarted, same proxy: resync without readiness again, but its own bindings are not pushed over
+        # what the proxy holds from its REGISTERs (ul.add would drop their received address).
+        with running_service(proxy, cluster, tmp_path, zk_ensemble.hosts, ready, standby=True,
+                             boot=lambda: boot[0]) as run:
+            wait_for(ready.exists, 20, "readiness after the coordinator restart")
+            assert run.repl.include_own_first is False
+            assert run.repl.replicator is not None and run.repl.replicator.stats.skipped_own == 1
+    finally:
         clear_table(proxy)
