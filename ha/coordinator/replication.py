@@ -228,9 +228,12 @@ class Replication:
             return None  # counted (and rate-limited logging) in the intake
         msg = None
         if got.seq.status is SeqStatus.RESTART:
-            if got.event.boot:
-                self.proxy_boot = got.event.boot
-            msg = self.proxy_restarted(f"its event seq went back to {got.event.seq}")
+            b = got.event.boot
+            if b and self.proxy_boot is not None and abs(b - self.proxy_boot) <= 2:
+                msg = f"proxy {got.event.node} restarted (boot {b}): already seen by the boot check, resync under way"
+            else:
+                self.proxy_boot = b or self.proxy_boot
+                msg = self.proxy_restarted(f"its event seq went back to {got.event.seq}")
         elif got.seq.status is SeqStatus.GAP:
             msg = f"proxy {got.event.node}: {got.seq.missing} events lost before seq {got.event.seq}"
             if self.active:
