@@ -297,9 +297,15 @@ class Service:
             m = self.repl.tick()
         except StaleEpoch as exc:  # belt and braces: tick absorbs it, a fenced writer must never crash the loop
             m = f"FENCED: {exc}"
+        except Exception:  # a bug or an unexpected ZooKeeper reply: log it, keep taking events, try next second
+            log.exception("tick failed; trying again in %.0f s", TICK_S)
+            m = None
         if m:
             log.info("%s", m)
-        self._check_role()
+        try:
+            self._check_role()
+        except Exception:
+            log.exception("role check failed; trying again in %.0f s", TICK_S)
         self._readiness()
 
     def stop(self) -> None:
