@@ -53,12 +53,13 @@ def validate_cmd(cluster_yaml: str) -> None:
 
 
 def _register() -> None:
+    from ha.coordinator.cli import calls, registrations
     from ha.deploy_cli import deploy_cmd, status_cmd, switchover_cmd
     from ha.drill.cli import drill
     from ha.health.cli import health
     from ha.lab.cli import lab
 
-    for command in (lab, health, drill, deploy_cmd, status_cmd, switchover_cmd):
+    for command in (lab, health, drill, registrations, calls, deploy_cmd, status_cmd, switchover_cmd):
         main.add_command(command)
 
 

@@ -235,9 +235,9 @@ def kamailio_command(
         "-M", str(cluster.proxy.pkg_mb),
         "-P", str(run_dir / PID_NAME),
     ]  # fmt: skip
-    if run_dir != RUN_DIR:
-        cmd += ["-A", f'SIPHA_RUN_DIR="{run_dir}"']
-    for name, value in (defines or {}).items():
+    # Kamailio refuses a name defined twice, so the run dir's defaults yield to the caller's defines.
+    wanted = {"SIPHA_RUN_DIR": str(run_dir), "SIPHA_RPC_REPLY_DIR": f"{run_dir}/"} if run_dir != RUN_DIR else {}
+    for name, value in (wanted | (defines or {})).items():
         cmd += ["-A", f'{name}="{value}"']
     if foreground:
         cmd += ["-DD", "-E"]
