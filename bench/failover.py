@@ -190,6 +190,10 @@ def main() -> int:
     after = args.after_s if args.after_s is not None else (40.0 if stock else 8.0)
     runs = max(1, min(args.runs, 30))
     results: list[dict[str, Any]] = []
+    inst = subprocess.run(["make", "-s", "install-agents"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if inst.returncode != 0:  # the agents are machine-wide: make sure they are this checkout's
+        print(f"make install-agents: {inst.stderr.strip()}", file=sys.stderr)
+        return 2
     load = {"before": os.getloadavg()}
     with labmod.lab_up(args.cluster, echo=lambda _m: None, variant=args.variant) as up_s:
         spec = labmod.load_spec()

@@ -226,6 +226,19 @@ def _under_tmp(*paths: Path) -> list[str]:
     return out
 
 
+def _agents_homes() -> list[Path]:
+    """The checkouts the installed agents import ``ha`` from (``SIPHA_HOME`` written by make install-agents)."""
+    import re
+
+    homes = []
+    for f in (OCF_ROOT / "sipha" / "proxy", OCF_ROOT / "sipha" / "coordinator", Path("/usr/sbin/fence_sipha_lab")):
+        with contextlib.suppress(OSError):
+            m = re.search(r'^SIPHA_HOME = "([^"]+)"', f.read_text(errors="replace"), re.M)
+            if m:
+                homes.append(Path(m.group(1)))
+    return homes
+
+
 def _chown(path: Path, user: str, group: str) -> None:
     shutil.chown(path, user, group)
 
@@ -332,7 +345,7 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
             h["run_dirs"] = [("/run/corosync-qdevice", ""), ("/run/corosync-qnetd", ""), ("/run/kamailio", ""),
                              ("/run/crm", "hacluster:haclient"), ("/run/lock", ""), ("/run/sipha", "")]  # fmt: skip
             h["services"] = _services(cluster, h, cfg)
-            h["keep_tmp"] = _under_tmp(REPO, Path(sys.prefix), Path(sys.executable).parent)
+            h["keep_tmp"] = _under_tmp(REPO, Path(sys.prefix), Path(sys.executable).parent, *_agents_homes())
         hosts.append(h)
     return {
         "version": 1,
