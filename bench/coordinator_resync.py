@@ -1,7 +1,7 @@
 """Resync measurement: N bindings from a real 3-member ensemble into a real Kamailio (not a pass/fail gate).
 
-Heavy (100k bindings written to ZooKeeper first), so it only runs when asked:
-``SIPHA_BENCH_RESYNC=10000,100000 pytest tests/unit/test_coordinator_resync_bench.py -s``. It starts its own
+Heavy (100k bindings written to ZooKeeper first), so it lives here, outside the test suite:
+``SIPHA_BENCH_RESYNC=10000,100000 .venv/bin/pytest bench/coordinator_resync.py -s`` (default: 10000). It starts its own
 ensemble with a bigger heap (100k znodes do not fit the tests' 128 MB). One run per size, numbers printed:
 
 * write: the active writing N events (batched transactions), for scale;
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))  # the real-ensemble helpers
 from conftest_zk import connect, contact
 from test_coordinator_service import fifo_proxy, keys_in_proxy
 
@@ -31,10 +34,9 @@ from ha.coordinator.store import ZkStore, _ZkContactWatch
 from ha.proxy import kamailio
 from ha.zk_testing import Ensemble
 
-SIZES = [int(s) for s in os.environ.get("SIPHA_BENCH_RESYNC", "").split(",") if s.strip()]
+SIZES = [int(s) for s in os.environ.get("SIPHA_BENCH_RESYNC", "10000").split(",") if s.strip()]
 
 pytestmark = [
-    pytest.mark.skipif(not SIZES, reason="set SIPHA_BENCH_RESYNC=10000,100000 to measure"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
     pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed"),
 ]
