@@ -70,9 +70,10 @@ def settle(spec: dict[str, Any], stock: bool, timeout: float = 60) -> None:
         if pred():
             time.sleep(1.0)
             return
-        # only when something failed, and rarely: a cleanup re-probes every resource, and cleaning up again
-        # before those probes finish (a loaded machine) can keep the cluster from ever settling
-        if time.monotonic() - last_cleanup > 15 and any(r["failed"] for r in labmod.crm_status(spec)["resources"]):
+        # a last resort only: Pacemaker recovers a failed proxy by itself, and a cleanup that lands while that
+        # recovery runs makes it forget the result ("resource information was removed since it was initiated"),
+        # which left the clone instance Stopped for good in two runs
+        if time.monotonic() > deadline - timeout / 2 and time.monotonic() - last_cleanup > 20:
             last_cleanup = time.monotonic()
             for n in ("node1", "node2"):
                 if labmod.powered(n):
