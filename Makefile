@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Debian 12 packages the project runs or validates against (real parts, never mocks).
 APT_PACKAGES := python3-venv pacemaker pacemaker-cli-utils corosync corosync-qdevice corosync-qnetd crmsh \
 	resource-agents fence-agents libxml2-utils kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules kamailio-websocket-modules libev4 \
-	zookeeper sip-tester sipsak snmp snmptrapd iproute2 procps psmisc openssh-server openssh-client util-linux \
+	zookeeper sip-tester sipsak sipvicious snmp snmptrapd iproute2 procps psmisc openssh-server openssh-client util-linux \
 	ansible ansible-lint vagrant python3-apt
 
 .PHONY: help apt venv test unit lab-test lint demo install-agents clean
