@@ -59,7 +59,7 @@ BAD: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("vip-is-node-address", _set("vips.0.address", "198.51.100.11/24"), "vips[0].address", "already the address"),
     ("token-below-floor", _set("timings.token_ms", 150), "timings.token_ms", "below the floor"),
     ("consensus-too-small", _set("timings.consensus_ms", 300), "timings.consensus_ms", "1.2 x token"),
-    ("probe-budget", _set("timings.failure_threshold", 7), "timings.failure_threshold", "token_ms + consensus_ms"),
+    ("probe-budget", _set("timings.failure_threshold", 20), "timings.failure_threshold", "token_ms + consensus_ms"),
     ("probe-timeout-over-period", _set("timings.probe_timeout_ms", 150), "timings.probe_timeout_ms", "below"),
     ("unknown-proxy-kind", _set("proxy.kind", "asterisk"), "proxy.kind", "'kamailio' or 'opensips'"),
     ("unknown-transport", _set("vips.0.transports", ["udp", "sctp"]), "vips[0].transports[1]", "sctp"),

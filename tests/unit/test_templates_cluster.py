@@ -292,3 +292,10 @@ def test_knet_ping_timers_stay_above_libknets_timer(token: int, timers: tuple[in
     got = (int(totem["interface"]["knet_ping_interval"]), int(totem["interface"]["knet_ping_timeout"])) \
         if "interface" in totem else None
     assert got == timers
+
+
+def test_qdevice_timeout_comes_from_the_model() -> None:
+    data = load_data("lab")
+    data["timings"]["qdevice_timeout_ms"] = 4000
+    device = corosync_sections(files(build(data))["corosync.conf"])["quorum"]["device"]
+    assert device["timeout"] == "4000"
