@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from labhelp import wait_for
 
 from ha.lab import lab as labmod
 from ha.lab import node as labnode
@@ -26,17 +26,6 @@ REPO = Path(__file__).resolve().parent.parent.parent
 def sipha(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ha.cli", "lab", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)  # fmt: skip
-
-
-def wait_for(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(step)
-    raise AssertionError(f"{what} not reached within {timeout} s (last: {last!r})")
 
 
 def both_online(spec: dict[str, Any]) -> bool:
