@@ -214,7 +214,8 @@ class SeqStatus(Enum):
     FIRST = "first"  # first event seen from this proxy (coordinator just started): no judgement possible
     NEXT = "next"
     GAP = "gap"  # events were lost: reconcile from the proxy's own table
-    DUPLICATE = "duplicate"  # seq already seen (UDP duplicate or reordering): drop it
+    LATE = "late"  # a seq a gap counted missing, arriving after all (reordering between senders): apply it
+    DUPLICATE = "duplicate"  # seq already seen (UDP duplicate): drop it
     RESTART = "restart"  # the proxy restarted: its table is empty, it needs a full resync from the store
 
 
@@ -230,10 +231,19 @@ class SeqResult:
 
 
 class SequenceTracker:
-    """Per-proxy-node sequence bookkeeping; not thread-safe (one intake loop owns it)."""
+    """Per-proxy-node sequence bookkeeping; not thread-safe (one intake loop owns it).
+
+    Kamailio's SIP workers send events concurrently, so on a burst seq 7 can arrive before seq 6 (seen in the lab:
+    20 phones registering at once). A gap therefore remembers which seqs it counted missing, and one of them
+    arriving later is applied (LATE), not dropped: dropping it lost those registrations when the node died before
+    the gap's reconciliation ran. The memory is bounded; older missing seqs stay lost (reconciliation repairs).
+    """
+
+    MISSING_KEPT = 4096  # per proxy node
 
     def __init__(self) -> None:
         self._last: dict[str, tuple[int, int]] = {}  # node -> (boot, last seq)
+        self._missing: dict[str, set[int]] = {}  # node -> seqs a gap counted lost
         self.gaps = 0
         self.lost = 0
         self.duplicates = 0
@@ -250,9 +260,15 @@ class SequenceTracker:
         if restarted:
             self.restarts += 1
             self._last[ev.node] = (ev.boot, ev.seq)
+            self._missing.pop(ev.node, None)
             # When the first event seen after a restart is not seq 1, the ones before it were lost too.
             return SeqResult(SeqStatus.RESTART, missing=ev.seq - 1)
         if ev.seq <= last:
+            missing = self._missing.get(ev.node)
+            if missing and ev.seq in missing:
+                missing.discard(ev.seq)
+                self.lost -= 1
+                return SeqResult(SeqStatus.LATE)
             self.duplicates += 1
             return SeqResult(SeqStatus.DUPLICATE)
         self._last[ev.node] = (boot, ev.seq)
@@ -260,6 +276,11 @@ class SequenceTracker:
             return SeqResult(SeqStatus.NEXT)
         self.gaps += 1
         self.lost += ev.seq - last - 1
+        missing = self._missing.setdefault(ev.node, set())
+        missing.update(range(max(last + 1, ev.seq - self.MISSING_KEPT), ev.seq))
+        if len(missing) > self.MISSING_KEPT:
+            for old_seq in sorted(missing)[: len(missing) - self.MISSING_KEPT]:
+                missing.discard(old_seq)
         return SeqResult(SeqStatus.GAP, missing=ev.seq - last - 1)
 
 
@@ -306,6 +327,9 @@ class Intake:
             )
         elif result.status is SeqStatus.RESTART:
             log.warning("proxy %s restarted (seq %d, boot %d): its table needs a full resync", ev.node, ev.seq, ev.boot)
+        elif result.status is SeqStatus.LATE:
+            log.info("proxy %s: seq %d arrived late (reordered), applied; %d still missing", ev.node, ev.seq,
+                     self.tracker.lost)
         self.accepted += 1
         return Accepted(ev, result)
 
