@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ha.coordinator.store import ContactRecord
+from ha.proxy import kamailio
 from ha.proxy.kamailio import RpcError
 
 FIFO_NAME = "kamailio-rpc.fifo"
@@ -76,16 +77,7 @@ class FifoRpc:
         finally:
             with contextlib.suppress(OSError):
                 reply.unlink()
-        try:
-            out = json.loads(data)
-        except ValueError:
-            raise RpcError(f"{method}: unreadable reply {data[:80]!r}") from None
-        if not isinstance(out, dict):
-            raise RpcError(f"{method}: unexpected reply {data[:80]!r}")
-        if "error" in out:
-            err = out["error"]
-            raise RpcError(f"{method}: {err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err))
-        return out.get("result")
+        return kamailio.result_of(method, kamailio.decode_reply(method, data))
 
     def _read_all(self, fd: int, method: str) -> bytes:
         """Until the writer closed after writing (Linux reports POLLHUP only once a writer came and went)."""

@@ -45,6 +45,26 @@ _CFG_ERROR = re.compile(
 )
 
 
+def decode_reply(what: str, data: bytes) -> dict[str, Any]:
+    """One JSON-RPC reply, whatever carried it (datagram socket or FIFO); raises :class:`RpcError`."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise RpcError(f"{what}: unreadable reply {data[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise RpcError(f"{what}: unexpected reply {data[:80]!r}")
+    return reply
+
+
+def result_of(method: str, reply: dict[str, Any]) -> Any:
+    """The reply's ``result``, or :class:`RpcError` naming the method when Kamailio answered an error."""
+    if "error" in reply:
+        err = reply["error"]
+        detail = f"{err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err)
+        raise RpcError(f"{method}: {detail}")
+    return reply.get("result")
+
+
 class RpcError(RuntimeError):
     """Kamailio answered a JSON-RPC call with an error, or did not answer at all."""
 
@@ -155,21 +175,7 @@ class Rpc:
             data = self._sock.recv(1 << 20)
         except TimeoutError:
             raise RpcError(f"{what}: no answer from {self.target} within {self.timeout} s") from None
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            raise RpcError(f"{what}: unreadable reply {data[:80]!r}") from None
-        if not isinstance(reply, dict):
-            raise RpcError(f"{what}: unexpected reply {data[:80]!r}")
-        return reply
-
-    @staticmethod
-    def _result(method: str, reply: dict[str, Any]) -> Any:
-        if "error" in reply:
-            err = reply["error"]
-            detail = f"{err.get('code')} {err.get('message')}" if isinstance(err, dict) else str(err)
-            raise RpcError(f"{method}: {detail}")
-        return reply.get("result")
+        return decode_reply(what, data)
 
     def call(self, method: str, *params: Any) -> Any:
         """One call; returns its ``result`` or raises :class:`RpcError`."""
@@ -177,7 +183,7 @@ class Rpc:
         while True:
             reply = self._recv(method)
             if reply.get("id") == req_id:  # a late reply to an earlier, timed-out call is skipped
-                return self._result(method, reply)
+                return result_of(method, reply)
 
     def call_many(self, calls: list[tuple[str, list[Any]]], window: int = 8) -> list[Any]:
         """Pipelined calls, results (or the :class:`RpcError` of each failed call) in the order given."""
@@ -193,7 +199,7 @@ class Rpc:
             if idx is None:
                 continue
             try:
-                results[idx] = self._result(calls[idx][0], reply)
+                results[idx] = result_of(calls[idx][0], reply)
             except RpcError as exc:
                 results[idx] = exc
         return results
