@@ -49,6 +49,7 @@ from typing import Any
 
 from ha.coordinator.replication import DEFAULT_JOURNAL, Replication
 from ha.coordinator.store import StaleEpoch, StoreUnavailable
+from ha.unixline import exchange
 
 log = logging.getLogger("sipha.coordinator")
 
@@ -84,16 +85,7 @@ def vip_check(vips: Iterable[str], ip_argv: Iterable[str] = ("ip",)) -> Callable
 
 def query_status(path: str, timeout: float = 1.0) -> dict[str, Any]:
     """Ask a running service for its status (what the OCF agent's monitor does); raises OSError/ValueError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(b"status\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+    buf = exchange(path, b"status\n", timeout)
     reply = json.loads(buf)
     if not isinstance(reply, dict):
         raise ValueError("status reply is not a JSON object")

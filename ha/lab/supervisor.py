@@ -50,6 +50,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ha.unixline import exchange
+
 CONTROL_DIR = Path("/run/sipha-lab")
 SOCKET_PATH = CONTROL_DIR / "supervisor.sock"
 PID_FILE = CONTROL_DIR / "supervisor.pid"
@@ -63,16 +65,7 @@ class SupervisorError(RuntimeError):
 def request(req: dict[str, Any], path: str | Path = SOCKET_PATH, timeout: float = 10.0) -> dict[str, Any]:
     """Send one request, return the reply (raises SupervisorError when unreachable or malformed)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps(req).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+        buf = exchange(path, json.dumps(req).encode() + b"\n", timeout)
     except OSError as exc:
         raise SupervisorError(f"lab supervisor at {path}: {exc.strerror or exc}") from None
     try:
