@@ -42,15 +42,17 @@ lab-test: apt venv
 test: apt venv lint
 	$(PY) -m pytest -q tests
 
-# The lab (two nodes + witness in namespaces), a hard kill of the VIP's node while the client probes the VIP
-# every 20 ms, the longest unanswered gap; the lab is always taken down, also on failure or Ctrl-C.
+# The lab (two nodes + witness in namespaces), then one node-crash drill: the VIP's node is powered off while
+# 20 registered phones, 5 established calls and an OPTIONS probe every 20 ms go through the VIP; the report
+# (gap, registrations reachable, BYEs completed, split brain) is printed and drill.png drawn. The lab is always
+# taken down, also on failure or Ctrl-C.
 demo: apt venv
 	@if $(MAKE) -n install-agents >/dev/null 2>&1 && [ -n "$$(ls resource_agents 2>/dev/null)" ]; then \
 		$(MAKE) --no-print-directory install-agents; fi
 	@trap '$(VENV)/bin/sipha lab down' EXIT; set -e; \
 	$(VENV)/bin/sipha lab up examples/lab.yaml; \
 	$(VENV)/bin/sipha lab status; \
-	$(VENV)/bin/sipha lab failover --interval-ms 20 --after-s 5
+	$(VENV)/bin/sipha drill --fault node-crash --registrations 20 --calls 5 --plot drill.png
 
 # Pacemaker runs agents from /usr/lib/ocf/resource.d with a bare environment and the system python3: the
 # installed copies carry this checkout's path (SIPHA_HOME, where ha/ and resource_agents/ocfagent.py live) and
