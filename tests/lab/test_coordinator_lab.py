@@ -1,0 +1,455 @@
+"""Issue 8's acceptance in the real lab: the coordinator's replicated state survives what it exists for.
+
+Everything SIP goes from the client namespace (198.51.100.50) to the VIP through our own UA code
+(``ha.drill.traffic``); the replicated state is read where it really is: ZooKeeper through
+``sipha registrations|calls --json`` on a node, each proxy's table through ``ul.dump`` (the jsonrpcs FIFO).
+
+1. 10,000 contacts registered, the active node powered off (the node-crash fault), then a MESSAGE to every AoR
+   reaches its phone through the VIP without any re-REGISTER.
+2. 200 confirmed calls, the active powered off, every BYE completes end to end and 200 CDRs carry the original
+   start times.
+3. ZooKeeper without quorum for 30 s (2 of 3 members stopped) under 200 REGISTER/s: afterwards ZooKeeper and
+   both proxies hold exactly the same bindings.
+4. Overload: REGISTERs blasted faster than the proxy takes them for 30 s; within 10 s after, ZooKeeper and the
+   standby proxy hold exactly what the active proxy holds.
+
+Each test leaves the cluster settled (both nodes up, sipha-health=1) and removes its own registrations.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from coordlab import (
+    Loop,
+    Phones,
+    bounded,
+    client_factory,
+    coordinator_log,
+    describe_diff,
+    open_caller,
+    power,
+    proxy_table,
+    status,
+    zk_bindings,
+    zk_calls,
+    zk_cdrs,
+)
+from labhelp import cleanup, other, wait_for, wait_settled
+
+from ha.lab import lab as labmod
+
+pytestmark = pytest.mark.lab
+
+SETTLE_AFTER_POWER_ON_S = 240  # the powered-on node: Corosync, Pacemaker, ZooKeeper, proxy, resync, health
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[Loop]:
+    lp = Loop()
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+def _active(spec: dict[str, Any]) -> str:
+    holder = labmod.vip_holder(spec)
+    assert holder in ("node1", "node2"), f"VIP on {holder!r}"
+    return holder
+
+
+def _vip_moved_to(spec: dict[str, Any], node: str, timeout: float = 30) -> float:
+    t0 = time.monotonic()
+    wait_for(lambda: labmod.vip_holder(spec) == node and labmod.sip_options(spec, spec["vips"][0])[0], timeout,
+             f"VIP on {node} answering SIP", 0.1)  # fmt: skip
+    return time.monotonic() - t0
+
+
+def _restore(spec: dict[str, Any], killed: str | None) -> None:
+    """Power the killed node back on and wait for the whole cluster to be settled again."""
+    if killed is not None and not labmod.powered(killed):
+        power(killed, True)
+    wait_for(lambda: _settled_or_cleanup(spec), SETTLE_AFTER_POWER_ON_S, "settled cluster after the test", 1.0)
+
+
+def _settled_or_cleanup(spec: dict[str, Any]) -> bool:
+    from labhelp import settled
+
+    if settled(spec):
+        return True
+    st = labmod.crm_status(spec)
+    if any(r["failed"] for r in st["resources"]):
+        cleanup(spec)
+    return False
+
+
+def _leave(loop: Loop, phones: Phones, users: list[str], caller: Any = None) -> None:
+    """Un-REGISTER every phone of the test (the next test diffs whole tables) and close the sockets; a failure
+    here is printed, never raised over the test's own failure."""
+    try:
+        res = loop.run(phones.register(users, expires=0), timeout=300)
+        bad = sum(s != 200 for s in res.values())
+        if bad:
+            print(f"cleanup: {bad}/{len(users)} un-REGISTERs not answered 200")
+    except Exception as exc:
+        print(f"cleanup: un-REGISTER failed: {exc!r}")
+    loop.run(phones.close())
+    if caller is not None:
+        loop.run(caller.ep.close())
+
+
+def _stable(table: dict[tuple[str, str], int], now: float, margin: float = 10) -> set[tuple[str, str]]:
+    """The bindings not about to expire (a binding expiring mid-read is legitimately in one copy only)."""
+    return {k for k, exp in table.items() if exp > now + margin}
+
+
+def _three_way(spec: dict[str, Any], active: str, standby: str) -> tuple[str, dict[str, int]]:
+    """Read ZooKeeper, the active proxy and the standby proxy in parallel; '' when they agree, else the diff."""
+    with ThreadPoolExecutor(3) as ex:
+        fz = ex.submit(zk_bindings, spec)
+        fa = ex.submit(proxy_table, spec, active)
+        fs = ex.submit(proxy_table, spec, standby)
+        z, a, s = fz.result(), fa.result(), fs.result()
+    now = time.time()
+    zs, as_, ss = _stable({k: r["expires_at"] for k, r in z.items()}, now), _stable(a, now), _stable(s, now)
+    why = "; ".join(m for m in (describe_diff(f"active {active}", as_, "zookeeper", zs),
+                                describe_diff(f"active {active}", as_, f"standby {standby}", ss)) if m)  # fmt: skip
+    return why, {"zookeeper": len(zs), "active": len(as_), "standby": len(ss)}
+
+
+# ------------------------------------------------------------------------------------------------- 1
+
+
+def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:
+    n = 10_000
+    wait_settled(lab, 120)
+    active = _active(lab)
+    standby = other(active)
+    users = [f"tenk{i:05d}" for i in range(n)]
+    phones = Phones(lab, users)
+    loop.run(phones.open())
+    caller = loop.run(open_caller(lab))
+    killed: str | None = None
+    try:
+        t0 = time.monotonic()
+        res = loop.run(phones.register(), timeout=300)
+        t_reg = time.monotonic() - t0
+        failed = {u: s for u, s in res.items() if s != 200}
+        assert not failed, f"{len(failed)}/{n} REGISTERs not answered 200 (e.g. {list(failed.items())[:5]})"
+        want = {(u, phones.contact(u)) for u in users}
+
+        def standby_has_all() -> int | bool:
+            have = set(proxy_table(lab, standby, "tenk"))
+            return want <= have or len(want & have)
+
+        wait_for(standby_has_all, 120, f"standby {standby}'s proxy holding all {n} contacts", 0.5)
+        t_standby = time.monotonic() - t0
+        print(f"\n10k: registered in {t_reg:.2f} s; the standby proxy held all {n} {t_standby:.2f} s after the first "
+              f"REGISTER")
+        sent_before = {u: next(phones.uas[u].cseq) for u in users}  # every REGISTER a phone sends takes a CSeq
+
+        killed = active
+        power(active, False)  # the pulled plug: what the node-crash fault does
+        t_move = _vip_moved_to(lab, standby)
+        t1 = time.monotonic()
+        statuses = loop.run(bounded((caller.message(u, timeout=10) for u in users), 200), timeout=600)
+        t_msg = time.monotonic() - t1
+        got = [u for u, st in zip(users, statuses, strict=True) if st == 200 and phones.got("MESSAGE", u) >= 1]
+        print(f"10k: VIP answered on {standby} {t_move:.2f} s after the power-off; {len(got)}/{n} MESSAGEs "
+              f"delivered in {t_msg:.2f} s")
+        # No re-REGISTER: each phone's REGISTER CSeq moved only by the one read above.
+        assert all(next(phones.uas[u].cseq) == sent_before[u] + 1 for u in users)
+        lost = [(u, st, phones.got("MESSAGE", u)) for u, st in zip(users, statuses, strict=True)
+                if not (st == 200 and phones.got("MESSAGE", u) >= 1)]  # fmt: skip
+        assert not lost, (f"{len(lost)}/{n} AoRs unreachable through the VIP after the hard kill of {active} "
+                          f"(AoR, status, MESSAGEs the phone saw): {lost[:10]}\n{coordinator_log(lab, standby)}")
+    finally:
+        _leave(loop, phones, users, caller)
+        _restore(lab, killed)
+
+
+# ------------------------------------------------------------------------------------------------- 2
+
+
+def test_two_hundred_calls_hang_up_and_bill_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:
+    n = 200
+    wait_settled(lab, 120)
+    active = _active(lab)
+    standby = other(active)
+    users = [f"callee{i:03d}" for i in range(n)]
+    phones = Phones(lab, users)
+    loop.run(phones.open())
+    caller = loop.run(open_caller(lab))
+    wall = time.time() - time.monotonic()  # monotonic -> epoch seconds
+    killed: str | None = None
+    try:
+        res = loop.run(phones.register(), timeout=120)
+        assert all(s == 200 for s in res.values()), f"REGISTERs: {sorted(set(res.values()), key=str)}"
+        calls = loop.run(bounded((caller.call(u, "established", timeout=10) for u in users), 50), timeout=300)
+        up = [c for c in calls if c.set_up]
+        assert len(up) == n, f"only {len(up)}/{n} calls set up: {[c.setup_status for c in calls if not c.set_up][:10]}"
+        ids = {c.call_id for c in calls}
+
+        def replicated() -> int | bool:
+            live = {d["callid"]: d for d in zk_calls(lab) if d["callid"] in ids}
+            return (len(live) == n and all(d["start_ts"] for d in live.values())) or len(live)
+
+        wait_for(replicated, 60, f"all {n} confirmed calls in zookeeper", 0.5)
+
+        killed = active
+        power(active, False)
+        t_move = _vip_moved_to(lab, standby)
+        t1 = time.monotonic()
+        statuses = loop.run(bounded((caller.hangup(c, timeout=10) for c in calls), 50), timeout=300)
+        print(f"\ncalls: VIP answered on {standby} {t_move:.2f} s after the power-off; BYEs took "
+              f"{time.monotonic() - t1:.2f} s")
+        bad = [(c.call_id, st) for c, st in zip(calls, statuses, strict=True) if st != 200]
+        assert not bad, f"{len(bad)}/{n} BYEs not answered 200 end to end: {bad[:10]}\n{coordinator_log(lab, standby)}"
+        unseen = ids - phones.byes
+        assert not unseen, f"{len(unseen)}/{n} callees never saw their BYE: {sorted(unseen)[:5]}"
+
+        def billed() -> list[dict[str, Any]] | int:
+            mine = [c for c in zk_cdrs(lab) if c["callid"] in ids]
+            return mine if len({c["callid"] for c in mine}) >= n else len(mine)
+
+        cdrs = wait_for(billed, 60, f"{n} CDRs in zookeeper", 0.5)
+        per_call: dict[str, list[dict[str, Any]]] = {}
+        for c in cdrs:
+            per_call.setdefault(c["callid"], []).append(c)
+        dupes = {k: len(v) for k, v in per_call.items() if len(v) > 1}
+        assert not dupes, f"more than one CDR for {len(dupes)} calls: {list(dupes.items())[:5]}"
+        wrong = []
+        for call in calls:
+            cdr = per_call[call.call_id][0]
+            sent, answered = wall + call.started, wall + (call.setup_at or 0)
+            # start_ts: whole seconds when the 200 passed the old active; created_ms: when its INVITE did.
+            ok_start = int(sent) - 1 <= cdr["start_ts"] <= answered + 1
+            ok_created = sent - 1 <= cdr["created_ms"] / 1000 <= answered + 1
+            if not (ok_start and ok_created and cdr["reason"] == "end"):
+                wrong.append((call.call_id, round(sent, 3), round(answered, 3), cdr["start_ts"], cdr["created_ms"],
+                              cdr["reason"]))
+        print(f"calls: {len(per_call)} CDRs, one per call, start times within the call's own set-up window")
+        assert not wrong, (f"{len(wrong)} CDRs with wrong times (Call-ID, INVITE sent, 200 received, start_ts, "
+                           f"created_ms, reason): {wrong[:5]}")
+    finally:
+        _leave(loop, phones, users, caller)
+        _restore(lab, killed)
+
+
+# ------------------------------------------------------------------------------------------------- 3
+
+
+def _zk_pid(spec: dict[str, Any], host: str) -> str:
+    p = labmod.exec_in(spec, host, ["pgrep", "-o", "-f", "QuorumPeerMain"], timeout=10)
+    assert p.returncode == 0 and p.stdout.strip().isdigit(), f"ZooKeeper on {host}: {p.stdout}{p.stderr}"
+    return p.stdout.strip()
+
+
+def _zk_signal(spec: dict[str, Any], host: str, pid: str, sig: str) -> None:
+    p = labmod.exec_in(spec, host, ["kill", f"-{sig}", pid], timeout=10)
+    assert p.returncode == 0, f"kill -{sig} {pid} on {host}: {p.stderr}"
+
+
+def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -> None:
+    pool, rate, before_s, outage_s, after_s = 1000, 200, 5.0, 30.0, 5.0
+    wait_settled(lab, 120)
+    active = _active(lab)
+    standby = other(active)
+    users = [f"zko{i:04d}" for i in range(pool)]
+    phones = Phones(lab, users)
+    loop.run(phones.open())
+    rng = random.Random(8)
+    expected: dict[str, bool] = {}
+    stopped: list[tuple[str, str]] = []
+    stats: dict[str, Any] = {}
+    try:
+        res = loop.run(phones.register(), timeout=120)
+        assert all(s == 200 for s in res.values())
+        expected.update({u: True for u in users})
+
+        total = int((before_s + outage_s + after_s) * rate)
+        outcomes: dict[int, tuple[str, bool, int | None]] = {}
+
+        async def load() -> None:
+            import asyncio
+
+            lp = asyncio.get_running_loop()
+            t0 = lp.time()
+            tasks = []
+            for i in range(total):  # bounded in count; and in time: it ends after ~total/rate s
+                await asyncio.sleep(max(0.0, t0 + i / rate - lp.time()))
+                if lp.time() - t0 > (before_s + outage_s + after_s) * 2:
+                    break
+                u = users[i % pool]  # one REGISTER per phone every pool/rate s: never two in flight for one AoR
+                keep = rng.random() < 0.75
+
+                async def one(i: int = i, u: str = u, keep: bool = keep) -> None:
+                    outcomes[i] = (u, keep, await phones.uas[u].register(600 if keep else 0, 8.0))
+
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.gather(*tasks)
+
+        zk_hosts = [standby, "witness"]  # the active's own member stays up: alone it has no quorum
+        fut = __import__("asyncio").run_coroutine_threadsafe(load(), loop.loop)
+        time.sleep(before_s)
+        for h in zk_hosts:
+            pid = _zk_pid(lab, h)
+            _zk_signal(lab, h, pid, "STOP")
+            stopped.append((h, pid))
+        t_out = time.monotonic()
+        journaled = 0
+        while time.monotonic() - t_out < outage_s:
+            time.sleep(2)
+            journaled = max(journaled, int(status(lab, active)["replication"]["journal_bytes"]))
+        for h, pid in stopped:
+            _zk_signal(lab, h, pid, "CONT")
+        stopped.clear()
+        t_back = time.monotonic()
+        fut.result(timeout=before_s + outage_s + after_s + 60)
+        failed = {i: o for i, o in outcomes.items() if o[2] != 200}
+        assert not failed, (f"{len(failed)}/{total} REGISTERs not answered 200 (the proxy must keep serving without "
+                            f"ZooKeeper): {list(failed.values())[:5]}")
+        for i in sorted(outcomes):
+            u, keep, _st = outcomes[i]
+            expected[u] = keep
+        assert journaled > 0, "the active coordinator never journaled: the outage did not reach it"
+        want = {(u, phones.contact(u)) for u, keep in expected.items() if keep}
+
+        last: list[str] = []
+
+        def agree() -> bool:
+            why, counts = _three_way(lab, active, standby)
+            mine = set(proxy_table(lab, active, "zko")) if not why else set()
+            if not why and mine != want:
+                why = describe_diff("active proxy", mine, "the phones' last REGISTERs", want)
+            last[:] = [why, str(counts)]
+            stats.update(counts)
+            return not why
+
+        try:
+            wait_for(agree, 90, "zookeeper and both proxies holding the same bindings", 1.0)
+        except AssertionError:
+            raise AssertionError(f"after a {outage_s:.0f} s ZooKeeper outage under {rate} REGISTER/s, not in agreement "
+                                 f"within 90 s: {last[0]} {last[1]}\n{coordinator_log(lab, active)}") from None
+        print(f"\nzk outage: {total} REGISTERs at {rate}/s, {journaled} journal bytes at most; ZooKeeper and both "
+              f"proxies agree {time.monotonic() - t_back:.1f} s after quorum returned ({stats})")
+    finally:
+        for h, pid in stopped:
+            _zk_signal(lab, h, pid, "CONT")
+        _leave(loop, phones, users)
+        _restore(lab, None)
+
+
+# ------------------------------------------------------------------------------------------------- 4
+
+
+class Blaster:
+    """REGISTERs from one UDP socket in the client namespace as fast as one thread sends them (no waiting for
+    answers), bounded by ``seconds`` and ``max_sends``; the answers are counted, not awaited."""
+
+    def __init__(self, spec: dict[str, Any], users: list[str]) -> None:
+        self.spec = spec
+        self.vip = (spec["vips"][0], int(spec["sip_port"]))
+        self.ip = labmod.host(spec, "client")["ip"]
+        self.sock = client_factory(spec)(socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((self.ip, 0))
+        self.port = self.sock.getsockname()[1]
+        self.users = users
+        self.sent = 0
+        self.answered = 0
+
+    def contact(self, user: str) -> str:
+        return f"sip:{user}@{self.ip}:{self.port}"
+
+    def _msg(self, user: str, cseq: int, expires: int) -> bytes:
+        vip, me = self.vip[0], f"{self.ip}:{self.port}"
+        return (f"REGISTER sip:{vip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{user}x{cseq};rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:{user}@{vip}>;tag={user}\r\nTo: <sip:{user}@{vip}>\r\n"
+                f"Call-ID: blast-{user}\r\nCSeq: {cseq} REGISTER\r\nContact: <{self.contact(user)}>\r\n"
+                f"Expires: {expires}\r\nUser-Agent: sipha-blast\r\nContent-Length: 0\r\n\r\n").encode()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.sock.recv(65535, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            self.answered += 1
+
+    def run(self, seconds: float, max_sends: int = 5_000_000, seed: int = 4) -> None:
+        rng = random.Random(seed)
+        deadline = time.monotonic() + seconds
+        cseq = 1
+        n = len(self.users)
+        while self.sent < max_sends and time.monotonic() < deadline:
+            for _ in range(200):
+                u = self.users[self.sent % n]
+                expires = 0 if rng.random() < 0.1 else rng.choice((600, 900, 1200))
+                self.sock.sendto(self._msg(u, cseq, expires), self.vip)  # a full receiver drops it: that is the point
+                self.sent += 1
+                if self.sent % n == 0:
+                    cseq += 1
+            self._drain()
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:
+            self._drain()
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -> None:
+    pool, blast_s, repair_s = 20_000, 30.0, 10.0
+    wait_settled(lab, 120)
+    active = _active(lab)
+    standby = other(active)
+    users = [f"ovl{i:05d}" for i in range(pool)]
+    blaster = Blaster(lab, users)
+    try:
+        t0 = time.monotonic()
+        th = threading.Thread(target=blaster.run, args=(blast_s,), daemon=True)
+        th.start()
+        th.join(blast_s + 30)
+        t_blast = time.monotonic() - t0
+        assert not th.is_alive(), "the blaster did not stop"
+        t_end = time.monotonic()
+        moved = labmod.vip_holder(lab)
+        assert moved == active, f"the VIP moved to {moved} during the overload: compare against the wrong active"
+        last: list[str] = ["", ""]
+
+        def agree() -> bool:
+            why, counts = _three_way(lab, active, standby)
+            last[:] = [why, str(counts)]
+            return not why
+
+        ok = False
+        while time.monotonic() - t_end < repair_s:
+            if agree():
+                ok = True
+                break
+        t_agree = time.monotonic() - t_end
+        st = status(lab, active)
+        print(f"\noverload: {blaster.sent} REGISTERs in {t_blast:.1f} s ({blaster.sent / t_blast:.0f}/s), "
+              f"{blaster.answered} answered ({blaster.answered / t_blast:.0f}/s); in agreement {t_agree:.1f} s after "
+              f"({last[1]}); coordinator: gaps {st['gaps']}, lost {st['lost']}, reconciles "
+              f"{st['replication']['reconcile_runs']}, last {st['replication']['last_reconcile']}")
+        assert blaster.answered < blaster.sent, "every REGISTER was answered: the proxy was not overloaded"
+        assert ok, (f"{t_agree:.1f} s after {blast_s:.0f} s of overload, not in agreement: {last[0]} {last[1]}\n"
+                    f"{coordinator_log(lab, active)}")
+    finally:
+        blaster.close()
+        # Remove what the blast registered, through phones that retransmit (same Contact: same port).
+        phones = Phones(lab, users, local_port=blaster.port)
+        loop.run(phones.open())
+        _leave(loop, phones, users)
+        _restore(lab, None)
