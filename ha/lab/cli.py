@@ -38,16 +38,22 @@ def lab() -> None:
 @lab.command("up")
 @click.argument("cluster_yaml", default=DEFAULT_YAML, type=click.Path(dir_okay=False))
 @click.option("--stock", is_flag=True, help="stock comparison: IPaddr2 + ocf:heartbeat:kamailio group, token 3000")
+@click.option("--bare", is_flag=True,
+              help="the hosts with only sshd (keys in the state dir), to provision with ansible/site.yml")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the cluster to be ready")
-def up_cmd(cluster_yaml: str, stock: bool, timeout: float) -> None:
-    """Build the lab and wait until it is quorate, the VIP answers SIP and ZooKeeper has a leader."""
+def up_cmd(cluster_yaml: str, stock: bool, bare: bool, timeout: float) -> None:
+    """Build the lab and wait until it is quorate, the VIP answers SIP and ZooKeeper has a leader
+    (--bare: until every host's sshd answers)."""
     from ha.lab import lab as labmod
     from ha.lab.node import LabError
 
     if cluster_yaml == DEFAULT_YAML and not os.path.exists(cluster_yaml):
         cluster_yaml = str(labmod.REPO / DEFAULT_YAML)  # run from outside the checkout
     try:
-        t = labmod.up(cluster_yaml, echo=_echo, variant="stock" if stock else "model", timeout=timeout)
+        if stock and bare:
+            raise LabError("--stock and --bare exclude each other")
+        variant = "stock" if stock else "bare" if bare else "model"
+        t = labmod.up(cluster_yaml, echo=_echo, variant=variant, timeout=timeout)
     except (LabError, OSError) as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:

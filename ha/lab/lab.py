@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ha import model, render
+from ha.lab import bare as labbare
 from ha.lab import node as labnode
 from ha.lab.node import LabError, run
 from ha.lab.supervisor import CONTROL_DIR, PID_FILE, SOCKET_PATH, SupervisorError, power, request
@@ -259,6 +260,8 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     root = STATE_DIR / h["name"] / "root"
     for src, dst in h["binds"]:
         p = Path(src)
+        if dst == labbare.SSHD_CONFIG:
+            continue  # a file, written by labbare.prepare
         if dst == "/etc/hosts":
             p.parent.mkdir(parents=True, exist_ok=True)
             lines = ["127.0.0.1 localhost"] + [f"{x.ip} {x.name}" for x in cluster.hosts]
@@ -273,6 +276,8 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
         os.chmod(pcmk / sub, 0o750)  # noqa: S103 - Pacemaker's own modes
     _chown(root / "var/log/pacemaker", "hacluster", "haclient")
     os.chmod(root / "var/log/pacemaker", 0o775)  # noqa: S103
+    if cfg["variant"] == "bare":
+        return  # what a freshly installed machine has: the packages' directories, none of the cluster's files
     etc = root / "etc/corosync"
     (etc / "corosync.conf").write_text(cfg["corosync_conf"])
     (etc / "authkey").write_bytes(cfg["authkey"])
@@ -344,7 +349,12 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
             h["binds"] = _host_binds(cluster, root)
             h["run_dirs"] = [("/run/corosync-qdevice", ""), ("/run/corosync-qnetd", ""), ("/run/kamailio", ""),
                              ("/run/crm", "hacluster:haclient"), ("/run/lock", ""), ("/run/sipha", "")]  # fmt: skip
-            h["services"] = _services(cluster, h, cfg)
+            if cfg["variant"] == "bare":
+                h["binds"] += labbare.binds(root)
+                h["run_dirs"].append(("/run/sshd", ""))  # sshd's privilege separation directory
+                h["services"] = labbare.services()
+            else:
+                h["services"] = _services(cluster, h, cfg)
             h["keep_tmp"] = _under_tmp(REPO, Path(sys.prefix), Path(sys.executable).parent, *_agents_homes())
         hosts.append(h)
     return {
@@ -368,6 +378,7 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
         "rest": f"http://{cluster.rest.bind}:{cluster.rest.port}",
         "hosts": hosts,
         "power_on": [h["name"] for h in hosts if h["init"]],
+        **({"ssh": labbare.ssh_paths(STATE_DIR)} if cfg["variant"] == "bare" else {}),
     }
 
 
@@ -398,7 +409,12 @@ def start_supervisor(spec: dict[str, Any]) -> int:
 
 def up(cluster_yaml: str | Path, echo: Callable[[str], None] = print, variant: str = "model",
        timeout: float = 60) -> float:  # fmt: skip
-    """Bring the lab up; returns the seconds it took. On any failure the lab is torn down again."""
+    """Bring the lab up; returns the seconds it took. On any failure the lab is torn down again.
+
+    ``variant``: ``model`` (the cluster as rendered), ``stock`` (the stock comparison, ha.lab.stock) or ``bare``
+    (the same hosts with only sshd, to be provisioned over SSH: ha.lab.bare)."""
+    if variant not in ("model", "stock", "bare"):
+        raise LabError(f"unknown lab variant {variant!r}: model, stock or bare")
     step = Step(echo)
     yaml_path = Path(cluster_yaml)
     try:
@@ -453,6 +469,9 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     STATE_DIR.mkdir(parents=True)
     rendered = _render(cluster, STATE_DIR / "render", step)
     step(f"rendered {len(rendered)} files for {cluster.name} ({variant}) into {STATE_DIR / 'render'}")
+    if variant == "bare":
+        _up_bare(cluster, yaml_path, rendered, step, timeout)
+        return
     if variant == "stock":
         fence = _fence_agent_installed(cluster.fencing.agent)
         cib, kamailio_by_lab = stock.cib(cluster, rendered["cib.xml"], fence, step), False
@@ -480,6 +499,29 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     pid = start_supervisor(spec)
     step(f"supervisor {pid} on {SOCKET_PATH}; powered on {', '.join(spec['power_on'])}")
     wait_ready(spec, step, timeout)
+
+
+def _up_bare(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str], step: Step, timeout: float) -> None:
+    """The hosts, network and supervisor of the normal lab; each host's init starts only its sshd."""
+    missing = sorted({pkg for path, pkg in labbare.REQUIRED.items() if not Path(path).exists()})
+    if missing:
+        raise LabError(f"missing package(s): {' '.join(missing)}; install with: apt-get install {' '.join(missing)}")
+    cfg = {"variant": "bare", "kamailio_by_lab": False, "cib": ""}
+    spec = build_spec(cluster, yaml_path, rendered, cfg)
+    for h in spec["hosts"]:
+        if h["init"]:
+            _prepare_host(cluster, h, rendered, cfg, "")
+    labbare.prepare(cluster, spec)
+    SPEC_FILE.write_text(json.dumps(spec, indent=1))
+    step(f"empty private /etc, /var/lib, /var/log, /usr/local, /opt trees; ssh keys in {spec['ssh']['dir']}")
+    labnode.create_bridge(spec)
+    for h in spec["hosts"]:
+        labnode.create_host_net(spec, h)
+    step(f"network: bridge {spec['bridge']} in netns {BRIDGE_NS}, " +
+         ", ".join(f"{h['ns']} {h['ip']}" for h in spec["hosts"]))  # fmt: skip
+    pid = start_supervisor(spec)
+    step(f"supervisor {pid} on {SOCKET_PATH}; powered on {', '.join(spec['power_on'])} (sshd only)")
+    labbare.wait_ready(spec, step, timeout)
 
 
 def wait_ready(spec: dict[str, Any], step: Step, timeout: float) -> None:
