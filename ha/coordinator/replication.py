@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ from kazoo.client import KazooClient
 
 from ha.coordinator import proxytable
 from ha.coordinator.apply import ProxyApplier
-from ha.coordinator.events import ContactEvent, Event, Intake, SeqStatus
+from ha.coordinator.events import ContactEvent, DialogEvent, Event, Intake, SeqStatus
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.reconcile import ReconcileResult, reconcile
@@ -50,6 +51,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "/var/lib/sipha/coordinator-journal.jsonl"
 MAX_PENDING = 5000  # events per flush; a burst larger than this is written in several flushes
+# Dialog events the local proxy sent while this node was not (yet) active, kept for the promotion. Why: the VIP
+# is on this node before the once-a-second role check says so, and the calls hung up in that window (the
+# BYEs of every call that outlived a failover come at once) were lost with their CDRs; reconciliation repairs
+# only bindings (ul.dump), nothing repairs a dialog. Measured in the lab: 200 BYEs 0.1 s after the VIP
+# answered, all 200 dialog.end events before the promotion, 0 CDRs. Bounded in count and age.
+STANDBY_DIALOGS_KEPT = 20000
+STANDBY_DIALOG_WINDOW_S = 60.0
 
 
 class Replication:
@@ -79,6 +87,8 @@ class Replication:
         self.gc_interval_s = gc_interval_s
         self._next_gc = 0.0
         self.pending: list[Event] = []
+        self._held: deque[tuple[float, DialogEvent]] = deque(maxlen=STANDBY_DIALOGS_KEPT)  # see STANDBY_DIALOGS_KEPT
+        self.carried_over = 0  # dialog events held while standby and written at a promotion
         self._closers: list[Callable[[], None]] = []
         self.started = False
         self.dropped = 0  # events lost because the journal was full (reconciliation repairs them)
@@ -241,6 +251,8 @@ class Replication:
                 msg += ": reconciling from ul.dump"
         if self.active:
             self.pending.append(got.event)
+        elif isinstance(got.event, DialogEvent):
+            self._held.append((time.monotonic(), got.event))
         if self._touched is not None and isinstance(got.event, ContactEvent):
             self._touched.add((got.event.aor, got.event.contact))
         return msg
@@ -335,14 +347,23 @@ class Replication:
         """This node takes over: a new epoch fences every older writer (a partitioned old active included)."""
         epoch = self.store.bump_epoch()
         self.active = True
-        # Events the proxy sent before this node knew it was active were not written: reconcile them.
+        # Events the proxy sent before this node knew it was active were not written: bindings are repaired by
+        # reconciling against ul.dump; dialog events, which nothing could repair, were held and are written now.
         self.schedule_reconcile()
+        cutoff = time.monotonic() - STANDBY_DIALOG_WINDOW_S
+        held = [ev for t, ev in self._held if t >= cutoff]
+        self._held.clear()
         self.last = f"active at epoch {epoch}: writing this node's proxy events"
+        if held:
+            self.pending[:0] = held
+            self.carried_over += len(held)
+            self.last += f"; {len(held)} dialog events from before the promotion: {self.flush()}"
         return self.last
 
     def demote(self) -> str:
         self.active = False
         self.pending.clear()
+        self._held.clear()
         self.last = "standby: not writing; applying peers' bindings"
         return self.last
 
@@ -360,6 +381,7 @@ class Replication:
             "pending": len(self.pending),
             "journal_bytes": self.writer.journal.size,
             "dropped": self.dropped,
+            "carried_over": self.carried_over,
             "fenced": self.fenced,
             "gc_deleted": self.gc_deleted,
             "replicator": rep.last_status if rep else "off",

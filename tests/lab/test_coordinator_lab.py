@@ -75,9 +75,20 @@ def _vip_moved_to(spec: dict[str, Any], node: str, timeout: float = 30) -> float
 
 def _restore(spec: dict[str, Any], killed: str | None) -> None:
     """Power the killed node back on and wait for the whole cluster to be settled again."""
+    t0 = time.monotonic()
     if killed is not None and not labmod.powered(killed):
         power(killed, True)
+        # Not settled until the node is back: right after the power-on the survivor may still list it as online.
+        wait_for(lambda: _ready(spec, killed), SETTLE_AFTER_POWER_ON_S, f"{killed}'s coordinator ready", 1.0)
     wait_for(lambda: _settled_or_cleanup(spec), SETTLE_AFTER_POWER_ON_S, "settled cluster after the test", 1.0)
+    print(f"restore: settled in {time.monotonic() - t0:.1f} s" + (f" ({killed} powered on)" if killed else ""))
+
+
+def _ready(spec: dict[str, Any], node: str) -> bool:
+    try:
+        return bool(status(spec, node)["ready"])
+    except Exception:  # not booted yet, coordinator not started yet
+        return False
 
 
 def _settled_or_cleanup(spec: dict[str, Any]) -> bool:
