@@ -29,6 +29,9 @@ def _teardown() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # test_deploy_lab.py brings up its own bare lab (the machine has one lab at a time) and takes it down; the
+    # session lab below stays up until the session ends, so that module must run before any test that uses it.
+    items.sort(key=lambda item: item.path.name != "test_deploy_lab.py")  # stable: file order otherwise kept
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="the lab needs root (network, PID and mount namespaces); run as root")
         for item in items:
