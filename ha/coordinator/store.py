@@ -738,8 +738,10 @@ class _ZkContactWatch(Watch):
 
     Watch callbacks run on kazoo's event thread and only enqueue; one worker thread reads what changed
     (pipelined ``get_async``, re-arming each watch with the read) and hands batches to ``on_changes``.
-    Watches survive a reconnect within the session (the server replays what fired meanwhile); a lost
-    session loses them, so the worker then reads everything again and reports the difference as a resync.
+    Every watch is gone after *any* lost connection, not only a lost session: kazoo (2.11) sends no SetWatches
+    on a reconnect and clears its own watch table on SUSPENDED (``KazooClient._reset_watchers``). So after
+    either the worker reads everything again and reports the difference as a resync. (Trusting watches across
+    a reconnect left a standby 127 deleted bindings too many and 14 new ones short after a ZooKeeper outage.)
 
     A resync reads the bindings' data with multiRead (no watches: ~20x less Python per binding than one
     ``getData`` each), delivers them at once (the proxy's resync, hence readiness, waits for nothing else),
@@ -779,7 +781,7 @@ class _ZkContactWatch(Watch):
 
     # Callbacks on kazoo's threads: never block, never raise.
     def _on_state(self, state: KazooState) -> None:
-        if state == KazooState.LOST:
+        if state in (KazooState.LOST, KazooState.SUSPENDED):  # either way the watches are gone (see above)
             self._session_lost = True
         elif state == KazooState.CONNECTED and self._session_lost:
             self._session_lost = False
