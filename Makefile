@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian 12 packages the project runs or validates against (real parts, never mocks).
 APT_PACKAGES := python3-venv pacemaker pacemaker-cli-utils corosync corosync-qdevice corosync-qnetd crmsh \
-	resource-agents fence-agents libxml2-utils kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules kamailio-websocket-modules libev4 \
+	resource-agents fence-agents libxml2-utils kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules kamailio-websocket-modules kamailio-sqlite-modules libev4 \
 	zookeeper sip-tester sipsak sipvicious snmp snmptrapd iproute2 procps psmisc openssh-server openssh-client util-linux \
 	ansible ansible-lint vagrant python3-apt
 

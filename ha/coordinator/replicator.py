@@ -11,6 +11,11 @@ decides what the local proxy must do with it and hands that to :class:`~ha.coord
   standby, by this node (it wrote it while it was active; the new active's phone un-registered it). While
   active, its own deletes are skipped: they came from its own proxy, where the binding is already gone.
 
+A proxy that started from a preloaded table (:mod:`ha.coordinator.materialize`, the restart fast path) already
+holds the bindings of the snapshot it loaded: ``preloaded`` (binding -> the ``mzxid`` it loaded) makes the next
+resync push only the difference: bindings changed or created since the snapshot are added, bindings deleted
+since are removed, the rest (all of them, usually) are left alone.
+
 Every pass ends in one sentence (``last_status``) for the service's log, Patroni-style.
 """
 
@@ -34,6 +39,7 @@ class ReplicatorStats:
     added: int = 0
     removed: int = 0
     skipped_own: int = 0
+    preloaded: int = 0  # bindings a resync found already loaded by the proxy at start (fast path)
     errors: int = 0
 
 
@@ -53,6 +59,8 @@ class Replicator:
         self.resync_started = 0.0  # monotonic, when the current resync was asked for
         self.resync_s: float | None = None  # how long the last complete resync took (read + apply)
         self.resync_count = 0  # bindings the last complete resync delivered
+        # What the local proxy loaded at start, {(aor, contact): mzxid}; used by the next resync only.
+        self.preloaded: dict[tuple[str, str], int] | None = None
         self._watch: Watch | None = None
 
     @property
@@ -90,6 +98,18 @@ class Replicator:
         # binding the phone re-registered in the meantime).
         return c.kind == "delete" and self.standby()
 
+    @staticmethod
+    def _against_preload(
+        changes: list[Change], adds: list[ContactRecord], removes: list[ContactRecord],
+        preloaded: dict[tuple[str, str], int],
+    ) -> tuple[list[ContactRecord], list[ContactRecord], int]:
+        """A resync's adds/removes minus what the proxy loaded at start; plus removals of what it loaded
+        that the store no longer has (deleted between the snapshot and now)."""
+        in_store = {(c.record.aor, c.record.contact) for c in changes if c.kind == "put"}
+        todo = [r for r in adds if preloaded.get((r.aor, r.contact)) != r.mzxid or not r.mzxid]
+        gone = [ContactRecord(aor=a, contact=c, expires_at=0) for (a, c) in preloaded if (a, c) not in in_store]
+        return todo, removes + gone, len(adds) - len(todo)
+
     def on_changes(self, changes: list[Change]) -> None:
         adds: list[ContactRecord] = []
         removes: list[ContactRecord] = []
@@ -102,14 +122,22 @@ class Replicator:
                 adds.append(c.record)
             else:
                 removes.append(c.record)
+        wanted = len(adds)
+        preloaded = self.preloaded if resync else None
+        already = 0
+        if preloaded is not None:
+            adds, removes, already = self._against_preload(changes, adds, removes, preloaded)
         res = self.applier.apply(adds, removes) if adds or removes else ApplyResult()
         self.stats.passes += 1
         self.stats.added += res.added
         self.stats.removed += res.removed
         self.stats.skipped_own += skipped
+        self.stats.preloaded += already
         self.stats.errors += len(res.errors)
         what = "resync" if resync else "changes"
         self.last_status = f"{what}: {len(changes)} from the store, {res}; {skipped} own skipped"
+        if preloaded is not None:
+            self.last_status += f"; {already} already preloaded by the proxy ({len(preloaded)} loaded at its start)"
         (log.warning if res.errors else log.info)("replicator %s", self.last_status)
         if resync:
             if res.errors:
@@ -118,7 +146,8 @@ class Replicator:
                 self.resync_failed = True
                 return
             self.resync_s = time.monotonic() - self.resync_started
-            self.resync_count = len(adds)
+            self.resync_count = wanted
+            self.preloaded = None  # used once: from now on the proxy's table is what this replicator made it
             self.last_status += f"; resync complete in {self.resync_s * 1000:.0f} ms"
             self.include_own = False
             self.resync_failed = False

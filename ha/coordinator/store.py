@@ -126,6 +126,10 @@ class ContactRecord:
     seq: int = 0  # writer proxy's event seq
     ts_ms: int = 0
     version: int = field(default=-1, compare=False)  # znode version when read; -1 when not read
+    # ZooKeeper zxid of the znode's last change when read (0: not read). Unlike the version it never repeats
+    # (a binding deleted and created again restarts at version 0): it says "exactly this write" to the
+    # restart fast path (ha.coordinator.materialize), which compares what a proxy preloaded with the store.
+    mzxid: int = field(default=0, compare=False)
 
     @classmethod
     def from_event(cls, ev: ContactEvent, epoch: int) -> ContactRecord:
@@ -241,17 +245,23 @@ class Watch(ABC):
         """Stop delivering changes."""
 
 
+_READ_ONLY = ("version", "mzxid")  # known from the znode's stat when read, never stored in its data
+
+
 def _encode(rec: Any) -> bytes:
     d = asdict(rec)
-    d.pop("version", None)
+    for k in _READ_ONLY:
+        d.pop(k, None)
     return json.dumps(d, separators=(",", ":")).encode()
 
 
-def _decode(cls: type[Any], data: bytes, version: int) -> Any:
+def _decode(cls: type[Any], data: bytes, version: int, mzxid: int = 0) -> Any:
     d = json.loads(data)
     known = set(cls.__dataclass_fields__)
-    extra = {"version": version} if "version" in known else {}
-    return cls(**{k: v for k, v in d.items() if k in known and k != "version"}, **extra)
+    extra: dict[str, int] = {"version": version} if "version" in known else {}
+    if "mzxid" in known:
+        extra["mzxid"] = mzxid
+    return cls(**{k: v for k, v in d.items() if k in known and k not in _READ_ONLY}, **extra)
 
 
 class Store(ABC):
@@ -645,8 +655,8 @@ class ZkStore(Store):
                 results.append(exc)
         return results
 
-    def _read_all(self, kinds: Sequence[str]) -> dict[str, list[tuple[str, bytes, int]]]:
-        """Every child of every bucket, as (path, data, version): listings, then data, in multiReads."""
+    def _read_all(self, kinds: Sequence[str]) -> dict[str, list[tuple[str, bytes, int, int]]]:
+        """Every child of every bucket, as (path, data, version, mzxid): listings, then data, in multiReads."""
         buckets = [(k, p) for k in kinds for p in self._buckets(k)]
         listed = self._multi_read([(_GET_CHILDREN, p) for _, p in buckets])
         paths: list[tuple[str, str]] = []
@@ -654,12 +664,12 @@ class ZkStore(Store):
             if not isinstance(children, Exception):
                 paths.extend((k, f"{p}/{c}") for c in children)
         got = self._multi_read([(_GET_DATA, p) for _, p in paths])
-        out: dict[str, list[tuple[str, bytes, int]]] = {k: [] for k in kinds}
+        out: dict[str, list[tuple[str, bytes, int, int]]] = {k: [] for k in kinds}
         for (k, path), res in zip(paths, got, strict=True):
             if isinstance(res, Exception):
                 continue  # deleted between the listing and the read
             data, stat = res
-            out[k].append((path, data, stat.version))
+            out[k].append((path, data, stat.version, stat.mzxid))
         return out
 
     def snapshot(self) -> ClusterState:
@@ -668,8 +678,9 @@ class ZkStore(Store):
             raw = self._read_all(("contacts", "dialogs"))
         except self._unavailable_errors() as exc:
             raise StoreUnavailable(f"cannot read the state: {exc!r}") from exc
-        contacts = tuple(sorted((_decode(ContactRecord, d, v) for _, d, v in raw["contacts"]), key=lambda r: r.name))
-        dialogs = tuple(_decode(DialogRecord, d, v) for _, d, v in raw["dialogs"])
+        contacts = tuple(sorted((_decode(ContactRecord, d, v, z) for _, d, v, z in raw["contacts"]),
+                                key=lambda r: r.name))
+        dialogs = tuple(_decode(DialogRecord, d, v) for _, d, v, _ in raw["dialogs"])
         return ClusterState(epoch=epoch, contacts=contacts, dialogs=dialogs)
 
     def cdrs(self) -> tuple[CdrRecord, ...]:
@@ -709,7 +720,7 @@ class ZkStore(Store):
         limit = (time.time() if now is None else now) - grace_s
         try:
             raw = self._read_all(("contacts",))["contacts"]
-            doomed = [(p, v) for p, d, v in raw if json.loads(d).get("expires_at", 0) < limit]
+            doomed = [(p, v) for p, d, v, _ in raw if json.loads(d).get("expires_at", 0) < limit]
             deleted = 0
             for start in range(0, len(doomed), self.batch_ops):
                 chunk = doomed[start : start + self.batch_ops]
@@ -867,7 +878,7 @@ class _ZkContactWatch(Watch):
                 out[p] = None
                 continue
             try:
-                out[p] = _decode(ContactRecord, data, stat.version)
+                out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
             except (ValueError, TypeError) as exc:
                 log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
                 out[p] = None
@@ -903,7 +914,7 @@ class _ZkContactWatch(Watch):
             data, stat = res
             self._read_mzxid[p] = stat.mzxid
             try:
-                out[p] = _decode(ContactRecord, data, stat.version)
+                out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
             except (ValueError, TypeError) as exc:
                 log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
                 out[p] = None

@@ -1,0 +1,184 @@
+"""The restart fast path (ha/coordinator/materialize.py) on real parts: the 3-member ZooKeeper ensemble, the
+materializer's own command line, and a real Kamailio (the rendered lab config) started with the preload define.
+
+What must hold: a proxy that starts from the table comes up holding the snapshot's bindings with what
+``ul.add`` cannot carry (received, socket, Call-ID), and once the coordinator's resync is done it holds exactly
+what ZooKeeper holds, including what changed between the snapshot and the proxy's start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import conftest_zk
+import pytest
+import test_proxy_live as tpl
+from conftest_zk import contact
+from kazoo.client import KazooClient
+from test_coordinator_service import keys_in_store, unique_cluster, wait_for
+
+from ha.coordinator import materialize, proxytable
+from ha.coordinator.replication import Replication
+from ha.coordinator.service import Service
+from ha.coordinator.store import ContactRecord, ZkStore
+from ha.proxy import kamailio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+zk_ensemble = conftest_zk.zk_ensemble
+zk_client = conftest_zk.zk_client
+
+HAS_DB_SQLITE = bool(list(Path("/usr/lib").glob("*/kamailio/modules/db_sqlite.so")))
+
+
+# ------------------------------------------------------------------------------------------ the file alone
+
+
+def test_received_uri_is_what_usrloc_keeps() -> None:
+    assert materialize.received_uri("udp:198.51.100.50:5062") == "sip:198.51.100.50:5062"
+    assert materialize.received_uri("tcp:198.51.100.50:40000") == "sip:198.51.100.50:40000;transport=tcp"
+    assert materialize.received_uri("udp:2001:db8::1:5060") == "sip:[2001:db8::1]:5060"
+    assert materialize.received_uri("nonsense") is None
+    assert materialize.received_uri("udp:host:port") is None
+
+
+def test_write_leaves_out_expired_and_reads_back(tmp_path: Path) -> None:
+    now = 1_800_000_000
+    recs = [
+        ContactRecord(aor="a", contact="sip:a@x", expires_at=now + 60, q=500, received="udp:198.51.100.9:5060",
+                      socket="udp:198.51.100.10:5060", callid="c-a", cseq=7, mzxid=11),
+        ContactRecord(aor="b", contact="sip:b@x", expires_at=now - 1, mzxid=12),  # expired: not loaded
+    ]
+    db = tmp_path / "u.sqlite"
+    w = materialize.write(db, recs, {"cluster": "c1"}, now=now)
+    assert (w.bindings, w.expired) == (1, 1)
+    with sqlite3.connect(db) as con:
+        row = con.execute("SELECT username, received, socket, q, callid, cseq, expires FROM location").fetchone()
+        version = con.execute("SELECT table_version FROM version WHERE table_name='location'").fetchone()
+    assert row[:6] == ("a", "sip:198.51.100.9:5060", "udp:198.51.100.10:5060", 0.5, "c-a", 7)
+    assert round((row[6] - 2440587.5) * 86400) == now + 60  # a Julian day, as db_sqlite reads DATETIME
+    assert int(version[0]) == materialize.LOCATION_VERSION
+    m = materialize.read_manifest(db)
+    assert m.loaded == {("a", "sip:a@x"): 11} and m.meta["cluster"] == "c1" and m.written_at == now
+    assert list(tmp_path.iterdir()) == [db]  # the temp file was renamed, nothing left behind
+
+
+def test_manifest_only_for_the_proxy_that_booted_from_it(tmp_path: Path) -> None:
+    db = tmp_path / "u.sqlite"
+    assert materialize.manifest_for_boot(db, 100, "c1") is None  # no file
+    materialize.write(db, [], {"cluster": "c1"}, now=1000.0)
+    assert materialize.manifest_for_boot(db, 1001, "c1") is not None
+    assert materialize.manifest_for_boot(db, 1000 + materialize.BOOT_WINDOW_S + 1, "c1") is None  # later start
+    assert materialize.manifest_for_boot(db, 990, "c1") is None  # booted before the file was written
+    assert materialize.manifest_for_boot(db, 1001, "other") is None
+    assert materialize.manifest_for_boot(db, None, "c1") is None
+    (tmp_path / "junk.sqlite").write_text("not a database")
+    with pytest.raises(materialize.MaterializeError):
+        materialize.read_manifest(tmp_path / "junk.sqlite")
+
+
+# --------------------------------------------------------------------------------------------- real parts
+
+
+def _cluster_yaml(tmp: Path, name: str) -> Path:
+    cfg = tmp / "cluster.yaml"
+    cfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {name}", 1))
+    return cfg
+
+
+def test_materialize_command_line_reads_the_ensemble(zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient,
+                                                     tmp_path: Path) -> None:
+    cluster = unique_cluster("mat")
+    w = ZkStore(zk_client, cluster.name, "node2")
+    w.ensure_layout()
+    w.bump_epoch()
+    w.write([contact(i, f"m{i}", node="node2") for i in range(1, 51)])
+    out = tmp_path / "run" / "usrloc.sqlite"
+    argv = [sys.executable, "-m", "ha.coordinator.materialize", "--config", str(_cluster_yaml(tmp_path, cluster.name)),
+            "--zk-hosts", zk_ensemble.hosts, "--out", str(out)]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["bindings"] == 50
+    assert len(materialize.read_manifest(out).loaded) == 50
+    # ZooKeeper out of reach: an empty table (the proxy still starts), exit 1, one line saying why.
+    p = subprocess.run([*argv[:-4], "--zk-hosts", "127.0.0.1:1", "--timeout", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 1 and "zookeeper not read" in p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["bindings"] == 0 and materialize.read_manifest(out).loaded == {}
+
+
+@pytest.mark.validators
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
+@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    cluster = unique_cluster("pre")
+    peer = ZkStore(zk_client, cluster.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    n = 200
+    uri = "sip:p{}@198.51.100.74:5060"
+    peer.write([contact(i, f"p{i}", uri.format(i), node="node2") for i in range(1, n + 1)])
+    peer.write([contact(n + 1, "mine", "sip:mine@198.51.100.75:5060", node="node1")])  # this node's own
+    reader = ZkStore(zk_client, cluster.name, "node1")
+    db = tmp_path / "usrloc.sqlite"
+    w = materialize.from_store(reader, db, cluster.name, "node1")
+    assert w.bindings == n + 1
+    assert len(materialize.read_manifest(db).loaded) == n + 1
+
+    # The window: changes after the snapshot, before the proxy starts.
+    peer.write([contact(n + 2, "p1", uri.format(1), kind="delete", node="node2"),
+                contact(n + 3, "p2", uri.format(2), kind="delete", node="node2"),
+                contact(n + 4, "p3", uri.format(3), ttl=900, node="node2"),  # refreshed: a new mzxid
+                contact(n + 5, "new1", "sip:new1@198.51.100.74:5060", node="node2"),
+                contact(n + 6, "new2", "sip:new2@198.51.100.74:5060", node="node2")])
+
+    ready = tmp_path / "ready"
+    run_dir = tmp_path / "late"
+    run_dir.mkdir()
+    repl = Replication.from_model(cluster, "node1", journal_path=tmp_path / "j.jsonl",
+                                  rpc_socket=kamailio.rpc_socket(run_dir / "run"), hosts=zk_ensemble.hosts)
+
+    def preload(boot: int | None) -> dict[tuple[str, str], int] | None:
+        m = materialize.manifest_for_boot(db, boot, cluster.name)
+        return None if m is None else m.loaded
+
+    repl.preload_fn = preload  # the table lives outside the proxy's run dir here (the fixture creates that dir)
+    svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=ready,
+                  role=None)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: repl.replicator is not None and repl.replicator.resync_failed, 15, "no proxy yet")
+        defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir / 'run'}/", "SIPHA_USRLOC_PRELOAD": f"sqlite:///{db}"}
+        with tpl.running_proxy(run_dir, "lab", defines=defines) as p:  # where the coordinator expects it
+            t0 = time.monotonic()
+            wait_for(ready.exists, 30, "readiness once the proxy's table is in step")
+            took = time.monotonic() - t0
+            assert not repl.replicator.resync_failed if repl.replicator else False
+            want = keys_in_store(reader)
+            have = proxytable.dump(p.rpc_sock)
+            assert set(have) == want  # exactly the store: deleted gone, new ones there, own included
+            assert ("p1", uri.format(1)) not in have and ("new2", "sip:new2@198.51.100.74:5060") in have
+            assert ("mine", "sip:mine@198.51.100.75:5060") in have
+            kept = have[("p9", uri.format(9))]  # preloaded, never pushed: what ul.add cannot carry is there
+            assert not kept.pushed
+            assert (kept.record.received, kept.record.socket, kept.record.callid) == (
+                "udp:198.51.100.50:5062", "udp:198.51.100.10:5060", "reg-p9")
+            assert have[("new1", "sip:new1@198.51.100.74:5060")].pushed  # came in over RPC
+            assert 890 <= have[("p3", uri.format(3))].record.expires_at - time.time() <= 900  # the refresh won
+            st = repl.replicator.stats if repl.replicator else None
+            assert st is not None and st.preloaded == n + 1 - 3 and st.removed == 2 and st.added == 3, st
+            print(f"\npreloaded proxy in step {took * 1000:.0f} ms after it answered: {repl.replicator.last_status}")
+    finally:
+        svc.stop()
+        t.join(20)
