@@ -19,6 +19,7 @@ from pathlib import Path
 
 import conftest_zk
 import pytest
+import test_agents
 import test_proxy_live as tpl
 from conftest_zk import contact
 from kazoo.client import KazooClient
@@ -182,3 +183,45 @@ def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
     finally:
         svc.stop()
         t.join(20)
+
+
+# ------------------------------------------------------------------------------------ the proxy agent's start
+
+netns = test_agents.netns
+
+
+@pytest.mark.validators
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
+@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
+    """ZooKeeper out of reach from the node: the agent still starts the proxy, with an empty preload table
+    (Kamailio needs one once the define is given) within its budget; preload=false: no table, no define."""
+    from ha import model, render
+
+    cluster = model.load(ROOT / "examples" / "lab.yaml")
+    files = {o.path: o.text for o in render.render_files(cluster)}
+    cfg = tmp_path / "kamailio.cfg"
+    cfg.write_text(files["node1/kamailio.cfg"])
+    run_dir = tmp_path / "run"
+    params = {"config": str(cfg), "pidfile": str(run_dir / "kamailio.pid"), "logfile": str(tmp_path / "k.log"),
+              "probe_targets": "udp:5060", "cluster_config": str(_cluster_yaml(tmp_path, "agentpre")),
+              "preload_timeout": "2", "python": sys.executable}
+    try:
+        t0 = time.monotonic()
+        rc, out = test_agents.run(test_agents.PROXY, "start", ns=netns, **params)
+        took = time.monotonic() - t0
+        assert rc == 0, out
+        assert "preload table empty" in out and "SIPHA_USRLOC_PRELOAD" in out and "-X tlsf" in out, out
+        assert took < 10, f"start took {took:.1f} s with ZooKeeper away"
+        assert materialize.read_manifest(run_dir / materialize.DB_NAME).loaded == {}
+        up = kamailio.rpc("stats.get_statistics", "usrloc:", sock=run_dir / "kamailio-rpc.sock")
+        assert "usrloc:location_contacts = 0" in up, up
+        assert test_agents.run(test_agents.PROXY, "stop", ns=netns, **params)[0] == 0
+        rc, out = test_agents.run(test_agents.PROXY, "start", ns=netns, **{**params, "preload": "false"})
+        assert rc == 0, out
+        assert "SIPHA_USRLOC_PRELOAD" not in out and not (run_dir / materialize.DB_NAME).exists()
+        rc, out = test_agents.run(test_agents.PROXY, "validate-all", **{**params, "preload": "maybe"})
+        assert rc == 6 and "preload" in out, out
+    finally:
+        test_agents.run(test_agents.PROXY, "stop", ns=netns, **params)
