@@ -52,7 +52,7 @@ demo: apt venv
 	@trap '$(VENV)/bin/sipha lab down' EXIT; set -e; \
 	$(VENV)/bin/sipha lab up examples/lab.yaml; \
 	$(VENV)/bin/sipha lab status; \
-	$(VENV)/bin/sipha drill --fault node-crash --registrations 20 --calls 5 --plot drill.png
+	$(VENV)/bin/sipha drill --fault node-crash --registrations 20 --calls 5 --wait 60 --plot drill.png
 
 # Pacemaker runs agents from /usr/lib/ocf/resource.d with a bare environment and the system python3: the
 # installed copies carry this checkout's path (SIPHA_HOME, where ha/ and resource_agents/ocfagent.py live) and

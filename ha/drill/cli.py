@@ -42,12 +42,14 @@ class _Progress:
 @click.option("--after", "after_s", default=4.0, show_default=True, type=click.FloatRange(0, 300),
               help="seconds observed after the undo")  # fmt: skip
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--wait", "wait_s", default=0.0, show_default=True, type=click.FloatRange(0, 600),
+              help="wait up to this long for a healthy cluster, then refuse (e.g. after `sipha lab up`)")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write every figure and the timeline")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG timeline (last run)")
 @click.option("--baseline", is_flag=True, help="this is the stock-settings baseline (lab up --stock)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def drill(fault: str, target: str, registrations: int, calls: int, rate: float, transport: str, hold_s: float,
-          after_s: float, repeat: int, json_path: str | None, plot_path: str | None, baseline: bool,
+          after_s: float, repeat: int, wait_s: float, json_path: str | None, plot_path: str | None, baseline: bool,
           quiet: bool) -> None:  # fmt: skip
     """Inject a fault into the lab while phones call through the VIP; report the caller's-eye cost."""
     from ha.drill import report
@@ -58,7 +60,7 @@ def drill(fault: str, target: str, registrations: int, calls: int, rate: float, 
         raise click.UsageError("--calls needs --registrations >= 1 (calls go to registered phones)")
     opts = DrillOptions(fault=fault, target=target, registrations=registrations, calls=calls, rate=rate,
                         transport=transport, hold_s=hold_s, after_s=after_s, repeat=repeat,
-                        baseline=baseline)  # fmt: skip
+                        baseline=baseline, wait_s=wait_s)  # fmt: skip
     try:
         from ha.drill.labctl import LabControl
 

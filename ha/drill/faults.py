@@ -8,8 +8,10 @@ so everything here is tested with a recording stand-in.
 Kinds (the target is the node the fault hits; ``active`` = the VIP's node, ``standby`` = another node):
 
 * ``node-crash``   power off through the lab supervisor (what the fence path does); undo: power on.
-* ``proxy-crash``  ``kill -9`` of Kamailio's main process inside the node; undo: ``crm_resource --cleanup``
-                   on the node (Pacemaker restarts the proxy; the cleanup forgets the failure).
+* ``proxy-crash``  ``SIGKILL`` to Kamailio's process group inside the node (main process and every worker,
+                   as when the proxy crashes); undo: ``crm_resource --cleanup`` on the node (Pacemaker
+                   restarts the proxy; the cleanup forgets the failure). Not the main pid alone: Kamailio's
+                   workers outlive a killed main process and keep answering SIP, so nothing fails.
 * ``proxy-hang``   ``SIGSTOP`` to Kamailio's process group (alive, silent: only a SIP probe notices);
                    undo: ``SIGCONT`` to the same group, then the cleanup.
 * ``partition``    the node's bridge port stops forwarding (carrier stays up); undo: heal.
@@ -31,8 +33,13 @@ from ha.drill.traffic import SocketFactory
 
 KINDS = ("node-crash", "proxy-crash", "proxy-hang", "partition", "link-flap", "zk-member-loss", "switchover",
          "maintenance")  # fmt: skip
-# Where the proxy's pid file is inside a node: the sipha agent's run dir, else the lab's own Kamailio.
-PID_FILES = ("/run/sipha/kamailio.pid", "/run/kamailio/kamailio.pid")
+# The proxy's process group inside a node, for either agent (sipha's or resource-agents' kamailio): the group
+# with the most live (not zombie) kamailio processes, printed as "PGID COUNT". Kamailio daemonizes into its own
+# session, so that group is exactly the proxy; a pid file is not used because it can name a main process that
+# is gone while its workers still run.
+PROXY_GROUP_SCRIPT = ("ps -C kamailio -o pgid=,stat= | awk '$2 !~ /Z/ {print $1}' | sort | uniq -c | sort -rn"
+                      " | awk 'NR==1 {print $2, $1; found=1}"
+                      " END {if (!found) {print \"no kamailio running\" > \"/dev/stderr\"; exit 1}}'")  # fmt: skip
 
 
 class DrillError(RuntimeError):
@@ -51,6 +58,8 @@ class ClusterState:
     vip_answers: bool
     vip_detail: str = ""
     proxies: Mapping[str, tuple[bool, str]] = field(default_factory=dict)  # node -> (answers OPTIONS, detail)
+    # node -> (its coordinator is ready for a drill, detail); empty where the cluster replicates nothing (stock)
+    replication: Mapping[str, tuple[bool, str]] = field(default_factory=dict)
     partitioned: tuple[str, ...] = ()
     failed_resources: tuple[str, ...] = ()
 
@@ -107,6 +116,10 @@ def health_problems(st: ClusterState) -> list[str]:
         ok, detail = st.proxies.get(n, (False, "not probed"))
         if not ok:
             out.append(f"the proxy on {n} is not started (no answer to SIP OPTIONS: {detail})")
+    for n in up:
+        ok, detail = st.replication.get(n, (True, ""))
+        if not ok:
+            out.append(f"replication on {n} is not ready ({detail})")
     out += [f"resource {r} failed" for r in st.failed_resources]
     return out
 
@@ -175,19 +188,23 @@ class NodeCrash(Fault):
         return f"{self.node} powered on (it rejoins the cluster by itself)"
 
 
-def _proxy_pid_script() -> str:
-    files = " ".join(PID_FILES)
-    return f'for f in {files}; do [ -s "$f" ] && exec cat "$f"; done; echo "no kamailio pid file" >&2; exit 1'
+def _proxy_group(f: Fault) -> tuple[str, str]:
+    """(pgid, how many processes) of the proxy on ``f.node``; never init's group or the node's own."""
+    out = _check(f.ctl.exec(f.node, ["sh", "-c", PROXY_GROUP_SCRIPT]), f"the proxy's process group on {f.node}")
+    pgid, _, count = out.partition(" ")
+    if not pgid.isdigit() or pgid in ("0", "1"):
+        raise DrillError(f"the proxy's process group on {f.node}: {out!r}")
+    return pgid, count or "?"
 
 
 class ProxyCrash(Fault):
     kind = "proxy-crash"
 
     def inject(self) -> str:
-        pid = _check(self.ctl.exec(self.node, ["sh", "-c", _proxy_pid_script()]), f"proxy pid on {self.node}")
+        pgid, count = _proxy_group(self)
         self.injected = True
-        _check(self.ctl.exec(self.node, ["kill", "-9", pid]), f"kill -9 {pid} on {self.node}")
-        return f"kamailio {pid} on {self.node} killed (-9)"
+        _check(self.ctl.exec(self.node, ["kill", "-KILL", "--", f"-{pgid}"]), f"SIGKILL -{pgid} on {self.node}")
+        return f"kamailio process group {pgid} on {self.node} ({count} processes) killed (SIGKILL)"
 
     def undo(self) -> str:
         return _cleanup(self)
@@ -204,14 +221,11 @@ class ProxyHang(Fault):
     pgid: str | None = None
 
     def inject(self) -> str:
-        pid = _check(self.ctl.exec(self.node, ["sh", "-c", _proxy_pid_script()]), f"proxy pid on {self.node}")
-        pgid = _check(self.ctl.exec(self.node, ["ps", "-o", "pgid=", "-p", pid]), f"process group of {pid}")
-        if not pgid.isdigit() or pgid in ("0", "1"):
-            raise DrillError(f"process group of kamailio {pid} on {self.node}: {pgid!r}")
+        pgid, count = _proxy_group(self)
         self.pgid = pgid
         self.injected = True
         _check(self.ctl.exec(self.node, ["kill", "-STOP", "--", f"-{pgid}"]), f"SIGSTOP -{pgid}")
-        return f"kamailio process group {pgid} on {self.node} stopped (SIGSTOP)"
+        return f"kamailio process group {pgid} on {self.node} ({count} processes) stopped (SIGSTOP)"
 
     def undo(self) -> str:
         if self.pgid:

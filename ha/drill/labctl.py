@@ -6,13 +6,35 @@ tested without a lab; this file only maps each question to the lab function that
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 from typing import Any
 
 from ha.drill.faults import ClusterState, DrillError
 from ha.drill.ownership import NamespaceView
 from ha.drill.traffic import SocketFactory
+
+COORDINATOR_SOCKET = "/run/sipha/coordinator.sock"  # ha.coordinator.service's default status socket
+
+
+def coordinator_ready(status: dict[str, Any] | str, holds_vip: bool) -> tuple[bool, str]:
+    """Whether a node's coordinator is where a drill needs it: ready (its proxy holds the store's state),
+    connected to ZooKeeper, and active exactly on the VIP's node. Why: a drill right after a start or a
+    previous fault would otherwise register phones while nobody writes them to the store yet, and report
+    registrations "lost" that were never replicated."""
+    if isinstance(status, str):
+        return False, f"no coordinator status: {status}"
+    repl = status.get("replication") or {}
+    if not status.get("ready"):
+        return False, "coordinator not ready: resync pending"
+    if repl.get("zookeeper") != "connected":
+        return False, f"coordinator's zookeeper {repl.get('zookeeper', 'unknown')}"
+    if bool(repl.get("active")) != holds_vip:
+        return False, ("coordinator not active yet on the VIP's node" if holds_vip
+                       else "coordinator still active on a node without the VIP")  # fmt: skip
+    return True, "ready, " + ("active" if holds_vip else "standby")
 
 
 class LabControl:
@@ -56,6 +78,10 @@ class LabControl:
                 proxies[n] = self.lab.sip_options(self.spec, self.hosts[n]["ip"], timeout=0.5)
         pm = st.get("pacemaker", {})
         failed = tuple(f"{r['id']} on {','.join(r['nodes']) or '?'}" for r in pm.get("resources", []) if r["failed"])
+        holder = holders if holders in self.nodes else None
+        replication = {}
+        if any(r["id"] == "coordinator" for r in pm.get("resources", [])):  # the stock lab replicates nothing
+            replication = {n: coordinator_ready(self.coordinator_status(n), n == holder) for n in proxies}
         return ClusterState(
             nodes=self.nodes,
             vip=self.vip,
@@ -67,7 +93,20 @@ class LabControl:
             proxies=proxies,
             partitioned=tuple(n for n in self.nodes if st["hosts"][n].get("partitioned")),
             failed_resources=failed,
+            replication=replication,
         )
+
+    def coordinator_status(self, node: str) -> dict[str, Any] | str:
+        """The node's coordinator status document (its unix socket, asked from inside the node), or why not."""
+        code = ("import sys; from ha.unixline import exchange; "
+                f"sys.stdout.write(exchange({COORDINATOR_SOCKET!r}, b'status\\n', 1.0).decode())")  # fmt: skip
+        rc, out = self.exec(node, [sys.executable, "-c", code], timeout=5)
+        if rc != 0:
+            return out.strip().splitlines()[-1] if out.strip() else f"exit {rc}"
+        try:
+            return json.loads(out)
+        except ValueError:
+            return f"unreadable status: {out.strip()[:80]!r}"
 
     def vip_owners(self) -> dict[str, bool]:
         # A powered-off node's namespace still holds the VIP, but nothing there answers: not an owner.

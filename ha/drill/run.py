@@ -41,6 +41,7 @@ class DrillOptions:
     repeat: int = 1
     settle_timeout_s: float = 120.0
     baseline: bool = False
+    wait_s: float = 0.0  # before the first run: wait up to this long for a healthy cluster, then refuse
 
     def check(self) -> None:
         """Bad input is one line, before anything is touched."""
@@ -50,6 +51,8 @@ class DrillOptions:
             raise DrillError(f"--repeat {self.repeat}: 1-1000")
         if min(self.before_s, self.hold_s, self.after_s) < 0 or self.before_s + self.hold_s + self.after_s > 600:
             raise DrillError("drill phases must be >= 0 s and last at most 600 s together")
+        if not 0 <= self.wait_s <= 600:
+            raise DrillError(f"--wait {self.wait_s:g}: 0-600 s")
         try:
             self._traffic_config("192.0.2.1", "192.0.2.2", 5060)
         except ValueError as exc:
@@ -172,6 +175,8 @@ def run(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m:
                          "then the same drill again (the lab now is the sipha variant)")  # fmt: skip
     runs: list[dict[str, Any]] = []
     stopped = None
+    if opts.wait_s > 0 and wait_healthy(ctl, opts.wait_s, sleep):
+        progress(f"the cluster is still not healthy after {opts.wait_s:g} s")  # run_once refuses, saying why
     for k in range(opts.repeat):
         if k:
             progress(f"waiting for the cluster to be healthy again (up to {opts.settle_timeout_s:g} s)")

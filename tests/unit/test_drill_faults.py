@@ -85,6 +85,9 @@ def test_healthy_cluster_has_no_problems() -> None:
           "proxies": {"node1": (True, "ok")}}, ["node2 is powered off"]),
         ({"partitioned": ("node2",)}, ["node2 is partitioned"]),
         ({"failed_resources": ("proxy on node2",)}, ["resource proxy on node2 failed"]),
+        ({"replication": {"node1": (True, "ready, active"), "node2": (False, "coordinator not ready: resync pending")}},
+         ["replication on node2 is not ready (coordinator not ready: resync pending)"]),
+        ({"replication": {"node1": (True, "ok")}}, []),  # a node the control did not ask is not held against it
     ],
 )  # fmt: skip
 def test_unhealthy_cluster_says_why(change: dict[str, Any], expected: list[str]) -> None:
@@ -114,39 +117,59 @@ def test_node_crash_powers_off_then_on() -> None:
     assert r.log == [("power", "node1", False), ("power", "node1", True)] and f.injected
 
 
-def test_proxy_crash_kills_by_pid_then_cleans_up_from_the_other_node() -> None:
-    r = Recorder({"sh -c": (0, "4242\n")})
+def test_proxy_crash_kills_the_whole_group_then_cleans_up_from_the_other_node() -> None:
+    r = Recorder({"sh -c": (0, "4242 9\n")})
     f = faults.make_fault("proxy-crash", "node1", r)
-    assert f.inject() == "kamailio 4242 on node1 killed (-9)"
+    assert f.inject() == "kamailio process group 4242 on node1 (9 processes) killed (SIGKILL)"
     f.undo()
-    assert r.log[1] == ("exec", "node1", "kill", "-9", "4242")
+    assert r.log[0][:3] == ("exec", "node1", "sh") and "ps -C kamailio" in r.log[0][-1]
+    assert r.log[1] == ("exec", "node1", "kill", "-KILL", "--", "-4242")
     assert r.log[2] == ("exec", "node2", "pcmk", "cleanup", "node1", "on")
-    assert "/run/sipha/kamailio.pid" in r.log[0][-1]
 
 
-def test_proxy_crash_without_a_pid_file_injects_nothing() -> None:
-    r = Recorder({"sh -c": (1, "no kamailio pid file\n")})
+def test_proxy_crash_without_a_proxy_injects_nothing() -> None:
+    r = Recorder({"sh -c": (1, "no kamailio running\n")})
     f = faults.make_fault("proxy-crash", "node1", r)
-    with pytest.raises(DrillError, match="proxy pid on node1: exit 1: no kamailio pid file"):
+    with pytest.raises(DrillError, match="the proxy's process group on node1: exit 1: no kamailio running"):
         f.inject()
     assert not f.injected and len(r.log) == 1
 
 
+def test_proxy_group_script_picks_the_largest_live_group() -> None:
+    """The shell pipeline itself, on a fake ``ps``: zombies do not count, the biggest group wins."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        fake = Path(d) / "ps"
+        fake.write_text("#!/bin/sh\nprintf '  7 S\\n 50 S\\n 50 S\\n 50 Z\\n 50 Z\\n 50 Z\\n 60 S\\n'\n")
+        fake.chmod(0o755)
+        p = subprocess.run(["sh", "-c", faults.PROXY_GROUP_SCRIPT], capture_output=True, text=True,
+                           env={"PATH": f"{d}:/usr/bin:/bin"})  # fmt: skip
+        assert (p.returncode, p.stdout) == (0, "50 2\n")
+        fake.write_text("#!/bin/sh\nexit 1\n")
+        p = subprocess.run(["sh", "-c", faults.PROXY_GROUP_SCRIPT], capture_output=True, text=True,
+                           env={"PATH": f"{d}:/usr/bin:/bin"})  # fmt: skip
+        assert (p.returncode, p.stderr) == (1, "no kamailio running\n")
+
+
 def test_proxy_hang_stops_and_continues_the_same_group() -> None:
-    r = Recorder({"sh -c": (0, "4242"), "ps -o": (0, "  4242\n")})
+    r = Recorder({"sh -c": (0, "4242 7")})
     f = faults.make_fault("proxy-hang", "node2", r)
-    f.inject()
+    assert f.inject() == "kamailio process group 4242 on node2 (7 processes) stopped (SIGSTOP)"
     f.undo()
     cmds = [e[2:] for e in r.log if e[0] == "exec"]
     assert ("kill", "-STOP", "--", "-4242") in cmds and ("kill", "-CONT", "--", "-4242") in cmds
     assert cmds.index(("kill", "-STOP", "--", "-4242")) < cmds.index(("kill", "-CONT", "--", "-4242"))
 
 
-def test_proxy_hang_refuses_to_stop_init() -> None:
-    r = Recorder({"sh -c": (0, "7"), "ps -o": (0, "1")})
+@pytest.mark.parametrize("kind", ["proxy-hang", "proxy-crash"])
+def test_proxy_faults_refuse_init_group(kind: str) -> None:
+    r = Recorder({"sh -c": (0, "1 3")})
     with pytest.raises(DrillError, match="process group"):
-        faults.make_fault("proxy-hang", "node1", r).inject()
-    assert not any("-STOP" in e for e in r.log)
+        faults.make_fault(kind, "node1", r).inject()
+    assert not any("-STOP" in e or "-KILL" in e for e in r.log)
 
 
 def test_partition_link_flap_zk() -> None:
