@@ -12,8 +12,9 @@ ha.coordinator.materialize`` just before it starts Kamailio; if ZooKeeper cannot
 empty table (:func:`write_empty`, standard library only, so the agent can do it itself) and the coordinator's
 RPC resync loads everything as before. Kamailio refuses to start without the table, so it always exists.
 
-The window between the snapshot and the proxy's start: the file also holds ``sipha_loaded`` (the key and
-ZooKeeper ``mzxid`` of every binding written) and ``sipha_meta`` (when, for which cluster). When the
+The window between the snapshot and the proxy's start: every row's ``ruid`` carries the ZooKeeper ``mzxid``
+of the binding it was written from (``sipha-<mzxid hex>-<n>``), and ``sipha_meta`` says when and for which
+cluster the file was written (a second table of keys cost ~30 % more write time). When the
 coordinator sees a proxy that booted from this file (:func:`manifest_for_boot`), its resync skips bindings
 whose ``mzxid`` is unchanged, ``ul.add``\\ s the ones that changed or appeared since, and ``ul.rm_contact``\\ s
 the ones deleted since; readiness waits for that, as for a full resync.
@@ -87,7 +88,6 @@ CREATE TABLE location_attrs (
     last_modified TIMESTAMP WITHOUT TIME ZONE DEFAULT '2000-01-01 00:00:01' NOT NULL
 );
 INSERT INTO version (table_name, table_version) VALUES ('location_attrs', '1');
-CREATE TABLE sipha_loaded (aor TEXT NOT NULL, contact TEXT NOT NULL, mzxid INTEGER NOT NULL);
 CREATE TABLE sipha_meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
 """
 # No index on location: usrloc reads it once, in full; an index would only slow the write down.
@@ -133,9 +133,8 @@ class Written:
     write_s: float
 
 
-def _rows(records: Iterable[Any], now: float) -> tuple[list[tuple[Any, ...]], list[tuple[str, str, int]], int]:
+def _rows(records: Iterable[Any], now: float) -> tuple[list[tuple[Any, ...]], int]:
     rows: list[tuple[Any, ...]] = []
-    loaded: list[tuple[str, str, int]] = []
     expired = 0
     modified = _datetime(now)
     for i, r in enumerate(records):
@@ -143,7 +142,7 @@ def _rows(records: Iterable[Any], now: float) -> tuple[list[tuple[Any, ...]], li
             expired += 1
             continue
         rows.append((
-            f"sipha-{i}",
+            f"sipha-{int(getattr(r, 'mzxid', 0)):x}-{i}",
             r.aor,
             r.contact,
             received_uri(r.received) if r.received else None,
@@ -159,8 +158,7 @@ def _rows(records: Iterable[Any], now: float) -> tuple[list[tuple[Any, ...]], li
             r.socket or None,
             None if r.methods < 0 else r.methods,
         ))
-        loaded.append((r.aor, r.contact, int(getattr(r, "mzxid", 0))))
-    return rows, loaded, expired
+    return rows, expired
 
 
 def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | None = None,
@@ -172,7 +170,7 @@ def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | No
     t0 = time.monotonic()
     now = time.time() if now is None else now
     path = Path(path)
-    rows, loaded, expired = _rows(records, now)
+    rows, expired = _rows(records, now)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +182,6 @@ def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | No
             db.executescript(SCHEMA)
             db.execute("BEGIN")
             db.executemany(_INSERT, rows)
-            db.executemany("INSERT INTO sipha_loaded VALUES (?,?,?)", loaded)
             m = {**(meta or {}), "written_at": now, "bindings": len(rows)}
             db.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
             db.execute("COMMIT")
@@ -224,11 +221,12 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
-            loaded = {(a, c): int(z) for a, c, z in db.execute("SELECT aor, contact, mzxid FROM sipha_loaded")}
+            loaded = {(a, c): int(r.split("-")[1], 16)
+                      for a, c, r in db.execute("SELECT username, contact, ruid FROM location")}
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM sipha_meta")}
         finally:
             db.close()
-    except (sqlite3.Error, ValueError) as exc:
+    except (sqlite3.Error, ValueError, IndexError) as exc:
         raise MaterializeError(f"{p}: not a sipha usrloc file: {exc}") from exc
     return Manifest(loaded, meta)
 

@@ -1,0 +1,231 @@
+"""Restart fast path, end to end: N bindings in a real 3-member ensemble -> a (re)started real Kamailio holding
+all of them -> the coordinator's resync done (readiness). Not a pass/fail gate: it prints the figures.
+
+``flock /run/lock/sipha-lab.lock .venv/bin/python bench/coordinator_fastpath.py 100000 [--runs 3]``
+
+Phases, each timed on its own, as the proxy agent and the coordinator run them on a node restart:
+
+1. materialize: ``python -m ha.coordinator.materialize`` as the agent runs it (a new interpreter: imports,
+   ZooKeeper connect, ``ZkStore.snapshot()`` multiRead, the SQLite write). Its own log line splits read/write.
+2. kamailio: the rendered lab config with the preload define, ``-X tlsf``, ``-M`` as the agent sizes it, in
+   a throwaway network namespace, from exec until it answers JSON-RPC (``wait_worker1_mode``: nothing
+   answers before usrloc has loaded the table); then ``usrloc:location_contacts`` is checked == N.
+3. resync: the coordinator's replicator with the manifest (what the proxy loaded, by mzxid) from start to
+   ``synced``: its watch reads the store again and pushes only the difference (here: none).
+
+"proxy holds N" = 1 + 2; "ready" = 1 + 2 + 3. Beside it, for scale: the same N pushed with pipelined
+``ul.add`` into an empty proxy (the path without the fast path), once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
+
+from conftest_zk import connect, contact  # noqa: E402 - the real-ensemble helpers
+
+from ha import model, render  # noqa: E402
+from ha.coordinator import materialize  # noqa: E402
+from ha.coordinator.apply import ProxyApplier  # noqa: E402
+from ha.coordinator.replicator import Replicator  # noqa: E402
+from ha.coordinator.store import ZkStore  # noqa: E402
+from ha.proxy import kamailio  # noqa: E402
+from ha.zk_testing import Ensemble  # noqa: E402
+
+PKG_KB_PER_BINDING = 3  # as resource_agents/sipha-proxy sizes -M
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def namespace(cluster: model.Cluster) -> Iterator[str]:
+    ns = f"sipha-t-{secrets.token_hex(4)}"
+    _ip("netns", "add", ns)
+    try:
+        _ip("-n", ns, "link", "set", "lo", "up")
+        for a in (cluster.nodes[0].address, *(v.address for v in cluster.vips)):
+            _ip("-n", ns, "addr", "add", a.split("/")[0] + "/32", "dev", "lo")
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def kamailio_up(ns: str, cfg: Path, cluster: model.Cluster, run_dir: Path, preload: Path | None,
+                n: int) -> Iterator[tuple[float, Path]]:
+    """Start Kamailio; yields (seconds from exec to the first JSON-RPC answer, rpc socket)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pkg = max(cluster.proxy.pkg_mb, 16 + (n * PKG_KB_PER_BINDING + 1023) // 1024)
+    mem = cluster.model_copy(update={"proxy": cluster.proxy.model_copy(update={"pkg_mb": pkg})})
+    defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir}/"}
+    if preload is not None:
+        defines["SIPHA_USRLOC_PRELOAD"] = f"sqlite:///{preload}"
+    cmd = [*kamailio.kamailio_command(cfg, mem, run_dir=run_dir, foreground=True, defines=defines), "-X", "tlsf"]
+    sock = run_dir / "kamailio-rpc.sock"
+    sock.unlink(missing_ok=True)
+    log = (run_dir / "kamailio.log").open("wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = t0 + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kamailio did not answer: {(run_dir / 'kamailio.log').read_text()[-2000:]}")
+            if sock.exists():
+                try:
+                    kamailio.rpc("core.uptime", sock=sock, timeout=0.2)
+                    break
+                except kamailio.RpcError:
+                    pass
+            time.sleep(0.002)
+        yield time.monotonic() - t0, sock
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        log.close()
+
+
+def contacts_in(sock: Path) -> int:
+    for s in kamailio.rpc("stats.get_statistics", "usrloc:", sock=sock, timeout=5):
+        if s.startswith("usrloc:location_contacts = "):
+            return int(s.rsplit(" ", 1)[1])
+    return -1
+
+
+def rss_mb(sock: Path) -> int:
+    """Resident memory of the Kamailio that owns ``sock`` (all its processes), in MB."""
+    pid = int((sock.parent / kamailio.PID_NAME).read_text())
+    pgid = os.getpgid(pid)
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if os.getpgid(int(d)) != pgid:
+                continue
+            status = Path(f"/proc/{d}/status").read_text()
+            total += int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
+    return total // 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("n", type=int, nargs="?", default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-rpc-baseline", action="store_true", help="skip the ul.add comparison")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    base = model.load(ROOT / "examples" / "lab.yaml")
+    cluster = base.model_copy(update={"name": f"fp{uuid.uuid4().hex[:8]}"})
+    node = cluster.nodes[0]
+    tmp = Path(tempfile.mkdtemp(prefix="sipha-fastpath-"))
+    ens = Ensemble(tmp / "zk", tick_ms=500, heap_mb=768)
+    try:
+        ens.start(timeout=90)
+        client = connect(ens, timeout_s=10)
+        writer = ZkStore(client, cluster.name, "node2")
+        writer.ensure_layout()
+        writer.bump_epoch()
+        t0 = time.monotonic()
+        for start in range(0, args.n, 5000):
+            writer.write([contact(i, f"u{i}", f"sip:u{i}@198.51.100.80:5060", node="node2")
+                          for i in range(start + 1, min(start + 5000, args.n) + 1)])
+        print(f"wrote {args.n} bindings to the ensemble in {time.monotonic() - t0:.1f} s")
+        cfg = tmp / "kamailio.cfg"
+        cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=node, is_node=True))
+        ycfg = tmp / "cluster.yaml"
+        ycfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {cluster.name}", 1))
+        reader = ZkStore(client, cluster.name, "node1")
+        rows = []
+        with namespace(cluster) as ns:
+            for run in range(args.runs):
+                run_dir = tmp / f"run{run}"
+                db = run_dir / materialize.DB_NAME
+                t0 = time.monotonic()
+                p = subprocess.run([sys.executable, "-m", "ha.coordinator.materialize", "--config", str(ycfg),
+                                    "--zk-hosts", ens.hosts, "--out", str(db), "--timeout", "10"],
+                                   capture_output=True, text=True, timeout=120, cwd=ROOT)
+                t_mat = time.monotonic() - t0
+                if p.returncode != 0:
+                    raise RuntimeError(f"materialize failed: {p.stderr}")
+                meta = materialize.read_manifest(db)
+                with kamailio_up(ns, cfg, cluster, run_dir, db, args.n) as (t_kam, sock):
+                    have = contacts_in(sock)
+                    assert have == args.n, f"the proxy loaded {have} of {args.n}"
+                    mem = rss_mb(sock)
+                    with kamailio.Rpc(sock, timeout=5.0) as rpc:
+                        rep = Replicator(reader, ProxyApplier(rpc), "node1", include_own=True)
+                        rep.preloaded = meta.loaded
+                        t0 = time.monotonic()
+                        rep.start()
+                        if not rep.synced.wait(120):
+                            raise RuntimeError(rep.last_status)
+                        t_rep = time.monotonic() - t0
+                        rep.stop()
+                    assert rep.stats.preloaded == args.n and rep.stats.added == 0, rep.stats
+                row = {"materialize_s": t_mat, "zk_read_ms": meta.meta.get("read_ms"), "kamailio_s": t_kam,
+                       "resync_s": t_rep, "holds_s": t_mat + t_kam, "ready_s": t_mat + t_kam + t_rep,
+                       "rss_mb": mem}
+                rows.append(row)
+                print(f"run {run + 1}: materialize {t_mat:.2f} s (zookeeper read {row['zk_read_ms']} ms), kamailio "
+                      f"start+preload {t_kam:.2f} s, proxy holds {args.n} after {row['holds_s']:.2f} s; "
+                      f"coordinator resync (diff) {t_rep:.2f} s, ready after {row['ready_s']:.2f} s; "
+                      f"proxy RSS {mem} MB", flush=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if not args.no_rpc_baseline:
+                run_dir = tmp / "rpc"
+                with kamailio_up(ns, cfg, cluster, run_dir, None, args.n) as (t_kam, sock):
+                    mem0 = rss_mb(sock)
+                    with kamailio.Rpc(sock, timeout=5.0) as rpc:
+                        rep = Replicator(reader, ProxyApplier(rpc), "node1", include_own=True)
+                        t0 = time.monotonic()
+                        rep.start()
+                        if not rep.synced.wait(600):
+                            raise RuntimeError(rep.last_status)
+                        t_rep = time.monotonic() - t0
+                        rep.stop()
+                    have = contacts_in(sock)
+                    mem = rss_mb(sock)
+                print(f"without the fast path: kamailio start {t_kam:.2f} s, replicator read + ul.add of {have} "
+                      f"{t_rep:.2f} s, ready after {t_kam + t_rep:.2f} s; proxy RSS {mem0} MB empty, {mem} MB full")
+        for key in ("materialize_s", "kamailio_s", "holds_s", "resync_s", "ready_s"):
+            vals = [r[key] for r in rows]
+            print(f"{key}: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, max {max(vals):.2f})")
+        print(json.dumps({"n": args.n, "runs": rows}))
+        client.stop()
+        client.close()
+    finally:
+        ens.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
