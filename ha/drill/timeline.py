@@ -52,6 +52,7 @@ def events(lines: Iterable[str], since: float, until: float, year: int | None = 
     """(epoch, what) for every interesting line stamped within [since, until]."""
     year = year or time.localtime(since).tm_year
     out: list[tuple[float, str]] = []
+    seen: dict[str, float] = {}
     for line in lines:
         t = line_time(line, year)
         if t is None or not since <= t <= until:
@@ -60,7 +61,14 @@ def events(lines: Iterable[str], since: float, until: float, year: int | None = 
             m = pattern.search(line)
             if m:
                 what = say.format(*(g.strip() if g else "-" for g in m.groups()))
-                out.append((t, f"{node}: {what}" if node else what))
+                stamp = _STAMP.match(line)
+                if stamp and not stamp["frac"]:
+                    # Corosync's default stamps stop at the second: the event happened up to 1 s after t.
+                    what += " (logged to the second)"
+                what = f"{node}: {what}" if node else what
+                if abs(seen.get(what, -10.0) - t) > 0.1:  # one daemon logs the same change several times
+                    out.append((t, what))
+                seen[what] = t
                 break
     return sorted(out, key=lambda e: e[0])  # stable: lines of one second keep their log order
 

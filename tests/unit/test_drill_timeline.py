@@ -33,8 +33,8 @@ def test_events_in_the_window_in_order() -> None:
     assert since is not None
     evs = timeline.events(LOG.splitlines(), since, since + 10, year=2026, node="node2")
     assert [e for _t, e in evs] == [
-        "node2: knet: link to node id 1 down",
-        "node2: corosync: new membership 2.2c (left: 1)",
+        "node2: knet: link to node id 1 down (logged to the second)",
+        "node2: corosync: new membership 2.2c (left: 1) (logged to the second)",
         "node2: pacemaker: node1 lost",
         "node2: pacemaker: fencing node1 (off) requested",
         "node2: pacemaker: node1 fenced (off) by node2",
@@ -42,6 +42,17 @@ def test_events_in_the_window_in_order() -> None:
         "node2: pacemaker: vip-vip start on node2: ok",
     ]  # the start-up line is before the window, the proxy's start is not a VIP event
     assert evs[3][0] - evs[2][0] == pytest.approx(0.038, abs=1e-6)  # millisecond stamps kept
+
+
+def test_the_same_change_logged_twice_is_one_event() -> None:
+    line = ("Nov 24 21:10:00.662 node2 pacemaker-controld  [30] (update_peer_state_iter) \tnotice: Node node1 "
+            "state is now lost | nodeid=1")  # fmt: skip
+    later = line.replace("00.662", "00.700")
+    much_later = line.replace("00.662", "03.000")
+    since = timeline.line_time("Nov 24 21:09:59 x", 2026)
+    assert since is not None
+    evs = timeline.events([line, later, much_later], since, since + 10, year=2026)
+    assert [round(t - since, 3) for t, _e in evs] == [1.662, 4.0]
 
 
 def test_line_time_and_clock_mapping() -> None:
