@@ -201,7 +201,7 @@ def test_deploy_with_wrong_key_names_host_and_changes_nothing(bare: dict[str, An
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     p = _sipha(bare, "deploy", str(_changed_model(tmp_path)), "-i", str(key))
     assert p.returncode != 0
-    assert "node1 (198.51.100.11:22): connect: authentication failed for user root" in p.stderr, p.stderr
+    assert "Error: node1: connect: authentication failed for user root" in p.stderr, p.stderr
     assert "nothing was changed on any host" in p.stderr, p.stderr
     assert _digests(bare) == before
 
@@ -210,7 +210,7 @@ def test_deploy_to_unreachable_host_names_it_and_changes_nothing(bare: dict[str,
     before = _digests(bare)
     p = _sipha(bare, "deploy", str(_changed_model(tmp_path, node2=2222)))
     assert p.returncode != 0
-    assert "node2 (198.51.100.12:2222): connect: unreachable: connection refused" in p.stderr, p.stderr
+    assert "Error: node2: connect: unreachable: connection refused" in p.stderr, p.stderr
     assert "nothing was changed on any host" in p.stderr, p.stderr
     assert _digests(bare) == before
     answered, detail = labmod.sip_options(bare, bare["vips"][0], timeout=1.0)
