@@ -392,6 +392,9 @@ def playbook_command(render_dir: Path, cluster_yaml: Path, known_hosts: str | Pa
            "-e", f"sipha_render_dir={render_dir}", "-e", f"sipha_cluster_yaml={cluster_yaml.resolve()}",
            "-e", f"sipha_service_manager={service_manager}", "--ssh-common-args", ssh_args]  # fmt: skip
     if identity:
+        # Only this key: an agent's or ~/.ssh's other keys would count against sshd's MaxAuthTries (3 once the
+        # common role's hardening is in place) before this one is offered.
+        cmd[cmd.index(ssh_args)] = ssh_args + " -o IdentitiesOnly=yes"
         cmd += ["--private-key", str(Path(identity).expanduser())]
     if only:
         cmd += ["--limit", ",".join(only)]

@@ -272,3 +272,6 @@ def test_playbook_failures_name_host_and_task() -> None:
     ]
     cmd = deploy.playbook_command(Path("/r"), REPO / "examples/lab.yaml", "/k", None)
     assert "-o UserKnownHostsFile=/k -o StrictHostKeyChecking=yes" in cmd
+    with_key = deploy.playbook_command(Path("/r"), REPO / "examples/lab.yaml", "/k", "/id")
+    assert "-o UserKnownHostsFile=/k -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes" in with_key
+    assert with_key[with_key.index("--private-key") + 1] == "/id"
