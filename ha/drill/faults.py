@@ -60,6 +60,8 @@ class ClusterState:
     proxies: Mapping[str, tuple[bool, str]] = field(default_factory=dict)  # node -> (answers OPTIONS, detail)
     # node -> (its coordinator is ready for a drill, detail); empty where the cluster replicates nothing (stock)
     replication: Mapping[str, tuple[bool, str]] = field(default_factory=dict)
+    # sipha runs a warm proxy on every node; stock runs one, in a group with the VIP, on the VIP's node only
+    standby_proxies: bool = True
     partitioned: tuple[str, ...] = ()
     failed_resources: tuple[str, ...] = ()
 
@@ -112,7 +114,7 @@ def health_problems(st: ClusterState) -> list[str]:
         out.append(f"VIP {st.vip} is on {len(st.vip_holders)} nodes ({', '.join(st.vip_holders)})")
     if st.vip_holders and not st.vip_answers:
         out.append(f"VIP {st.vip} does not answer SIP OPTIONS ({st.vip_detail or 'no answer'})")
-    for n in up:
+    for n in up if st.standby_proxies else [n for n in up if n in st.vip_holders]:
         ok, detail = st.proxies.get(n, (False, "not probed"))
         if not ok:
             out.append(f"the proxy on {n} is not started (no answer to SIP OPTIONS: {detail})")

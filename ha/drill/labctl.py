@@ -17,6 +17,7 @@ from ha.drill.ownership import NamespaceView
 from ha.drill.traffic import SocketFactory
 
 COORDINATOR_SOCKET = "/run/sipha/coordinator.sock"  # ha.coordinator.service's default status socket
+STOCK_GROUP = "sip"  # ha.lab.stock: IPaddr2 + ocf:heartbeat:kamailio in one group
 
 
 def coordinator_ready(status: dict[str, Any] | str, holds_vip: bool) -> tuple[bool, str]:
@@ -72,9 +73,10 @@ class LabControl:
     def status(self) -> ClusterState:
         st = self.lab.status(self.spec)
         holders = st["vips"].get(self.vip, "-")
+        stock = self.variant == "stock"  # one proxy, grouped with the VIP: probed on the VIP's node only
         proxies = {}
         for n in self.nodes:
-            if st["hosts"][n].get("power") == "on":
+            if st["hosts"][n].get("power") == "on" and (not stock or n in holders.split(",")):
                 proxies[n] = self.lab.sip_options(self.spec, self.hosts[n]["ip"], timeout=0.5)
         pm = st.get("pacemaker", {})
         failed = tuple(f"{r['id']} on {','.join(r['nodes']) or '?'}" for r in pm.get("resources", []) if r["failed"])
@@ -94,6 +96,7 @@ class LabControl:
             partitioned=tuple(n for n in self.nodes if st["hosts"][n].get("partitioned")),
             failed_resources=failed,
             replication=replication,
+            standby_proxies=not stock,
         )
 
     def coordinator_status(self, node: str) -> dict[str, Any] | str:
@@ -148,6 +151,9 @@ class LabControl:
         from ha.health.cluster import PacemakerActions
 
         actions = PacemakerActions(self.model)
+        if self.variant == "stock" and what in ("move", "clear"):  # ha.lab.stock: the VIP is in group "sip"
+            return ["crm_resource", "--resource", STOCK_GROUP, *(["--move", "--node", node] if what == "move"
+                                                                  else ["--clear"])]  # fmt: skip
         if what == "move":
             return actions.move_command(node)
         if what == "clear":

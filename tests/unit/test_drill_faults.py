@@ -88,6 +88,10 @@ def test_healthy_cluster_has_no_problems() -> None:
         ({"replication": {"node1": (True, "ready, active"), "node2": (False, "coordinator not ready: resync pending")}},
          ["replication on node2 is not ready (coordinator not ready: resync pending)"]),
         ({"replication": {"node1": (True, "ok")}}, []),  # a node the control did not ask is not held against it
+        # stock: one proxy, grouped with the VIP; the standby has none and that is not a problem
+        ({"standby_proxies": False, "proxies": {"node1": (True, "ok")}}, []),
+        ({"standby_proxies": False, "proxies": {"node1": (False, "timeout")}},
+         ["the proxy on node1 is not started (no answer to SIP OPTIONS: timeout)"]),
     ],
 )  # fmt: skip
 def test_unhealthy_cluster_says_why(change: dict[str, Any], expected: list[str]) -> None:
