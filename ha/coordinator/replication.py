@@ -73,7 +73,7 @@ class Replication:
         dump_table: Callable[[], Mapping[tuple[str, str], ProxyBinding]] | None = None,
         proxy_boot: Callable[[], int | None] | None = None,
         reconcile_delay_s: float = 1.0,
-        preload: Callable[[int | None], dict[tuple[str, str], int] | None] | None = None,
+        preload: Callable[[], dict[tuple[str, str], int] | None] | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -115,9 +115,10 @@ class Replication:
         self._next_boot_check = 0.0
         self._next_resync_retry = 0.0
         self.include_own_first = False  # the first resync also pushes this node's own bindings
-        # The restart fast path: what the proxy that booted at a given time loaded from its preload table
-        # (ha.coordinator.materialize), so its resync pushes only what changed since; None: no fast path.
-        self.preload_fn = preload
+        # The restart fast path: what the local proxy loaded from its preload table at start
+        # (ha.coordinator.materialize), so a resync pushes only what changed since; None: no fast path.
+        if self.replicator is not None:
+            self.replicator.preload_source = preload
 
     @classmethod
     def from_model(
@@ -153,11 +154,21 @@ class Replication:
 
         apply_rpc = Rpc(sock, timeout=2.0)
         from ha.coordinator import materialize
+        from ha.proxy.kamailio import rpc
 
         preload_db = sock.parent / materialize.DB_NAME
 
-        def preload(boot: int | None) -> dict[tuple[str, str], int] | None:
+        def preload() -> dict[tuple[str, str], int] | None:
+            """What the proxy answering now loaded at its start (runs on the watch thread: its own socket)."""
+            try:
+                up = rpc("core.uptime", sock=sock, timeout=0.5)
+                boot = int(time.time() - float(up["uptime"]))
+            except (RpcError, OSError, KeyError, TypeError, ValueError):
+                return None
             m = materialize.manifest_for_boot(preload_db, boot, cluster.name)
+            if m is not None:
+                log.info("the proxy (boot %s) preloaded %d bindings: the resync pushes only what changed since",
+                         boot, len(m.loaded))
             return None if m is None else m.loaded
 
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
@@ -175,8 +186,6 @@ class Replication:
         except StoreUnavailable as exc:
             return f"zookeeper not reachable yet ({exc}); will retry on tick"
         if self.replicator is not None and not self.replicator.running:
-            if self.include_own_first:
-                self._arm_preload(self.proxy_boot)
             self.replicator.start(include_own=self.include_own_first)
         self.started = True
         own = " (this node's own included: the proxy's table is new)" if self.include_own_first else ""
@@ -190,29 +199,11 @@ class Replication:
             return False
         return self.replicator is None or self.replicator.synced.is_set()
 
-    def _arm_preload(self, boot: int | None) -> None:
-        """Tell the replicator what the proxy booted at ``boot`` preloaded (None: it preloaded nothing)."""
-        if self.replicator is None or self.preload_fn is None:
-            return
-        if boot is None and self.proxy_boot_fn is not None:
-            boot = self.proxy_boot_fn()  # the proxy may have come up since the last boot check
-            if boot is not None:
-                self.proxy_boot = boot
-        try:
-            self.replicator.preloaded = self.preload_fn(boot)
-        except Exception:  # an unreadable manifest only costs the fast path: the resync pushes everything
-            log.exception("preload manifest unreadable: full resync")
-            self.replicator.preloaded = None
-        if self.replicator.preloaded is not None:
-            log.info("the proxy (boot %s) preloaded %d bindings: the resync pushes only what changed since",
-                     boot, len(self.replicator.preloaded))
-
-    def proxy_restarted(self, why: str, boot: int | None = None) -> str:
+    def proxy_restarted(self, why: str) -> str:
         """The local proxy's table is new (empty, or what it preloaded): push everything it lacks, own
         bindings included, then reconcile."""
         self.proxy_generation += 1
         if self.replicator is not None and self.started:
-            self._arm_preload(boot if boot is not None else self.proxy_boot)
             self.replicator.resync_own_next()
         elif self.replicator is not None:
             self.include_own_first = True
@@ -332,14 +323,16 @@ class Replication:
             boot = self.proxy_boot_fn()
             if boot is not None:
                 if self.proxy_boot is not None and abs(boot - self.proxy_boot) > 2:
-                    said.append(self.proxy_restarted(f"boot time {self.proxy_boot} -> {boot}", boot))
+                    said.append(self.proxy_restarted(f"boot time {self.proxy_boot} -> {boot}"))
                 self.proxy_boot = boot
         if rep is not None and rep.resync_failed and rep.running and now >= self._next_resync_retry:
-            self._next_resync_retry = now + 2.0
-            said.append(f"resync not applied ({rep.last_status}): trying again")
-            if rep.include_own and rep.preloaded is None:  # the proxy may have come up (preloaded) meanwhile
-                self._arm_preload(None)
-            rep.restart(include_own=rep.include_own)
+            boot = self.proxy_boot_fn() if self.proxy_boot_fn is not None else 0
+            if boot is not None:  # not while the proxy does not answer: each try reads the whole store again
+                if boot:
+                    self.proxy_boot = boot
+                self._next_resync_retry = now + 2.0
+                said.append(f"resync not applied ({rep.last_status}): trying again")
+                rep.restart(include_own=rep.include_own)
         if self._dump is not None:
             try:
                 m = self.finish_reconcile()

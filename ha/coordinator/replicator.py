@@ -61,6 +61,9 @@ class Replicator:
         self.resync_count = 0  # bindings the last complete resync delivered
         # What the local proxy loaded at start, {(aor, contact): mzxid}; used by the next resync only.
         self.preloaded: dict[tuple[str, str], int] | None = None
+        # Asked when a resync for a restarted proxy is about to be applied (so it describes the proxy that takes
+        # the pushes, not the one there when the resync was scheduled): what that proxy preloaded, or None.
+        self.preload_source: Callable[[], dict[tuple[str, str], int] | None] | None = None
         self._watch: Watch | None = None
 
     @property
@@ -124,6 +127,11 @@ class Replicator:
                 removes.append(c.record)
         wanted = len(adds)
         preloaded = self.preloaded if resync else None
+        if resync and preloaded is None and self.include_own and self.preload_source is not None:
+            try:
+                preloaded = self.preload_source()
+            except Exception:  # an unreadable manifest only costs the fast path: everything is pushed
+                log.exception("replicator: the proxy's preload manifest is unreadable; pushing everything")
         already = 0
         if preloaded is not None:
             adds, removes, already = self._against_preload(changes, adds, removes, preloaded)

@@ -26,7 +26,12 @@ restarted since the file was written (its boot time, recorded in the file, is un
 holds everything, and removing readiness there would make Pacemaker move the VIP away for nothing on a mere
 coordinator restart. A proxy restart seen later (its event sequence restarts, or its boot time changes)
 removes the file until the resync of its new, empty table completes. On a clean stop of a standby the file is
-removed too: nobody keeps that proxy in step any more.
+removed too: nobody keeps that proxy in step any more. The proxy agent's start removes the file too (the
+restart fast path): a readiness file that disappears while it was given is read as "the proxy is being
+restarted", which is noticed on the next pass instead of by the 2 s boot-time poll.
+
+While readiness is withheld the loop ticks every :data:`FAST_TICK_S` instead of every second, so readiness
+follows the resync's completion (and a resync retry follows the proxy's first answer) within ~0.1 s.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ DEFAULT_READY_FILE = "/run/sipha/ready"  # ha.health.service.DEFAULT_READY_FILE 
 DEFAULT_RUN_DIR = "/run/sipha"
 SUMMARY_EVERY_S = 5.0  # one counters line when they changed, instead of a line per event at 10k events/s
 TICK_S = 1.0
+FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers and the resync is done counts
 BOOT_SLACK_S = 2  # the proxy's boot time is derived from whole seconds of uptime
 
 
@@ -190,6 +196,11 @@ class Service:
                 log.info("readiness absent until the resync completes (%s)", why)
 
     def _readiness(self) -> None:
+        if self.ready_given and self.ready_file is not None and not self.ready_file.exists():
+            # Removed by someone else: the proxy agent's start (the proxy is being restarted). Its new table is
+            # resynced once it answers; the boot check must not count the same restart a second time.
+            self.repl.proxy_boot = None
+            log.info("%s", self.repl.proxy_restarted("readiness file removed: the proxy is (re)starting"))
         if self.repl.proxy_generation != self._generation:
             self._generation = self.repl.proxy_generation
             self._drop_ready("the local proxy restarted: its table is resynced first")
@@ -328,7 +339,8 @@ class Service:
             next_summary = time.monotonic() + SUMMARY_EVERY_S
             next_tick = 0.0
             while True:
-                for key, _ in sel.select(timeout=TICK_S):
+                period = TICK_S if self.ready_given else FAST_TICK_S
+                for key, _ in sel.select(timeout=max(0.0, min(period, next_tick - time.monotonic()))):
                     if key.data == "udp":
                         self._receive(udp)
                     elif key.data == "ctl":
@@ -337,8 +349,8 @@ class Service:
                         raise _Stop
                 now = time.monotonic()
                 if now >= next_tick:
-                    next_tick = now + TICK_S
                     self._tick()
+                    next_tick = now + (TICK_S if self.ready_given else FAST_TICK_S)
                 if now >= next_summary:
                     self._summary()
                     next_summary = now + SUMMARY_EVERY_S

@@ -149,11 +149,16 @@ def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
     repl = Replication.from_model(cluster, "node1", journal_path=tmp_path / "j.jsonl",
                                   rpc_socket=kamailio.rpc_socket(run_dir / "run"), hosts=zk_ensemble.hosts)
 
-    def preload(boot: int | None) -> dict[tuple[str, str], int] | None:
-        m = materialize.manifest_for_boot(db, boot, cluster.name)
+    def preload() -> dict[tuple[str, str], int] | None:  # as from_model's, for a table outside the run dir
+        try:
+            up = kamailio.rpc("core.uptime", sock=kamailio.rpc_socket(run_dir / "run"), timeout=0.5)
+        except (kamailio.RpcError, OSError):
+            return None
+        m = materialize.manifest_for_boot(db, int(time.time() - up["uptime"]), cluster.name)
         return None if m is None else m.loaded
 
-    repl.preload_fn = preload  # the table lives outside the proxy's run dir here (the fixture creates that dir)
+    assert repl.replicator is not None
+    repl.replicator.preload_source = preload
     svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=ready,
                   role=None)
     t = threading.Thread(target=svc.run, daemon=True)
