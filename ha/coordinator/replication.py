@@ -114,11 +114,14 @@ class Replication:
         self.proxy_generation = 0  # +1 each time the local proxy is found restarted (the service drops readiness)
         self._next_boot_check = 0.0
         self._next_resync_retry = 0.0
+        self._retry_boot: int | None = None  # the proxy's boot time at the last resync retry
         self.include_own_first = False  # the first resync also pushes this node's own bindings
         # The restart fast path: what the local proxy loaded from its preload table at start
         # (ha.coordinator.materialize), so a resync pushes only what changed since; None: no fast path.
         if self.replicator is not None:
             self.replicator.preload_source = preload
+        self.preload_db: Path | None = None  # where materialize() writes the proxy's preload table
+        self.cluster_name = ""
 
     @classmethod
     def from_model(
@@ -174,7 +177,23 @@ class Replication:
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload)
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close]
+        repl.preload_db, repl.cluster_name = preload_db, cluster.name
         return repl
+
+    def materialize(self) -> dict[str, Any]:
+        """Write the proxy's preload table from the watch's current view (the restart fast path, asked by the
+        proxy agent's start): no store read, so a restart costs the SQLite write and Kamailio's load only."""
+        from ha.coordinator import materialize
+
+        view = self.replicator.view() if self.replicator is not None else None
+        if view is None or self.preload_db is None:
+            raise materialize.MaterializeError("no complete view of the store yet")
+        t0 = time.monotonic()
+        w = materialize.write(self.preload_db, view.values(),
+                              {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"})
+        ms = round((time.monotonic() - t0) * 1000)
+        log.info("preload table for the starting proxy: %d bindings written to %s in %d ms", w.bindings, w.path, ms)
+        return {"ok": True, "bindings": w.bindings, "path": w.path, "ms": ms}
 
     # -- the loop's calls ----------------------------------------------------------------------------------
 
@@ -325,14 +344,17 @@ class Replication:
                 if self.proxy_boot is not None and abs(boot - self.proxy_boot) > 2:
                     said.append(self.proxy_restarted(f"boot time {self.proxy_boot} -> {boot}"))
                 self.proxy_boot = boot
-        if rep is not None and rep.resync_failed and rep.running and now >= self._next_resync_retry:
+        if rep is not None and rep.resync_failed and rep.running:
             boot = self.proxy_boot_fn() if self.proxy_boot_fn is not None else 0
-            if boot is not None:  # not while the proxy does not answer: each try reads the whole store again
+            # Not while the proxy does not answer; at once for a proxy that was not there at the last try (it
+            # just came up: the restart fast path waits for this); else at most every 2 s.
+            if boot is not None and (now >= self._next_resync_retry or boot != self._retry_boot):
+                self._retry_boot = boot
                 if boot:
                     self.proxy_boot = boot
                 self._next_resync_retry = now + 2.0
                 said.append(f"resync not applied ({rep.last_status}): trying again")
-                rep.restart(include_own=rep.include_own)
+                rep.replay(include_own=rep.include_own)  # from the watch's view when complete: no store read
         if self._dump is not None:
             try:
                 m = self.finish_reconcile()

@@ -89,8 +89,27 @@ class Replicator:
             self._watch = None
 
     def resync_own_next(self) -> None:
-        """The local proxy restarted (the intake saw its sequence restart): re-push everything, own included."""
-        self.restart(include_own=True)
+        """The local proxy restarted (the intake saw its sequence restart): re-push everything, own included.
+
+        From the watch's own view when it has a complete one (no store read: the view is current, later changes
+        follow as usual), else by reading the store again."""
+        self.replay(include_own=True)
+
+    def replay(self, include_own: bool) -> None:
+        """A resync from the watch's current view (see resync_own_next); a full restart when there is none."""
+        if self._watch is None:
+            self.start(include_own)
+            return
+        self.synced.clear()
+        self.include_own = include_own
+        self.resync_failed = False
+        self.resync_started = time.monotonic()
+        if not self._watch.replay():
+            self.restart(include_own)
+
+    def view(self) -> dict[str, ContactRecord] | None:
+        """The watch's complete current view (path -> record), or None (see Watch.records)."""
+        return None if self._watch is None else self._watch.records()
 
     def _wanted(self, c: Change) -> bool:
         if c.record.node != self.node or (c.resync and self.include_own):

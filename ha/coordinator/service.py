@@ -198,9 +198,9 @@ class Service:
     def _readiness(self) -> None:
         if self.ready_given and self.ready_file is not None and not self.ready_file.exists():
             # Removed by someone else: the proxy agent's start (the proxy is being restarted). Its new table is
-            # resynced once it answers; the boot check must not count the same restart a second time.
-            self.repl.proxy_boot = None
-            log.info("%s", self.repl.proxy_restarted("readiness file removed: the proxy is (re)starting"))
+            # resynced once it answers.
+            self._proxy_starting("readiness file removed: the proxy is (re)starting")
+            return
         if self.repl.proxy_generation != self._generation:
             self._generation = self.repl.proxy_generation
             self._drop_ready("the local proxy restarted: its table is resynced first")
@@ -276,12 +276,33 @@ class Service:
                      now["gaps"], now["lost"], now["restarts"], now["rejected"] or "none",
                      "active" if now["active"] else "standby", "ready" if now["ready"] else "NOT ready")
 
+    def _materialize(self) -> dict[str, Any]:
+        """The proxy agent is about to start the proxy: write its preload table, and treat it as the proxy's
+        restart at once (readiness withdrawn, its resync applied as soon as it answers)."""
+        from ha.coordinator.materialize import MaterializeError
+
+        try:
+            out = self.repl.materialize()
+        except MaterializeError as exc:
+            return {"ok": False, "error": str(exc)}
+        self._proxy_starting("the proxy agent is starting the proxy (preload table written)")
+        return out
+
+    def _proxy_starting(self, why: str) -> None:
+        self.repl.proxy_boot = None  # the boot check must not count this restart a second time
+        log.info("%s", self.repl.proxy_restarted(why))
+        self._generation = self.repl.proxy_generation
+        self._drop_ready(why)
+
     def _answer(self, ctl: socket.socket) -> None:
         conn, _ = ctl.accept()
         with conn:
             conn.settimeout(0.5)
             with contextlib.suppress(OSError):
-                conn.recv(256)  # "status\n"; one request per connection
+                req = conn.recv(256)  # "status\n" or "materialize\n"; one request per connection
+                if req.strip() == b"materialize":  # the proxy agent's start: write the preload table
+                    conn.sendall(json.dumps(self._materialize()).encode() + b"\n")
+                    return
                 body = {
                     "ok": True,
                     "pid": os.getpid(),
@@ -337,10 +358,10 @@ class Service:
         try:
             self._startup_readiness()
             next_summary = time.monotonic() + SUMMARY_EVERY_S
-            next_tick = 0.0
+            last_tick = -TICK_S
             while True:
-                period = TICK_S if self.ready_given else FAST_TICK_S
-                for key, _ in sel.select(timeout=max(0.0, min(period, next_tick - time.monotonic()))):
+                next_tick = last_tick + (TICK_S if self.ready_given else FAST_TICK_S)  # readiness can change any time
+                for key, _ in sel.select(timeout=max(0.0, next_tick - time.monotonic())):
                     if key.data == "udp":
                         self._receive(udp)
                     elif key.data == "ctl":
@@ -348,9 +369,9 @@ class Service:
                     else:
                         raise _Stop
                 now = time.monotonic()
-                if now >= next_tick:
+                if now >= last_tick + (TICK_S if self.ready_given else FAST_TICK_S):
+                    last_tick = now
                     self._tick()
-                    next_tick = now + (TICK_S if self.ready_given else FAST_TICK_S)
                 if now >= next_summary:
                     self._summary()
                     next_summary = now + SUMMARY_EVERY_S

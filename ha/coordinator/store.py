@@ -244,6 +244,16 @@ class Watch(ABC):
     def stop(self) -> None:
         """Stop delivering changes."""
 
+    def replay(self) -> bool:
+        """Deliver every binding of the current view again, as a resync, without reading the store (a restarted
+        local proxy needs them; the view is kept current by the watch). False: no complete view to replay."""
+        return False
+
+    def records(self) -> dict[str, ContactRecord] | None:
+        """A copy of the complete current view (path -> record), None while there is none (before the first
+        resync, after a lost connection until the next one)."""
+        return None
+
 
 _READ_ONLY = ("version", "mzxid")  # known from the znode's stat when read, never stored in its data
 
@@ -772,6 +782,7 @@ class _ZkContactWatch(Watch):
         self._read_mzxid: dict[str, int] = {}  # their last-modified zxid as read (a version can repeat)
         self._stopped = threading.Event()
         self._session_lost = False
+        self._complete = False  # _records is the whole store as of the last resync plus every change since
         self._thread = threading.Thread(target=self._run, name="sipha-zk-watch", daemon=True)
 
     def start(self) -> None:
@@ -786,14 +797,22 @@ class _ZkContactWatch(Watch):
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
-    def records(self) -> dict[str, ContactRecord]:
-        """The watcher's current view (for status and tests)."""
-        return dict(self._records)
+    def records(self) -> dict[str, ContactRecord] | None:
+        if not self._complete:
+            return None
+        return dict(self._records)  # one C-level copy under the GIL: safe against the watch thread's updates
+
+    def replay(self) -> bool:
+        if not self._complete:
+            return False
+        self._q.put(("replay", ""))
+        return True
 
     # Callbacks on kazoo's threads: never block, never raise.
     def _on_state(self, state: KazooState) -> None:
         if state in (KazooState.LOST, KazooState.SUSPENDED):  # either way the watches are gone (see above)
             self._session_lost = True
+            self._complete = False
         elif state == KazooState.CONNECTED and self._session_lost:
             self._session_lost = False
             self._q.put(("resync", ""))
@@ -832,7 +851,7 @@ class _ZkContactWatch(Watch):
                 time.sleep(0.5)
                 continue
             # A resync is reported even when empty: the consumer learns it is in step with the store.
-            if changes or any(kind == "resync" for kind, _ in items):
+            if changes or any(kind in ("resync", "replay") for kind, _ in items):
                 try:
                     self.on_changes(changes)
                 except Exception:
@@ -841,6 +860,11 @@ class _ZkContactWatch(Watch):
     def _process(self, items: list[tuple[str, str]]) -> list[Change]:
         if any(kind == "resync" for kind, _ in items):
             return self._resync()
+        if any(kind == "replay" for kind, _ in items):
+            # Everything else queued is applied to the view first; the replay then carries the result (a
+            # restarted proxy's table takes the whole view; deletes are implied by absence).
+            self._process([it for it in items if it[0] != "replay"])
+            return [Change("put", r, resync=True) for r in self._records.values()]
         changes: list[Change] = []
         fetch: set[str] = set()
         if any(kind == "arm" for kind, _ in items):
@@ -900,6 +924,7 @@ class _ZkContactWatch(Watch):
         changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
         self._records = fresh
+        self._complete = not self._session_lost
         self._unarmed = set(fresh)
         if self._unarmed:
             self._q.put(("arm", ""))

@@ -8,13 +8,16 @@ what ZooKeeper holds, including what changed between the snapshot and the proxy'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import conftest_zk
@@ -25,11 +28,13 @@ from conftest_zk import contact
 from kazoo.client import KazooClient
 from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 
+from ha import model
 from ha.coordinator import materialize, proxytable
 from ha.coordinator.replication import Replication
 from ha.coordinator.service import Service
 from ha.coordinator.store import ContactRecord, ZkStore
 from ha.proxy import kamailio
+from ha.unixline import exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -185,6 +190,110 @@ def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
             st = repl.replicator.stats if repl.replicator else None
             assert st is not None and st.preloaded == n + 1 - 3 and st.removed == 2 and st.added == 3, st
             print(f"\npreloaded proxy in step {took * 1000:.0f} ms after it answered: {repl.replicator.last_status}")
+    finally:
+        svc.stop()
+        t.join(20)
+
+
+@contextlib.contextmanager
+def kamailio_in(ns: str, cfg: Path, cluster: model.Cluster, run_dir: Path, preload: Path) -> Iterator[Path]:
+    """Kamailio on the rendered config with the preload define, in ``ns``, run dir given (it may already hold
+    the table); yields its RPC socket once it answers (with wait_worker1_mode: once the table is loaded)."""
+    defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir}/", "SIPHA_USRLOC_PRELOAD": f"sqlite:///{preload}"}
+    cmd = [*kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True, defines=defines), "-X", "tlsf"]
+    sock = kamailio.rpc_socket(run_dir)
+    with (run_dir / "kamailio.log").open("ab") as log:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and _answers(sock), 20, "kamailio answering")
+        yield sock
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        wait_for(lambda: not _group_alive(proc.pid), 10, "kamailio's workers gone")
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        kamailio.rpc("core.uptime", sock=sock, timeout=0.2)
+    except (kamailio.RpcError, OSError):
+        return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.validators
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
+@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_view(
+    netns: str, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """What a node restart does: the coordinator runs first; the proxy agent's start asks it for the table
+    (``materialize`` on its status socket: written from its watched view, no store read) and withdraws
+    readiness; Kamailio preloads the table; the coordinator pushes only what changed since, then gives
+    readiness. Twice: the second start is a restart of a proxy that was ready."""
+    from ha import render
+
+    cluster = unique_cluster("prc")
+    peer = ZkStore(zk_client, cluster.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    n = 300
+    uri = "sip:q{}@198.51.100.76:5060"
+    peer.write([contact(i, f"q{i}", uri.format(i), node="node2") for i in range(1, n + 1)])
+    reader = ZkStore(zk_client, cluster.name, "node1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tmp_path / "kamailio.cfg"
+    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=cluster.nodes[0],
+                                                                        is_node=True))
+    ready = tmp_path / "ready"
+    repl = Replication.from_model(cluster, "node1", journal_path=tmp_path / "j.jsonl",
+                                  rpc_socket=kamailio.rpc_socket(run_dir), hosts=zk_ensemble.hosts)
+    db = run_dir / materialize.DB_NAME
+    assert repl.preload_db == db
+    status = tmp_path / "c.sock"
+    svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(status), repl, ready_file=ready, role=None)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: repl.replicator is not None and repl.replicator.view() is not None, 15, "a complete view")
+        for round_ in (1, 2):
+            ready.unlink(missing_ok=True)  # what the agent's start does first
+            reply = json.loads(exchange(status, b"materialize\n", 10.0))
+            assert reply["ok"] and reply["bindings"] == len(keys_in_store(reader)) and Path(reply["path"]) == db
+            # The window, after the table was written and before the proxy is up:
+            peer.write([contact(1000 * round_ + 1, f"q{round_}", uri.format(round_), kind="delete", node="node2"),
+                        contact(1000 * round_ + 2, f"w{round_}", f"sip:w{round_}@198.51.100.76:5060", node="node2")])
+            before = repl.replicator.stats.preloaded if repl.replicator else 0
+            with kamailio_in(netns, cfg, cluster, run_dir, db) as sock:
+                t0 = time.monotonic()
+                wait_for(ready.exists, 20, f"readiness (round {round_})")
+                took = time.monotonic() - t0
+                have = proxytable.dump(sock)
+                assert set(have) == keys_in_store(reader), f"round {round_}"
+                assert (f"q{round_}", uri.format(round_)) not in have
+                assert have[(f"w{round_}", f"sip:w{round_}@198.51.100.76:5060")].pushed
+                assert not have[("q10", uri.format(10))].pushed  # preloaded, with its received/socket/Call-ID
+                assert have[("q10", uri.format(10))].record.received == "udp:198.51.100.50:5062"
+                st = repl.replicator.stats if repl.replicator else None
+                assert st is not None and st.preloaded - before == reply["bindings"] - 1, st
+                print(f"\nround {round_}: {reply['bindings']} bindings written by the coordinator in {reply['ms']} ms;"
+                      f" ready {took * 1000:.0f} ms after the proxy answered ({repl.replicator.last_status})")
     finally:
         svc.stop()
         t.join(20)
