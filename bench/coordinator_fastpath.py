@@ -209,7 +209,7 @@ def main() -> int:
                     print(f"run {run + 1}: coordinator wrote the table in {t_mat:.2f} s ({reply['ms']} ms SQLite), "
                           f"kamailio start+preload {t_kam:.2f} s, proxy holds {args.n} after {row['holds_s']:.2f} s;"
                           f" readiness {t_ready:.2f} s later, ready after {row['ready_s']:.2f} s; proxy RSS {mem} MB"
-                          f" ({repl.replicator.last_status})", flush=True)
+                          f" ({repl.replicator.last_status}); load {os.getloadavg()[0]:.2f}", flush=True)
             finally:
                 svc.stop()
                 th.join(30)
