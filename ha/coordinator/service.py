@@ -98,8 +98,10 @@ def query_status(path: str, timeout: float = 1.0) -> dict[str, Any]:
     return reply
 
 
-class _Stop(Exception):
-    """SIGTERM/SIGINT arrived."""
+class _Stop(BaseException):
+    """SIGTERM/SIGINT arrived. A BaseException: the handler raises it wherever the loop is, and the loop's
+    ``except Exception`` guards around tick/role work must not swallow it (a stop during a long reconcile was
+    logged as "tick failed" and ignored until Pacemaker's SIGKILL)."""
 
 
 def _raise_stop(*_: object) -> None:
