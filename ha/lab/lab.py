@@ -6,6 +6,8 @@ Layout on the host:
   spec: every name the lab made), ``supervisor.sock``/``.pid``/``.log``, ``<host>.pids``.
 * ``/var/tmp/sipha-lab/<host>/``: the host's private copies of /etc/corosync, /var/lib/pacemaker, ... (see
   :func:`_host_binds`), its ``logs/`` and ``init.log``; ``/var/tmp/sipha-lab/render/``: the rendered configs.
+* ``lab up --bare`` (:mod:`ha.lab.bare`): the same hosts running only sshd; ``/var/tmp/sipha-lab/ssh/`` holds
+  their host keys, the client key and ``known_hosts`` (the spec's ``ssh`` entry names them).
 * Network namespaces ``sipha-<host>`` (eth0 inside) and ``sipha-br`` (the bridge and the peer veths).
 """
 
