@@ -42,15 +42,16 @@ from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.events import ContactEvent, DialogEvent, Event, Intake, SeqStatus
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.proxytable import ProxyBinding
-from ha.coordinator.reconcile import ReconcileResult, reconcile
+from ha.coordinator.reconcile import ReconcileResult, diff
 from ha.coordinator.replicator import Replicator
-from ha.coordinator.store import StaleEpoch, Store, StoreUnavailable, ZkStore
+from ha.coordinator.store import ContactRecord, StaleEpoch, Store, StoreUnavailable, ZkStore
 from ha.proxy.kamailio import RpcError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "/var/lib/sipha/coordinator-journal.jsonl"
 MAX_PENDING = 5000  # events per flush; a burst larger than this is written in several flushes
+REPAIR_CHUNK = 1000  # reconciliation's writes per loop pass (~0.25 s of ZooKeeper): the loop stays responsive
 # Dialog events the local proxy sent while this node was not (yet) active, kept for the promotion. Why: the VIP
 # is on this node before the once-a-second role check says so, and the calls hung up in that window (the
 # BYEs of every call that outlived a failover come at once) were lost with their CDRs; reconciliation repairs
@@ -103,7 +104,13 @@ class Replication:
         self.reconciled: ReconcileResult | None = None
         self.reconcile_runs = 0
         self._pool: ThreadPoolExecutor | None = None
-        self._dump: Future[Mapping[tuple[str, str], ProxyBinding]] | None = None  # a dump in flight
+        # The reads of a reconciliation in flight: the proxy's table, then the store's bindings.
+        self._dump: Future[tuple[Mapping[tuple[str, str], ProxyBinding], dict[tuple[str, str], ContactRecord]]] | None
+        self._dump = None
+        self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per loop pass (write_repairs)
+        self._repair_counts: ReconcileResult | None = None
+        self._repair_read_s = 0.0
+        self._said: list[str] = []  # what flush() finished that tick() reports
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
         self._dump_started_ms = 0
         self._dump_t0 = 0.0
@@ -240,40 +247,90 @@ class Replication:
         assert self._dump is not None
         with contextlib.suppress(Exception):
             self._dump.result()
-        return self.finish_reconcile() or "reconcile: nothing"
+        said = self.finish_reconcile() or "reconcile: nothing"
+        while self._repairs:
+            said = self.write_repairs() or said
+        return said
 
     def start_reconcile(self) -> str:
-        """Read the proxy's table on a worker thread; the loop keeps taking events meanwhile (a 100k-binding
-        table takes seconds to read), and every binding an event touches from now on is left out of the diff:
-        the event is newer than anything the dump can show."""
+        """Read the proxy's table, then the store, on a worker thread. The loop keeps taking events and answering
+        status meanwhile: reading 20k bindings on the loop under overload blocked it for seconds, the agent's 1 s
+        status monitor failed and Pacemaker restarted the coordinator in the middle of its repair. Every binding
+        an event touches from now on is left out of the repair: the event is newer than anything the dump shows."""
         if self.dump_table is None:
             raise RpcError("no way to read the proxy's table")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
+        if self.pending:
+            self.flush()  # every event fed before the dump is in the store before the store is read
         self._touched = set()
         self._dump_started_ms = int(time.time() * 1000)
         self._dump_t0 = time.monotonic()
-        self._dump = self._pool.submit(self.dump_table)
-        return "reconcile: reading the proxy's table"
+        dump_table, store = self.dump_table, self.store
+
+        def read() -> tuple[Mapping[tuple[str, str], ProxyBinding], dict[tuple[str, str], ContactRecord]]:
+            table = dump_table()
+            return table, {(r.aor, r.contact): r for r in store.snapshot().contacts}
+
+        self._dump = self._pool.submit(read)
+        return "reconcile: reading the proxy's table and the store"
 
     def finish_reconcile(self) -> str | None:
-        """When the dump is in: write the difference (raises what the store or the dump raised)."""
+        """When both reads are in, the difference becomes repairs, written a chunk per loop pass (raises what the
+        store or the dump raised)."""
         fut, touched = self._dump, self._touched or set()
         if fut is None or not fut.done():
             return None
-        self._dump, self._touched = None, None
-        t_dump = time.monotonic() - self._dump_t0
-        table = fut.result()  # RpcError/OSError: the caller postpones
+        self._dump = None
+        self._repair_read_s = time.monotonic() - self._dump_t0
+        try:
+            table, stored = fut.result()  # RpcError/OSError/StoreUnavailable: the caller postpones
+        except BaseException:
+            self._touched = None
+            raise
         if not self.active:
+            self._touched = None
             return "reconcile dropped: no longer active"
-        if self.pending:
-            self.flush()  # every event fed so far is in the store before it is read
-        t1 = time.monotonic()
-        res = reconcile(self.store, table, self.node, self._dump_started_ms, exclude=touched)
-        self.reconciled = res
+        events, n = diff(table, stored, self.node, self._dump_started_ms, exclude=touched)
+        self._repairs = events
+        self._repair_counts = ReconcileResult(proxy=len(table), store=len(stored), **n)
+        if not events:
+            return self._reconciled()
+        return (f"reconcile: {len(events)} repairs to write ({self._repair_read_s * 1000:.0f} ms to read the proxy's "
+                f"table and the store)")
+
+    def write_repairs(self, limit: int = REPAIR_CHUNK) -> str | None:
+        """Write the next chunk of repairs, leaving out bindings an event changed since the dump began (the event
+        is newer); the last chunk returns the summary. Raises StoreUnavailable/StaleEpoch like any write."""
+        if not self._repairs:
+            return None
+        touched = self._touched or set()
+        chunk, self._repairs = self._repairs[:limit], self._repairs[limit:]
+        todo = [ev for ev in chunk if (ev.aor, ev.contact) not in touched]
+        if todo:
+            self.store.write(todo)
+        return None if self._repairs else self._reconciled()
+
+    def _reconciled(self) -> str:
+        self._touched = None
+        self.reconciled = self._repair_counts
         self.reconcile_runs += 1
-        return (f"reconciled ({t_dump * 1000:.0f} ms dump, {(time.monotonic() - t1) * 1000:.0f} ms diff+write, "
-                f"{len(touched)} bindings changed meanwhile left to their events): {res}")
+        return (f"reconciled ({self._repair_read_s * 1000:.0f} ms to read, "
+                f"{(time.monotonic() - self._dump_t0 - self._repair_read_s) * 1000:.0f} ms to repair; bindings "
+                f"changed by events meanwhile left to them): {self.reconciled}")
+
+    def _progress_repairs(self) -> str | None:
+        """One chunk of repairs; a failed write drops the rest and reconciles again later (it is idempotent)."""
+        try:
+            return self.write_repairs()
+        except StoreUnavailable as exc:
+            self._repairs, self._touched = [], None
+            self.schedule_reconcile(2.0)
+            return f"reconcile postponed: {exc}"
+        except StaleEpoch as exc:
+            self._repairs, self._touched = [], None
+            self.active = False
+            return f"FENCED while reconciling ({exc})"
 
     def feed(self, data: bytes, peer: object = None) -> str | None:
         got = self.intake.feed(data, peer)
@@ -318,6 +375,10 @@ class Replication:
             self.last = f"FENCED, stopped writing ({exc}); {len(batch)} events not written"
         else:
             self.last = out.message
+            if self._repairs and self.active:  # under load flush() runs often: repairs keep pace with it
+                m = self._progress_repairs()
+                if m:
+                    self._said.append(m)
         return self.last
 
     def tick(self) -> str | None:
@@ -355,7 +416,13 @@ class Replication:
                 self._next_resync_retry = now + 2.0
                 said.append(f"resync not applied ({rep.last_status}): trying again")
                 rep.replay(include_own=rep.include_own)  # from the watch's view when complete: no store read
-        if self._dump is not None:
+        said += self._said
+        self._said = []
+        if self._repairs:
+            m = self._progress_repairs()
+            if m:
+                said.append(m)
+        elif self._dump is not None:
             try:
                 m = self.finish_reconcile()
                 if m:
@@ -372,6 +439,7 @@ class Replication:
         elif (
             self.reconcile_due is not None
             and now >= self.reconcile_due
+            and not self._repairs
             and self.active
             and self.store.available
             and not self.writer.journal
@@ -414,6 +482,7 @@ class Replication:
         self.active = False
         self.pending.clear()
         self._held.clear()
+        self._repairs, self._touched = [], None
         self.last = "standby: not writing; applying peers' bindings"
         return self.last
 
@@ -440,7 +509,8 @@ class Replication:
             "resync_bindings": rep.resync_count if rep else 0,
             "proxy_boot": self.proxy_boot,
             "reconcile_runs": self.reconcile_runs,
-            "reconcile_pending": self.reconcile_due is not None or self._dump is not None,
+            "reconcile_pending": self.reconcile_due is not None or self._dump is not None or bool(self._repairs),
+            "repairs_left": len(self._repairs),
             "last_reconcile": str(self.reconciled) if self.reconciled else None,
             "last": self.last,
         }
