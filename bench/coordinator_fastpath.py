@@ -8,7 +8,7 @@ proxy agent's start to the readiness file, ``--runs`` times:
 
 1. materialize: ``materialize`` on the coordinator's status socket (the real ``Service``, in this process):
    the SQLite table written from the coordinator's view, no ZooKeeper read.
-2. kamailio: the rendered lab config with the preload define, ``-X tlsf``, ``-M`` as the agent sizes it, in
+2. kamailio: the rendered lab config with the preload define, ``-x tlsf``, ``-M`` as the agent sizes it, in
    a throwaway network namespace, from exec until it answers JSON-RPC (``wait_worker1_mode``: nothing
    answers before usrloc has loaded the table); then ``usrloc:location_contacts`` is checked == N.
 3. ready: until the coordinator has replayed its view against what the proxy loaded (nothing to push here)
@@ -85,7 +85,7 @@ def kamailio_up(ns: str, cfg: Path, cluster: model.Cluster, run_dir: Path, prelo
     defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir}/"}
     if preload is not None:
         defines["SIPHA_USRLOC_PRELOAD"] = f"sqlite:///{preload}"
-    cmd = [*kamailio.kamailio_command(cfg, mem, run_dir=run_dir, foreground=True, defines=defines), "-X", "tlsf"]
+    cmd = [*kamailio.kamailio_command(cfg, mem, run_dir=run_dir, foreground=True, defines=defines), "-x", "tlsf"]
     sock = run_dir / "kamailio-rpc.sock"
     sock.unlink(missing_ok=True)
     log = (run_dir / "kamailio.log").open("wb")

@@ -43,7 +43,7 @@ from ha.coordinator.events import ContactEvent, DialogEvent, Event, Intake, SeqS
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.reconcile import ReconcileResult, diff
-from ha.coordinator.replicator import Replicator
+from ha.coordinator.replicator import ProxyNotAnswering, Replicator
 from ha.coordinator.store import ContactRecord, StaleEpoch, Store, StoreUnavailable, ZkStore
 from ha.proxy.kamailio import RpcError
 
@@ -173,7 +173,9 @@ class Replication:
             try:
                 up = rpc("core.uptime", sock=sock, timeout=0.5)
                 boot = int(time.time() - float(up["uptime"]))
-            except (RpcError, OSError, KeyError, TypeError, ValueError):
+            except (RpcError, OSError) as exc:
+                raise ProxyNotAnswering(f"the local proxy does not answer ({exc})") from None
+            except (KeyError, TypeError, ValueError):
                 return None
             m = materialize.manifest_for_boot(preload_db, boot, cluster.name)
             if m is not None:
@@ -229,6 +231,7 @@ class Replication:
         """The local proxy's table is new (empty, or what it preloaded): push everything it lacks, own
         bindings included, then reconcile."""
         self.proxy_generation += 1
+        self._retry_boot, self._next_resync_retry = None, 0.0  # a new proxy: retry the moment it answers
         if self.replicator is not None and self.started:
             self.replicator.resync_own_next()
         elif self.replicator is not None:

@@ -33,6 +33,10 @@ from ha.coordinator.store import Change, ContactRecord, Store, Watch
 log = logging.getLogger(__name__)
 
 
+class ProxyNotAnswering(Exception):
+    """Raised by a preload source: the local proxy does not answer, so what it holds cannot be known yet."""
+
+
 @dataclass
 class ReplicatorStats:
     passes: int = 0
@@ -149,6 +153,14 @@ class Replicator:
         if resync and preloaded is None and self.include_own and self.preload_source is not None:
             try:
                 preloaded = self.preload_source()
+            except ProxyNotAnswering as exc:
+                # Maybe a proxy still loading its table: pushing now would race its load (and push everything
+                # it is about to have). Not in step: Replication.tick() retries the moment it answers.
+                self.stats.passes += 1
+                self.last_status = f"resync postponed: {exc}"
+                log.info("replicator %s", self.last_status)
+                self.resync_failed = True
+                return
             except Exception:  # an unreadable manifest only costs the fast path: everything is pushed
                 log.exception("replicator: the proxy's preload manifest is unreadable; pushing everything")
         already = 0
@@ -181,4 +193,4 @@ class Replicator:
             self.synced.set()
 
 
-__all__ = ["Replicator", "ReplicatorStats"]
+__all__ = ["ProxyNotAnswering", "Replicator", "ReplicatorStats"]

@@ -31,6 +31,7 @@ from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 from ha import model
 from ha.coordinator import materialize, proxytable
 from ha.coordinator.replication import Replication
+from ha.coordinator.replicator import ProxyNotAnswering
 from ha.coordinator.service import Service
 from ha.coordinator.store import ContactRecord, ZkStore
 from ha.proxy import kamailio
@@ -157,8 +158,8 @@ def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
     def preload() -> dict[tuple[str, str], int] | None:  # as from_model's, for a table outside the run dir
         try:
             up = kamailio.rpc("core.uptime", sock=kamailio.rpc_socket(run_dir / "run"), timeout=0.5)
-        except (kamailio.RpcError, OSError):
-            return None
+        except (kamailio.RpcError, OSError) as exc:
+            raise ProxyNotAnswering(str(exc)) from None
         m = materialize.manifest_for_boot(db, int(time.time() - up["uptime"]), cluster.name)
         return None if m is None else m.loaded
 
@@ -200,7 +201,7 @@ def kamailio_in(ns: str, cfg: Path, cluster: model.Cluster, run_dir: Path, prelo
     """Kamailio on the rendered config with the preload define, in ``ns``, run dir given (it may already hold
     the table); yields its RPC socket once it answers (with wait_worker1_mode: once the table is loaded)."""
     defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir}/", "SIPHA_USRLOC_PRELOAD": f"sqlite:///{preload}"}
-    cmd = [*kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True, defines=defines), "-X", "tlsf"]
+    cmd = [*kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True, defines=defines), "-x", "tlsf"]
     sock = kamailio.rpc_socket(run_dir)
     with (run_dir / "kamailio.log").open("ab") as log:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=log, stderr=subprocess.STDOUT,
@@ -326,7 +327,7 @@ def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
         rc, out = test_agents.run(test_agents.PROXY, "start", ns=netns, **params)
         took = time.monotonic() - t0
         assert rc == 0, out
-        assert "preload table empty" in out and "SIPHA_USRLOC_PRELOAD" in out and "-X tlsf" in out, out
+        assert "preload table empty" in out and "SIPHA_USRLOC_PRELOAD" in out and "-x tlsf" in out, out
         assert took < 10, f"start took {took:.1f} s with ZooKeeper away"
         assert materialize.read_manifest(run_dir / materialize.DB_NAME).loaded == {}
         up = kamailio.rpc("stats.get_statistics", "usrloc:", sock=run_dir / "kamailio-rpc.sock")
