@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     client = KazooClient(hosts=hosts, timeout=max(args.timeout, 1.0), connection_retry={"max_tries": 0})
     try:
         try:
-            client.start(timeout=args.timeout)
+            client.start(timeout=min(args.timeout, 2.0))  # unreachable: give up early, the proxy is waiting
             store = ZkStore(client, cluster.name, args.node, op_timeout_s=args.timeout)
             w = from_store(store, args.out, cluster.name, args.node)
         except (StoreUnavailable, MaterializeError, client.handler.timeout_exception) as exc:

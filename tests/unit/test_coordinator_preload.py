@@ -338,5 +338,55 @@ def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
         assert "SIPHA_USRLOC_PRELOAD" not in out and not (run_dir / materialize.DB_NAME).exists()
         rc, out = test_agents.run(test_agents.PROXY, "validate-all", **{**params, "preload": "maybe"})
         assert rc == 6 and "preload" in out, out
+        assert test_agents.run(test_agents.PROXY, "stop", ns=netns, **params)[0] == 0
+
+        # A coordinator runs here: it writes the table (from its view) and the agent waits for nothing else;
+        # one that has no complete view yet (ZooKeeper not there) makes the agent start at once, without.
+        for answer in ("ok", "no view"):
+            (run_dir / "ready").write_text("{}")
+            with fake_coordinator(run_dir / "coordinator.sock", run_dir / materialize.DB_NAME, answer) as asked:
+                t0 = time.monotonic()
+                rc, out = test_agents.run(test_agents.PROXY, "start", ns=netns, **params)
+                took = time.monotonic() - t0
+            assert rc == 0, out
+            assert asked == [b"materialize"] and not (run_dir / "ready").exists()  # readiness withdrawn
+            if answer == "ok":
+                assert "by the coordinator" in out and "SIPHA_USRLOC_PRELOAD" in out, out
+            else:
+                assert "the coordinator has no table" in out and "SIPHA_USRLOC_PRELOAD" not in out, out
+                assert took < 3, f"start took {took:.1f} s"
+            assert test_agents.run(test_agents.PROXY, "stop", ns=netns, **params)[0] == 0
     finally:
         test_agents.run(test_agents.PROXY, "stop", ns=netns, **params)
+
+
+@contextlib.contextmanager
+def fake_coordinator(path: Path, db: Path, answer: str) -> Iterator[list[bytes]]:
+    """The coordinator's side of ``materialize``: writes an empty table and says so, or says it cannot."""
+    import socket
+
+    asked: list[bytes] = []
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = srv.accept()
+            with conn:
+                asked.append(conn.recv(256).strip())
+                if answer == "ok":
+                    materialize.write(db, [], {"cluster": "agentpre"})
+                    reply = {"ok": True, "bindings": 0, "path": str(db), "ms": 1}
+                else:
+                    reply = {"ok": False, "error": "no complete view of the store yet"}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield asked
+    finally:
+        srv.close()
+        t.join(5)
+        path.unlink(missing_ok=True)
