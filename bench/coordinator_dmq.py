@@ -123,6 +123,19 @@ def kamailio_at(tmp: Path, me: str, peer: str, batching: str, shm_mb: int = 512)
         log.close()
 
 
+def rss_mb(sock: Path) -> int:
+    """Resident memory of every process of the Kamailio whose run dir holds ``sock``, in MB."""
+    pgid = os.getpgid(int((sock.parent / "k.pid").read_text()))
+    total = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                if os.getpgid(int(d)) == pgid:
+                    status = Path(f"/proc/{d}/status").read_text().splitlines()
+                    total += int(next(ln for ln in status if ln.startswith("VmRSS")).split()[1])
+    return total // 1024
+
+
 def answers(sock: Path) -> bool:
     try:
         kamailio.rpc("core.uptime", sock=sock, timeout=0.2)
@@ -182,11 +195,12 @@ def main() -> int:
                     t_up = time.monotonic() - t0
                     t_sync = wait_count(b, args.n, args.limit)
                     have = contacts(b)
+                    mem = rss_mb(b)
                 total = None if t_sync is None else t_up + t_sync
                 times.append(total)
                 print(f"run {run + 1}: restarted B answered after {t_up:.2f} s, held {have} of {args.n} "
-                      f"{'(gave up)' if total is None else f'after {total:.2f} s'}; load {os.getloadavg()[0]:.2f}",
-                      flush=True)
+                      f"{'(gave up)' if total is None else f'after {total:.2f} s'}; B's RSS {mem} MB; "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
             res["resync_s"] = times
             done = [t for t in times if t is not None]
             if done:
