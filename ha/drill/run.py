@@ -3,7 +3,8 @@
 The order of one run (times from :class:`DrillOptions`):
 
     health check -> traffic (stream, REGISTERs, established calls) -> ``before_s`` -> INJECT, new calls at
-    ``rate`` -> ``hold_s`` -> UNDO -> ``after_s`` -> BYE the established calls -> MESSAGE every AoR -> stop
+    ``rate`` -> ``hold_s`` -> UNDO -> ``after_s`` -> BYE the established calls -> MESSAGE every AoR ->
+    un-REGISTER -> stop
 
 Undo always runs once the fault was (even partly) injected: normally in sequence, else in a ``finally`` --
 after an exception, and after Ctrl-C, when what was measured so far is still returned (``interrupted``).
@@ -103,6 +104,7 @@ async def _drive(traffic: Traffic, fault: Fault, opts: DrillOptions, marks: dict
         progress("hanging up the established calls (BYE through the route set), reaching every registration")
         await traffic.hangup_established()
         await traffic.check_reachable()
+        await traffic.unregister()
     finally:
         await traffic.close()
 

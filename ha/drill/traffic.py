@@ -800,6 +800,22 @@ class Traffic:
 
         await self._bounded(one(r) for r in self.record.registrations if r.status == 200)
 
+    async def unregister(self) -> int:
+        """REGISTER with Expires: 0 for every phone that registered; returns how many got a 2xx.
+
+        Why: each drill's phones register the same AoRs from new ports, and a contact outlives its drill by
+        ``expires`` (600 s). After 12 drills an AoR held more contacts than Kamailio forks to (``max_branches``
+        12) and requests went only to dead ones: the 13th run of a --repeat reported every registration lost.
+        A phone that goes away unregisters; so do ours, once everything was measured.
+        """
+        regs = {r.user for r in self.record.registrations if r.status == 200}
+        statuses = await self._bounded(ua.register(0, self.cfg.request_timeout) for ua in self.uas if ua.user in regs)
+        ok = sum(1 for st in statuses if st is not None and 200 <= st < 300)
+        if ok < len(statuses):
+            self.record.errors.append(f"only {ok}/{len(statuses)} un-REGISTERs (Expires: 0) got 2xx; the "
+                                      f"others stay registered until they expire ({self.cfg.expires} s)")  # fmt: skip
+        return ok
+
     async def close(self) -> None:
         """Stop the stream, cancel unfinished calls, close every socket; safe to call twice."""
         if self.stream is not None:

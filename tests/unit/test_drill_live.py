@@ -167,3 +167,26 @@ def test_unreachable_vip_gives_a_clean_record(tmp_path: Path) -> None:
     assert rec.registrations[0].status is None and rec.errors == ["only 0/1 REGISTERs got 200 before the fault"]
     gap = measure.longest_gap(rec.samples)
     assert gap is not None and not gap.recovered
+
+
+def test_phones_unregister_so_repeated_drills_keep_reaching_them(proxy: Proxy) -> None:
+    """The same AoRs from new ports, drill after drill: without the un-REGISTER at the end, the 13th run's
+    requests went only to dead contacts (Kamailio forks to at most 12 branches). 14 runs here, each must
+    reach its phone, and after the last one's un-REGISTER the AoR reaches nobody."""
+    cfg = TrafficConfig(vip=proxy.vip, local_ip=CLIENT, registrations=1, calls=0, rate=0.0, user_prefix="again",
+                        request_timeout=2.0)  # fmt: skip
+
+    async def drill() -> tuple[TrafficRecord, int, int | None]:
+        async with Traffic(cfg, factory(proxy)) as t:
+            await t.start()
+            await t.check_reachable()
+            ok = await t.unregister()
+            assert t.caller is not None
+            after = await t.caller.message(t.uas[0].user, 2.0)
+            return t.record, ok, after
+
+    for i in range(14):
+        rec, ok, after = asyncio.run(drill())
+        assert rec.registrations[0].reachable, (i, rec.registrations[0])
+        assert ok == 1 and not rec.errors, (i, rec.errors)
+        assert after is not None and after >= 400, (i, after)  # nobody registered: 404/480, not a 200
