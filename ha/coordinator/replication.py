@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "/var/lib/sipha/coordinator-journal.jsonl"
 MAX_PENDING = 5000  # events per flush; a burst larger than this is written in several flushes
-REPAIR_CHUNK = 1000  # reconciliation's writes per loop pass (~0.25 s of ZooKeeper): the loop stays responsive
+# Reconciliation's writes per tick (~0.25 s of ZooKeeper when idle): the loop keeps answering status. Only from
+# tick(), not after each intake burst: under overload that made every burst's flush longer, and the agent's 1 s
+# status monitor failed more.
+REPAIR_CHUNK = 1000
 # Dialog events the local proxy sent while this node was not (yet) active, kept for the promotion. Why: the VIP
 # is on this node before the once-a-second role check says so, and the calls hung up in that window (the
 # BYEs of every call that outlived a failover come at once) were lost with their CDRs; reconciliation repairs
@@ -107,10 +110,9 @@ class Replication:
         # The reads of a reconciliation in flight: the proxy's table, then the store's bindings.
         self._dump: Future[tuple[Mapping[tuple[str, str], ProxyBinding], dict[tuple[str, str], ContactRecord]]] | None
         self._dump = None
-        self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per loop pass (write_repairs)
+        self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
         self._repair_counts: ReconcileResult | None = None
         self._repair_read_s = 0.0
-        self._said: list[str] = []  # what flush() finished that tick() reports
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
         self._dump_started_ms = 0
         self._dump_t0 = 0.0
@@ -279,7 +281,7 @@ class Replication:
         return "reconcile: reading the proxy's table and the store"
 
     def finish_reconcile(self) -> str | None:
-        """When both reads are in, the difference becomes repairs, written a chunk per loop pass (raises what the
+        """When both reads are in, the difference becomes repairs, written a chunk per tick (raises what the
         store or the dump raised)."""
         fut, touched = self._dump, self._touched or set()
         if fut is None or not fut.done():
@@ -378,10 +380,6 @@ class Replication:
             self.last = f"FENCED, stopped writing ({exc}); {len(batch)} events not written"
         else:
             self.last = out.message
-            if self._repairs and self.active:  # under load flush() runs often: repairs keep pace with it
-                m = self._progress_repairs()
-                if m:
-                    self._said.append(m)
         return self.last
 
     def tick(self) -> str | None:
@@ -419,8 +417,6 @@ class Replication:
                 self._next_resync_retry = now + 2.0
                 said.append(f"resync not applied ({rep.last_status}): trying again")
                 rep.replay(include_own=rep.include_own)  # from the watch's view when complete: no store read
-        said += self._said
-        self._said = []
         if self._repairs:
             m = self._progress_repairs()
             if m:
