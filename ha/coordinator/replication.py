@@ -130,6 +130,7 @@ class Replication:
         if self.replicator is not None:
             self.replicator.preload_source = preload
         self.preload_db: Path | None = None  # where materialize() writes the proxy's preload table
+        self.written_manifest: Any = None  # what materialize() last wrote (not read back from the file)
         self.cluster_name = ""
 
     @classmethod
@@ -179,7 +180,7 @@ class Replication:
                 raise ProxyNotAnswering(f"the local proxy does not answer ({exc})") from None
             except (KeyError, TypeError, ValueError):
                 return None
-            m = materialize.manifest_for_boot(preload_db, boot, cluster.name)
+            m = materialize.manifest_for_boot(preload_db, boot, cluster.name, known=repl.written_manifest)
             if m is not None:
                 log.info("the proxy (boot %s) preloaded %d bindings: the resync pushes only what changed since",
                          boot, len(m.loaded))
@@ -202,6 +203,7 @@ class Replication:
         t0 = time.monotonic()
         w = materialize.write(self.preload_db, view.values(),
                               {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"})
+        self.written_manifest = w.manifest
         ms = round((time.monotonic() - t0) * 1000)
         log.info("preload table for the starting proxy: %d bindings written to %s in %d ms", w.bindings, w.path, ms)
         return {"ok": True, "bindings": w.bindings, "path": w.path, "ms": ms}

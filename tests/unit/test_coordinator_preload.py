@@ -75,6 +75,11 @@ def test_write_leaves_out_expired_and_reads_back(tmp_path: Path) -> None:
     m = materialize.read_manifest(db)
     assert m.loaded == {("a", "sip:a@x"): 11} and m.meta["cluster"] == "c1" and m.written_at == now
     assert list(tmp_path.iterdir()) == [db]  # the temp file was renamed, nothing left behind
+    assert w.manifest is not None and w.manifest.loaded == m.loaded
+    assert materialize.read_manifest(db, known=w.manifest) is w.manifest  # the writer need not read it back
+    w2 = materialize.write(db, recs[:1], {"cluster": "c1"}, now=now + 1)
+    assert materialize.read_manifest(db, known=w.manifest).written_at == now + 1 != w.manifest.written_at
+    assert w2.manifest is not None
 
 
 def test_manifest_only_for_the_proxy_that_booted_from_it(tmp_path: Path) -> None:
