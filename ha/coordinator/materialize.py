@@ -135,34 +135,37 @@ class Written:
     manifest: Manifest | None = None  # what was written, so the writer need not read it back
 
 
+def row(r: Any, n: int, now: float) -> tuple[Any, ...]:
+    """One ``location`` row (the _INSERT columns) for a ContactRecord-like ``r``; ``n`` makes the ruid unique."""
+    return (
+        f"sipha-{int(getattr(r, 'mzxid', 0)):x}-{n}",
+        r.aor,
+        r.contact,
+        received_uri(r.received) if r.received else None,
+        r.path or None,
+        _datetime(r.expires_at),
+        r.q / 1000 if r.q >= 0 else -1.0,
+        r.callid or "sipha-preload",
+        r.cseq or 1,
+        _datetime(now),
+        r.flags,
+        r.cflags,
+        r.user_agent,
+        r.socket or None,
+        None if r.methods < 0 else r.methods,
+    )
+
+
 def _rows(records: Iterable[Any], now: float) -> tuple[list[tuple[Any, ...]], dict[tuple[str, str], int], int]:
     rows: list[tuple[Any, ...]] = []
     loaded: dict[tuple[str, str], int] = {}
     expired = 0
-    modified = _datetime(now)
     for i, r in enumerate(records):
         if r.expires_at <= now:
             expired += 1
             continue
-        mzxid = int(getattr(r, "mzxid", 0))
-        loaded[(r.aor, r.contact)] = mzxid
-        rows.append((
-            f"sipha-{mzxid:x}-{i}",
-            r.aor,
-            r.contact,
-            received_uri(r.received) if r.received else None,
-            r.path or None,
-            _datetime(r.expires_at),
-            r.q / 1000 if r.q >= 0 else -1.0,
-            r.callid or "sipha-preload",
-            r.cseq or 1,
-            modified,
-            r.flags,
-            r.cflags,
-            r.user_agent,
-            r.socket or None,
-            None if r.methods < 0 else r.methods,
-        ))
+        loaded[(r.aor, r.contact)] = int(getattr(r, "mzxid", 0))
+        rows.append(row(r, i, now))
     return rows, loaded, expired
 
 

@@ -190,6 +190,10 @@ class Replication:
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload)
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close]
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
+        if repl.replicator is not None:
+            from ha.coordinator.livetable import LiveTable
+
+            repl.replicator.live = LiveTable()
         return repl
 
     def materialize(self) -> dict[str, Any]:
@@ -197,16 +201,24 @@ class Replication:
         proxy agent's start): no store read, so a restart costs the SQLite write and Kamailio's load only."""
         from ha.coordinator import materialize
 
-        view = self.replicator.view() if self.replicator is not None else None
-        if view is None or self.preload_db is None:
+        rep = self.replicator
+        if rep is None or self.preload_db is None or not rep.view_complete:
             raise materialize.MaterializeError("no complete view of the store yet")
+        meta = {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"}
         t0 = time.monotonic()
-        w = materialize.write(self.preload_db, view.values(),
-                              {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"})
+        source = "live"
+        if rep.live is not None and rep.live.complete:
+            w = rep.live.copy_to(self.preload_db, meta)  # kept current on the watch thread: a copy only
+        else:
+            source = "view"
+            view = rep.view()
+            if view is None:
+                raise materialize.MaterializeError("no complete view of the store yet")
+            w = materialize.write(self.preload_db, view.values(), meta)
         self.written_manifest = w.manifest
         ms = round((time.monotonic() - t0) * 1000)
         log.info("preload table for the starting proxy: %d bindings written to %s in %d ms", w.bindings, w.path, ms)
-        return {"ok": True, "bindings": w.bindings, "path": w.path, "ms": ms}
+        return {"ok": True, "bindings": w.bindings, "path": w.path, "ms": ms, "from": source}
 
     # -- the loop's calls ----------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
+from ha.coordinator.livetable import LiveTable
 from ha.coordinator.store import Change, ContactRecord, Store, Watch
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Replicator:
         # Asked when a resync for a restarted proxy is about to be applied (so it describes the proxy that takes
         # the pushes, not the one there when the resync was scheduled): what that proxy preloaded, or None.
         self.preload_source: Callable[[], dict[tuple[str, str], int] | None] | None = None
+        # The preload table kept current with every change the watch delivers (ha.coordinator.livetable).
+        self.live: LiveTable | None = None
         self._watch: Watch | None = None
 
     @property
@@ -137,6 +140,27 @@ class Replicator:
         return todo, removes + gone, len(adds) - len(todo)
 
     def on_changes(self, changes: list[Change]) -> None:
+        try:
+            self._on_changes(changes)
+        finally:
+            # After the proxy was served (a full rebuild of 100k rows takes ~1 s); a replay's records are
+            # already there (only the changes delivered with it are new).
+            if self.live is not None:
+                real = [c for c in changes if not c.replay]
+                try:
+                    if real or not changes:
+                        self.live.apply((c.record for c in real if c.kind == "put"),
+                                        (c.record for c in real if c.kind == "delete"),
+                                        resync=not changes or any(c.resync for c in real))
+                except Exception:  # only the fast path suffers: the next proxy start writes from the view
+                    log.exception("replicator: the live preload table could not follow; dropped")
+                    self.live = None
+
+    @property
+    def view_complete(self) -> bool:
+        return self._watch is not None and self._watch.complete
+
+    def _on_changes(self, changes: list[Change]) -> None:
         adds: list[ContactRecord] = []
         removes: list[ContactRecord] = []
         resync = not changes or any(c.resync for c in changes)  # an empty batch is an empty store's resync

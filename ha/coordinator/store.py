@@ -237,6 +237,7 @@ class Change:
     kind: str  # put | delete
     record: ContactRecord
     resync: bool = False
+    replay: bool = False  # part of a replay of the watch's own view (Watch.replay): nothing changed in the store
 
 
 class Watch(ABC):
@@ -253,6 +254,11 @@ class Watch(ABC):
         """A copy of the complete current view (path -> record), None while there is none (before the first
         resync, after a lost connection until the next one)."""
         return None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the view is the whole store (see records)."""
+        return False
 
 
 _READ_ONLY = ("version", "mzxid")  # known from the znode's stat when read, never stored in its data
@@ -797,6 +803,10 @@ class _ZkContactWatch(Watch):
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
     def records(self) -> dict[str, ContactRecord] | None:
         if not self._complete:
             return None
@@ -861,10 +871,10 @@ class _ZkContactWatch(Watch):
         if any(kind == "resync" for kind, _ in items):
             return self._resync()
         if any(kind == "replay" for kind, _ in items):
-            # Everything else queued is applied to the view first; the replay then carries the result (a
-            # restarted proxy's table takes the whole view; deletes are implied by absence).
-            self._process([it for it in items if it[0] != "replay"])
-            return [Change("put", r, resync=True) for r in self._records.values()]
+            # Everything else queued is applied to the view first and delivered as usual; the replay then
+            # carries the resulting view (a restarted proxy's table takes all of it).
+            changes = self._process([it for it in items if it[0] != "replay"])
+            return changes + [Change("put", r, resync=True, replay=True) for r in self._records.values()]
         changes: list[Change] = []
         fetch: set[str] = set()
         if any(kind == "arm" for kind, _ in items):

@@ -30,6 +30,7 @@ from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 
 from ha import model
 from ha.coordinator import materialize, proxytable
+from ha.coordinator.livetable import LiveTable
 from ha.coordinator.replication import Replication
 from ha.coordinator.replicator import ProxyNotAnswering
 from ha.coordinator.service import Service
@@ -80,6 +81,34 @@ def test_write_leaves_out_expired_and_reads_back(tmp_path: Path) -> None:
     w2 = materialize.write(db, recs[:1], {"cluster": "c1"}, now=now + 1)
     assert materialize.read_manifest(db, known=w.manifest).written_at == now + 1 != w.manifest.written_at
     assert w2.manifest is not None
+
+
+def test_live_table_follows_changes_and_copies_what_write_would_write(tmp_path: Path) -> None:
+    now = time.time()
+    recs = [ContactRecord(aor=f"a{i}", contact=f"sip:a{i}@x", expires_at=int(now) + 600, received="udp:1.2.3.4:5",
+                          socket="udp:198.51.100.10:5060", callid=f"c{i}", cseq=i, mzxid=100 + i) for i in range(5)]
+    live = LiveTable()
+    with pytest.raises(materialize.MaterializeError):
+        live.copy_to(tmp_path / "x.sqlite", {})  # nothing complete yet
+    live.apply(recs, [], resync=True)
+    newer = ContactRecord(aor="a1", contact="sip:a1@x", expires_at=int(now) + 900, mzxid=200)
+    old = ContactRecord(aor="old", contact="sip:old@x", expires_at=int(now) - 5, mzxid=201)  # expired
+    live.apply([newer, old], [recs[2]], resync=False)
+    w = live.copy_to(tmp_path / "live.sqlite", {"cluster": "c1"})
+    want = [newer, recs[0], recs[3], recs[4]]
+    ref = materialize.write(tmp_path / "ref.sqlite", want, {"cluster": "c1"}, now=now)
+    assert w.manifest is not None and w.manifest.loaded == ref.manifest.loaded == materialize.read_manifest(
+        tmp_path / "live.sqlite").loaded
+    assert (w.bindings, w.expired) == (4, 1)
+    cols = "username, contact, received, path, expires, q, callid, cseq, flags, cflags, user_agent, socket, methods"
+
+    def rows(p: Path) -> list[tuple[object, ...]]:
+        with sqlite3.connect(p) as con:
+            return sorted(con.execute(f"SELECT {cols} FROM location"))
+
+    assert rows(tmp_path / "live.sqlite") == rows(tmp_path / "ref.sqlite")
+    live.apply([], [], resync=True)  # an empty store's resync empties it
+    assert live.copy_to(tmp_path / "e.sqlite", {}).bindings == 0
 
 
 def test_manifest_only_for_the_proxy_that_booted_from_it(tmp_path: Path) -> None:
@@ -282,6 +311,7 @@ def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_v
             ready.unlink(missing_ok=True)  # what the agent's start does first
             reply = json.loads(exchange(status, b"materialize\n", 10.0))
             assert reply["ok"] and reply["bindings"] == len(keys_in_store(reader)) and Path(reply["path"]) == db
+            assert reply["from"] == "live"  # copied from the table kept current, not written row by row
             # The window, after the table was written and before the proxy is up:
             peer.write([contact(1000 * round_ + 1, f"q{round_}", uri.format(round_), kind="delete", node="node2"),
                         contact(1000 * round_ + 2, f"w{round_}", f"sip:w{round_}@198.51.100.76:5060", node="node2")])
