@@ -259,6 +259,14 @@ class Fencing(_Frozen):
     delay_ms: Annotated[int, Field(ge=0, le=60000)] = 5000
 
 
+class Failover(_Frozen):
+    """Opt-in paths beside Pacemaker's (see ha/health/fastclaim.py and docs/node-crash-path.md)."""
+
+    # The health service claims the VIPs as soon as Corosync's quorum shows the holder gone, instead of waiting
+    # for Pacemaker's scheduler. Needs a witness: without one, both halves of a split stay quorate (two_node).
+    fast_claim: bool = False
+
+
 class Lab(_Frozen):
     """Only ``sipha lab`` reads this: where the lab's caller lives and how the bridge is named."""
 
@@ -281,6 +289,7 @@ class Cluster(_Frozen):
     rest: Rest = Rest()
     snmp: Snmp = Snmp()
     fencing: Fencing = Fencing()
+    failover: Failover = Failover()
     lab: Lab = Lab()
 
     @property
@@ -417,6 +426,8 @@ def _cross_check(c: Cluster, base: Path, src: str) -> None:
     f = c.fencing
     if f.delay_node and f.delay_node not in {n.name for n in c.nodes}:
         fail("fencing.delay_node", f"{f.delay_node!r} is not a node")
+    if c.failover.fast_claim and c.witness is None:
+        fail("failover.fast_claim", "needs a witness: without one both halves of a split stay quorate")
 
 
 def parse(data: Any, source: str = "<cluster.yaml>", base: Path | None = None) -> Cluster:

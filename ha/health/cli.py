@@ -14,6 +14,7 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,6 +65,21 @@ def health() -> None:
 @click.option("--fault-file", type=click.Path(dir_okay=False), default=None,
               help="TEST ONLY (the lab): an integer N written here makes the next N local UDP probes time out")
 @click.option("-v", "--verbose", is_flag=True, help="also log every steady cycle (DEBUG)")
+def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
+    """The quorum-guarded fast claim (ha.health.fastclaim), fed by this service's health and VIP view."""
+    from ha.health.fastclaim import FastClaim, VipAddr, located_here
+    from ha.health.probe import Health
+
+    by_name = {v.name: v.ip for v in cluster.vips}
+    return FastClaim(
+        node, [n.name for n in cluster.nodes if n.name != node],
+        [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
+        healthy=lambda: service.state.health is Health.HEALTHY,
+        held=lambda: {by_name[n] for n in service.vip_check.held()},
+        located_here=located_here(node), event=service.event,
+    )
+
+
 def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: float | None, readiness_gate: bool,
             ready_file: str, dampen_ms: int | None, rest_bind: str | None, rest_port: int | None,
             snmp_bind: str | None, no_snmp_agent: bool, json_logs: bool, fault_file: str | None,
@@ -109,9 +125,14 @@ def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: 
         if not no_snmp_agent and (cluster.snmp.community or cluster.snmp.v3):
             responder = Responder(cluster.snmp, node.name, service.node_state, snmp_bind or node.ip,
                                   cluster.snmp.agent_port)
+        claim = _fast_claim(cluster, node.name, service) if cluster.failover.fast_claim else None
+        if claim:
+            claim.start()
         try:
             await service.run(stop)
         finally:
+            if claim:
+                claim.stop()
             if responder:
                 responder.close()
 
