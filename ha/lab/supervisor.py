@@ -112,12 +112,15 @@ class Supervisor:
         p = self.procs.get(name)
         if p is not None and p.poll() is None:
             init_pid = self.node.init_pid_of(p.pid)
+            # The link first, as a power cut does: killed first, the host's processes would close their TCP
+            # connections on a live link, and qnetd (and ZooKeeper) would learn of the death from the FIN at once,
+            # which no real power cut tells them. Measured: the kill-first order hid ~0.5-1.5 s of a power cut.
+            self.node.link(self.spec, self.hosts[name], up=False)
             # SIGKILL to PID 1 of the host's PID namespace kills every process in it.
             for pid in (init_pid, p.pid):
                 if pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            self.node.link(self.spec, self.hosts[name], up=False)
             with contextlib.suppress(Exception):
                 p.wait(timeout=5)
             self.node.wait_namespace_empty(self.hosts[name], timeout=5)
