@@ -63,6 +63,19 @@ def loop() -> Iterator[Loop]:
         lp.close()
 
 
+def _settle(spec: dict[str, Any], timeout: float = 120) -> None:
+    """labhelp.wait_settled, saying what was not settled when it fails."""
+    try:
+        wait_settled(spec, timeout)
+    except AssertionError as exc:
+        from labhelp import health_attrs
+
+        st = labmod.crm_status(spec)
+        res = [(r["id"], r["role"], r["nodes"], r["failed"]) for r in st["resources"]]
+        raise AssertionError(f"{exc}: nodes {st['nodes']}, resources {res}, VIP on {labmod.vip_holder(spec)}, "
+                             f"sipha-health {health_attrs(spec)}") from None
+
+
 def _active(spec: dict[str, Any]) -> str:
     holder = labmod.vip_holder(spec)
     assert holder in ("node1", "node2"), f"VIP on {holder!r}"
@@ -157,7 +170,7 @@ def _three_way(spec: dict[str, Any], active: str, standby: str) -> tuple[str, di
 
 def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:
     n = 10_000
-    wait_settled(lab, 120)
+    _settle(lab)
     active = _active(lab)
     standby = other(active)
     users = [f"tenk{i:05d}" for i in range(n)]
@@ -208,7 +221,7 @@ def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], lo
 
 def test_two_hundred_calls_hang_up_and_bill_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:
     n = 200
-    wait_settled(lab, 120)
+    _settle(lab)
     active = _active(lab)
     standby = other(active)
     users = [f"callee{i:03d}" for i in range(n)]
@@ -287,7 +300,7 @@ def _zk_signal(spec: dict[str, Any], host: str, pid: str, sig: str) -> None:
 
 def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -> None:
     pool, rate, before_s, outage_s, after_s = 1000, 200, 5.0, 30.0, 5.0
-    wait_settled(lab, 120)
+    _settle(lab)
     active = _active(lab)
     standby = other(active)
     users = [f"zko{i:04d}" for i in range(pool)]
@@ -456,7 +469,7 @@ def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -
     # 6000/s: well above what the proxy answers here (~1.5-2k/s), without the sender itself taking a whole core
     # (at 44k/s the proxy answered 1.2k/s: that measured the test client's CPU as much as the proxy).
     pool, blast_s, rate, repair_s = 20_000, 30.0, 6000.0, 10.0
-    wait_settled(lab, 120)
+    _settle(lab)
     active = _active(lab)
     standby = other(active)
     users = [f"ovl{i:05d}" for i in range(pool)]
