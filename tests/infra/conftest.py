@@ -4,8 +4,12 @@ Give the deployed cluster with environment variables (pytest options would not r
 when the whole tree runs):
 
     SIPHA_INVENTORY=build/lab/inventory.ini     the rendered inventory (`sipha render ... --out build/lab`)
-    SIPHA_KNOWN_HOSTS=lab-run/known_hosts       host keys to verify against (the lab writes one)
-    SIPHA_SSH_KEY=lab-run/id_ed25519            optional: the private key to log in with
+    SIPHA_KNOWN_HOSTS=/var/tmp/sipha-lab/ssh/known_hosts   host keys to verify against (`sipha lab up --bare`
+                                                writes one)
+    SIPHA_SSH_KEY=/var/tmp/sipha-lab/ssh/id_ed25519        optional: the private key to log in with
+
+Against the lab, run it from the client namespace (`ip netns exec sipha-client ...`): the hosts' lab addresses
+are reachable only there. tests/lab/test_deploy_lab.py does exactly that after provisioning the bare lab.
 
 Without SIPHA_INVENTORY every test here is skipped, saying so. Connections use testinfra's paramiko backend,
 but the paramiko client is built by ha.remote (RejectPolicy against SIPHA_KNOWN_HOSTS): testinfra's own client

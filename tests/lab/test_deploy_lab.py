@@ -4,8 +4,8 @@ The lab comes up bare (``sipha lab up --bare``: node1, node2 and the witness run
 lab). From the client namespace (198.51.100.50, where the hosts' lab addresses are reachable) this module runs
 ``sipha deploy --playbook`` (ansible/site.yml, host keys checked against the lab's known_hosts), runs it again
 and requires changed=0 on every host, runs the ``tests/infra`` testinfra suite against the result, moves the VIP
-with ``sipha switchover`` over SSH, and checks that ``sipha deploy`` with a wrong key or an unreachable host
-names the host and changes nothing.
+with ``sipha switchover`` over SSH, and checks that ``sipha deploy`` with a wrong key or an unreachable host,
+and ``sipha deploy --playbook`` with a failing task, name the host (and task) and change nothing.
 
 This module does NOT use the session ``lab`` fixture (that one is the normal, already-running lab): it brings
 up its own bare lab and ALWAYS takes it down (failure, Ctrl-C, SIGTERM, interpreter exit), as conftest.py does
@@ -215,3 +215,18 @@ def test_deploy_to_unreachable_host_names_it_and_changes_nothing(bare: dict[str,
     assert _digests(bare) == before
     answered, detail = labmod.sip_options(bare, bare["vips"][0], timeout=1.0)
     assert answered, f"the previous config is no longer serving: {detail}"
+
+
+def test_playbook_failing_task_names_host_and_task(bare: dict[str, Any]) -> None:
+    """A task that fails (here: the hosts are told they run systemd, which the play checks before it writes
+    anything) is named per host, and the running cluster is left as it was."""
+    before = _digests(bare)
+    p = _sipha(bare, "deploy", str(LAB_YAML), "--playbook", "--service-manager", "systemd",
+               "-e", "sipha_install=present", timeout=PLAYBOOK_TIMEOUT_S)  # fmt: skip
+    assert p.returncode != 0
+    for h in HOSTS:
+        assert f"deploy failed: {h}: task 'common : Match the service manager to the host'" in p.stdout, _tail(p)
+    assert _digests(bare) == before
+    answered, detail = labmod.sip_options(bare, bare["vips"][0], timeout=1.0)
+    assert answered, f"the previous config is no longer serving: {detail}"
+
