@@ -1,19 +1,23 @@
 """Fault kinds a drill can inject, the health check before one, and target resolution.
 
 Every fault has ``inject()`` and ``undo()``; the drill runs undo in a ``finally`` (also on Ctrl-C), so undo is
-idempotent and safe after a partial inject. Faults act only through a :class:`ClusterControl` -- the lab's
-implementation (``ha.drill.labctl``) is a thin layer over ``ha.lab``; a real cluster over SSH comes later --
-so everything here is tested with a recording stand-in.
+idempotent and safe after a partial inject. ``restore()`` runs after the measurement: housekeeping that must
+not land inside the measured window, and waits for Pacemaker's own recovery first (a cleanup in the middle of
+it re-probes the resource; the lab tests once saw that leave a clone instance stopped).
+
+Faults act only through a :class:`ClusterControl` -- the lab's implementation (``ha.drill.labctl``) is a thin
+layer over ``ha.lab``; a real cluster over SSH comes later -- so everything here is tested with a recording
+stand-in.
 
 Kinds (the target is the node the fault hits; ``active`` = the VIP's node, ``standby`` = another node):
 
 * ``node-crash``   power off through the lab supervisor (what the fence path does); undo: power on.
 * ``proxy-crash``  ``SIGKILL`` to Kamailio's process group inside the node (main process and every worker,
-                   as when the proxy crashes); undo: ``crm_resource --cleanup`` on the node (Pacemaker
-                   restarts the proxy; the cleanup forgets the failure). Not the main pid alone: Kamailio's
-                   workers outlive a killed main process and keep answering SIP, so nothing fails.
+                   as when the proxy crashes); undo: nothing (Pacemaker restarts the proxy by itself); restore:
+                   once Pacemaker is idle, ``crm_resource --cleanup`` on the node forgets the failure. Not the
+                   main pid alone: Kamailio's workers outlive a killed main process and keep answering SIP.
 * ``proxy-hang``   ``SIGSTOP`` to Kamailio's process group (alive, silent: only a SIP probe notices);
-                   undo: ``SIGCONT`` to the same group, then the cleanup.
+                   undo: ``SIGCONT`` to the same group; restore: the same cleanup.
 * ``partition``    the node's bridge port stops forwarding (carrier stays up); undo: heal.
 * ``link-flap``    the node's link down/up ``flaps`` times (bounded); undo: link up.
 * ``zk-member-loss`` ``SIGSTOP`` of the node's ZooKeeper server: the ensemble loses a member (sessions
@@ -169,6 +173,10 @@ class Fault:
     def undo(self) -> str:
         raise NotImplementedError
 
+    def restore(self) -> str:
+        """After the measurement: what the next drill needs besides the undo (nothing, for most kinds)."""
+        return ""
+
     def other_node(self) -> str:
         """A node other than the target, to run cluster commands on (it stays reachable)."""
         others = [n for n in self.ctl.nodes if n != self.node]
@@ -209,13 +217,20 @@ class ProxyCrash(Fault):
         return f"kamailio process group {pgid} on {self.node} ({count} processes) killed (SIGKILL)"
 
     def undo(self) -> str:
+        return "nothing to undo: Pacemaker restarts the proxy"
+
+    def restore(self) -> str:
         return _cleanup(self)
 
 
-def _cleanup(f: Fault) -> str:
-    """Forget the failure so the next drill starts clean (Pacemaker restarts the proxy by itself)."""
-    _check(f.ctl.exec(f.other_node(), f.ctl.pacemaker_command("cleanup", f.node)), f"cleanup on {f.node}")
-    return f"failures on {f.node} cleaned up"
+def _cleanup(f: Fault, settle_s: int = 90) -> str:
+    """Forget the failure so the next drill starts clean, once Pacemaker finished its own recovery (a cleanup
+    in the middle of it re-probes and can leave the proxy stopped). The wait is bounded; a cluster that does
+    not settle in time still gets the cleanup, and the next drill's health check says what is wrong."""
+    other = f.other_node()
+    rc, _out = f.ctl.exec(other, ["crm_resource", "--wait", f"--timeout={settle_s}s"], timeout=settle_s + 10)
+    _check(f.ctl.exec(other, f.ctl.pacemaker_command("cleanup", f.node)), f"cleanup on {f.node}")
+    return f"failures on {f.node} cleaned up" + ("" if rc == 0 else f" (Pacemaker not idle after {settle_s} s)")
 
 
 class ProxyHang(Fault):
@@ -233,7 +248,10 @@ class ProxyHang(Fault):
         if self.pgid:
             # The group may be gone (the agent killed a hung proxy): that is not an undo failure.
             self.ctl.exec(self.node, ["kill", "-CONT", "--", f"-{self.pgid}"])
-        return f"kamailio on {self.node} continued (SIGCONT); " + _cleanup(self)
+        return f"kamailio on {self.node} continued (SIGCONT)"
+
+    def restore(self) -> str:
+        return _cleanup(self)
 
 
 class Partition(Fault):

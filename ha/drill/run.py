@@ -8,6 +8,7 @@ The order of one run (times from :class:`DrillOptions`):
 
 Undo always runs once the fault was (even partly) injected: normally in sequence, else in a ``finally`` --
 after an exception, and after Ctrl-C, when what was measured so far is still returned (``interrupted``).
+The fault's ``restore`` (e.g. a Pacemaker cleanup) follows, after the measurement.
 Between repeats the cluster must be healthy again (the same check as before the first run), or the repeats
 stop there and say why.
 """
@@ -157,6 +158,13 @@ def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambd
                 marks["fault undone"] = time.monotonic()
             except Exception as exc:
                 undo_error = f"{type(exc).__name__}: {exc}"
+        if fault.injected and undo_error is None:
+            try:
+                done = fault.restore()
+                if done:
+                    progress(done)
+            except Exception as exc:
+                undo_error = f"restore: {type(exc).__name__}: {exc}"
     rec = traffic.record
     cluster_events = _cluster_events(ctl, wall_start, wall_minus_mono)
     figs = measure.figures(rec.samples, rec.registrations, rec.calls, fault_at=marks.get("fault injected"),

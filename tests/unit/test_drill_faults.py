@@ -126,9 +126,22 @@ def test_proxy_crash_kills_the_whole_group_then_cleans_up_from_the_other_node() 
     f = faults.make_fault("proxy-crash", "node1", r)
     assert f.inject() == "kamailio process group 4242 on node1 (9 processes) killed (SIGKILL)"
     f.undo()
+    assert len(r.log) == 2  # nothing to undo: Pacemaker restarts it; the cleanup waits for the restore
     assert r.log[0][:3] == ("exec", "node1", "sh") and "ps -C kamailio" in r.log[0][-1]
     assert r.log[1] == ("exec", "node1", "kill", "-KILL", "--", "-4242")
-    assert r.log[2] == ("exec", "node2", "pcmk", "cleanup", "node1", "on")
+    assert f.restore() == "failures on node1 cleaned up"
+    # Pacemaker's own recovery first (bounded), then the cleanup, both from the other node
+    assert r.log[2] == ("exec", "node2", "crm_resource", "--wait", "--timeout=90s")
+    assert r.log[3] == ("exec", "node2", "pcmk", "cleanup", "node1", "on")
+
+
+def test_cleanup_still_runs_when_pacemaker_does_not_settle() -> None:
+    r = Recorder({"sh -c": (0, "4242 9"), "crm_resource --wait": (124, "timed out")})
+    f = faults.make_fault("proxy-hang", "node1", r)
+    f.inject()
+    assert f.undo() == "kamailio on node1 continued (SIGCONT)"
+    assert f.restore() == "failures on node1 cleaned up (Pacemaker not idle after 90 s)"
+    assert r.log[-1] == ("exec", "node2", "pcmk", "cleanup", "node1", "on")
 
 
 def test_proxy_crash_without_a_proxy_injects_nothing() -> None:
