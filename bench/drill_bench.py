@@ -28,6 +28,11 @@ from typing import Any
 from ha.drill import faults, run
 from ha.drill.labctl import LabControl
 
+# Kinds whose undo can itself bring the service back (power on, SIGCONT, heal, link up): a gap that ends only
+# after their undo started was ended by the undo, not by a failover. (proxy-crash's undo does nothing; the
+# planned kinds' undo, --clear and standby off, moves nothing back.)
+UNDO_RESTORES = {"node-crash", "proxy-hang", "partition", "link-flap", "zk-member-loss"}
+
 
 def _event_t(doc: dict[str, Any], name: str) -> float | None:
     return next((e["t"] for e in doc["timeline"] if e["event"] == name and e["t"] is not None), None)
@@ -39,6 +44,7 @@ def run_summary(doc: dict[str, Any]) -> dict[str, Any]:
     gap = doc["figures"]["details"].get("gap") or {}
     undo = _event_t(doc, "undo started")
     end = gap.get("end")
+    after_undo = doc["fault"] in UNDO_RESTORES and end is not None and undo is not None and end >= undo
     return {
         "started": doc["started"],
         "target": doc["target"],
@@ -48,7 +54,7 @@ def run_summary(doc: dict[str, Any]) -> dict[str, Any]:
         "gap_end_s": end,
         "undo_started_s": undo,
         # recovered only once the fault was undone: the cluster did not take over by itself within hold_s
-        "recovered_after_undo": bool(end is not None and undo is not None and end >= undo),
+        "recovered_after_undo": after_undo,
         "answers_by_node": doc["figures"]["details"].get("answers_by_node"),
         "unreachable": doc["figures"]["details"]["registrations"]["unreachable"],
         "bye_failed": doc["figures"]["details"]["calls"]["bye_failed"],
