@@ -194,8 +194,9 @@ class Timings(_Frozen):
     dc_deadtime_ms: Annotated[int, Field(ge=0, le=600000)] = 2000
     # corosync-qdevice's timeout: qnetd declares a silent node dead after 1.5 x its heartbeat (0.8 x this), and
     # until then it withholds the witness's vote from the survivor. Stock 10 s held a hard-killed node's
-    # quorum for ~12 s in the lab. qnetd accepts heartbeats down to 1000 ms, so 1250 is the floor.
-    qdevice_timeout_ms: Annotated[int, Field(ge=1250, le=120000)] = 1250
+    # quorum for ~12 s in the lab. qnetd and qdevice accept heartbeats down to 1000 ms unless told otherwise; the
+    # lab and the Ansible roles start both with heartbeat_interval_min=200 (-S), so the floor is 500 (400 ms beats).
+    qdevice_timeout_ms: Annotated[int, Field(ge=500, le=120000)] = 1250
     stickiness: Annotated[int, Field(ge=0, le=1000000)] = 100
 
 

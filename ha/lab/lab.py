@@ -39,6 +39,10 @@ STATE_DIR = Path("/var/tmp/sipha-lab")
 # Test-only control of the lab's health services (see ha.health.service.ProbeDrops): inside a node, an integer N
 # written here makes the next N local UDP probes time out (this kernel has no sch_netem to drop a real packet).
 HEALTH_FAULT_FILE = "/run/sipha/health-drop-probes"
+# Heartbeats below qnetd's and qdevice's 1000 ms default minimum, so timings.qdevice_timeout_ms may go down to 500
+# (ha.model): a power-cut node's vote is then withdrawn ~0.6 s after its last heartbeat instead of ~1.5 s.
+QNETD_S = ["-S", "heartbeat_interval_min=200"]
+QDEVICE_S = ["-S", "net_heartbeat_interval_min=200"]
 SPEC_FILE = CONTROL_DIR / "lab.json"
 PREFIX = "sipha-"
 BRIDGE_NS = "sipha-br"
@@ -308,12 +312,13 @@ def _services(cluster: model.Cluster, h: dict[str, Any], cfg: dict[str, Any]) ->
     zk_member = any(m.name == h["name"] for m in cluster.zk_members)
     svcs: list[dict[str, Any]] = []
     if h["role"] == "witness":
-        svcs.append({"name": "corosync-qnetd", "argv": ["corosync-qnetd", "-f", "-s", "off"]})
+        svcs.append({"name": "corosync-qnetd", "argv": ["corosync-qnetd", "-f", "-s", "off", *QNETD_S]})
     else:
         svcs.append({"name": "corosync", "argv": ["corosync", "-f"]})
         corosync_up = ["corosync-cfgtool", "-s"]
         if cluster.witness:
-            svcs.append({"name": "corosync-qdevice", "argv": ["corosync-qdevice", "-f"], "after": corosync_up})
+            svcs.append({"name": "corosync-qdevice", "argv": ["corosync-qdevice", "-f", *QDEVICE_S],
+                         "after": corosync_up})
         pcmk_env = {"PCMK_logfile": "/var/log/pacemaker/pacemaker.log", "PCMK_logfacility": "none",
                     "PCMK_logpriority": "info", "HA_logfacility": "none"}  # fmt: skip
         svcs.append({"name": "pacemakerd", "argv": ["pacemakerd"], "env": pcmk_env, "after": corosync_up})

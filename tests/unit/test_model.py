@@ -82,6 +82,7 @@ BAD: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("bad-trusted-network", _set("proxy.rate_limit.trusted", ["lan"]), "proxy.rate_limit.trusted", "network"),
     ("bad-fence-agent", _set("fencing.agent", "ipmi"), "fencing.agent", "pattern"),
     ("fence-delay-unknown-node", _set("fencing.delay_node", "node7"), "fencing.delay_node", "not a node"),
+    ("qdevice-timeout-below-floor", _set("timings.qdevice_timeout_ms", 400), "timings.qdevice_timeout_ms", "500"),
     ("fast-claim-without-witness",
      lambda d: (d.pop("witness"), d.__setitem__("failover", {"fast_claim": True}),
                 d["zookeeper"].__setitem__("members", ["node1"])),
