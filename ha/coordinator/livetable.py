@@ -94,7 +94,6 @@ class LiveTable:
                     self._db.backup(dst)
                     loaded = {k: z for k, (z, exp) in self._keys.items() if exp > now}
                     total = len(self._keys)
-                dst.execute("DROP INDEX sipha_key")
                 dst.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),))
                 m = {**meta, "written_at": now, "bindings": len(loaded)}
                 dst.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])

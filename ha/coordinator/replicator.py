@@ -71,6 +71,7 @@ class Replicator:
         self.preload_source: Callable[[], dict[tuple[str, str], int] | None] | None = None
         # The preload table kept current with every change the watch delivers (ha.coordinator.livetable).
         self.live: LiveTable | None = None
+        self.on_synced: Callable[[], None] | None = None  # called (watch thread) when a resync completed
         self._watch: Watch | None = None
 
     @property
@@ -215,6 +216,8 @@ class Replicator:
             self.include_own = False
             self.resync_failed = False
             self.synced.set()
+            if self.on_synced is not None:
+                self.on_synced()
 
 
 __all__ = ["ProxyNotAnswering", "Replicator", "ReplicatorStats"]

@@ -131,6 +131,8 @@ class Service:
         self._last_summary: dict[str, Any] = {}
         self.started = time.monotonic()
         self._wake_r, self._wake_w = socket.socketpair()
+        if repl.replicator is not None:
+            repl.replicator.on_synced = self._wake
 
     # -- readiness -------------------------------------------------------------------------------------------
 
@@ -334,6 +336,11 @@ class Service:
             log.exception("role check failed; trying again in %.0f s", TICK_S)
         self._readiness()
 
+    def _wake(self) -> None:
+        """From the watch thread: a resync completed; the loop gives readiness without waiting for a tick."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"r")
+
     def stop(self) -> None:
         """Ask a running loop (in another thread) to end."""
         with contextlib.suppress(OSError):
@@ -368,8 +375,10 @@ class Service:
                         self._receive(udp)
                     elif key.data == "ctl":
                         self._answer(ctl)
-                    else:
+                    elif b"x" in self._wake_r.recv(64):  # else: a resync completed (see _wake)
                         raise _Stop
+                if not self.ready_given:
+                    self._readiness()  # at once, not at the next tick: readiness is what a restart waits for
                 now = time.monotonic()
                 if now >= last_tick + (TICK_S if self.ready_given else FAST_TICK_S):
                     last_tick = now
