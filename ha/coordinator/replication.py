@@ -196,6 +196,12 @@ class Replication:
             repl.replicator.live = LiveTable()
         return repl
 
+    @property
+    def materialize_pending(self) -> bool:
+        """Whether a materialize() that failed is worth asking again soon: ZooKeeper answers, so the view (and
+        then the live table) is on its way; not when ZooKeeper is away (the proxy should not wait for it)."""
+        return self.replicator is not None and self.store.available
+
     def materialize(self) -> dict[str, Any]:
         """Write the proxy's preload table from the watch's current view (the restart fast path, asked by the
         proxy agent's start): no store read, so a restart costs the SQLite write and Kamailio's load only."""
@@ -204,6 +210,9 @@ class Replication:
         rep = self.replicator
         if rep is None or self.preload_db is None or not rep.view_complete:
             raise materialize.MaterializeError("no complete view of the store yet")
+        if rep.live is not None and not rep.live.complete:
+            # Being built from the view just read (~1 s for 100k): worth waiting for, see materialize_pending.
+            raise materialize.MaterializeError("the preload table is being built")
         meta = {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"}
         t0 = time.monotonic()
         source = "live"

@@ -288,7 +288,7 @@ class Service:
         try:
             out = self.repl.materialize()
         except MaterializeError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "pending": self.repl.materialize_pending}
         self._proxy_starting("the proxy agent is starting the proxy (preload table written)")
         return out
 

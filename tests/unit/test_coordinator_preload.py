@@ -309,8 +309,11 @@ def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_v
         wait_for(lambda: repl.replicator is not None and repl.replicator.view() is not None, 15, "a complete view")
         for round_ in (1, 2):
             ready.unlink(missing_ok=True)  # what the agent's start does first
-            reply = json.loads(exchange(status, b"materialize\n", 10.0))
-            assert reply["ok"] and reply["bindings"] == len(keys_in_store(reader)) and Path(reply["path"]) == db
+            deadline = time.monotonic() + 15
+            while not (reply := json.loads(exchange(status, b"materialize\n", 10.0)))["ok"]:
+                assert reply["pending"] and time.monotonic() < deadline, reply  # as the agent: ask again
+                time.sleep(0.2)
+            assert reply["bindings"] == len(keys_in_store(reader)) and Path(reply["path"]) == db
             assert reply["from"] == "live"  # copied from the table kept current, not written row by row
             # The window, after the table was written and before the proxy is up:
             peer.write([contact(1000 * round_ + 1, f"q{round_}", uri.format(round_), kind="delete", node="node2"),
@@ -377,15 +380,16 @@ def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
 
         # A coordinator runs here: it writes the table (from its view) and the agent waits for nothing else;
         # one that has no complete view yet (ZooKeeper not there) makes the agent start at once, without.
-        for answer in ("ok", "no view"):
+        # One still reading the store (a node start) is asked again until it has the table.
+        for answers in (["ok"], ["no view"], ["pending", "pending", "ok"]):
             (run_dir / "ready").write_text("{}")
-            with fake_coordinator(run_dir / "coordinator.sock", run_dir / materialize.DB_NAME, answer) as asked:
+            with fake_coordinator(run_dir / "coordinator.sock", run_dir / materialize.DB_NAME, answers) as asked:
                 t0 = time.monotonic()
                 rc, out = test_agents.run(test_agents.PROXY, "start", ns=netns, **params)
                 took = time.monotonic() - t0
             assert rc == 0, out
-            assert asked == [b"materialize"] and not (run_dir / "ready").exists()  # readiness withdrawn
-            if answer == "ok":
+            assert asked == [b"materialize"] * len(answers) and not (run_dir / "ready").exists()  # withdrawn
+            if answers[-1] == "ok":
                 assert "by the coordinator" in out and "SIPHA_USRLOC_PRELOAD" in out, out
             else:
                 assert "the coordinator has no table" in out and "SIPHA_USRLOC_PRELOAD" not in out, out
@@ -396,8 +400,9 @@ def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def fake_coordinator(path: Path, db: Path, answer: str) -> Iterator[list[bytes]]:
-    """The coordinator's side of ``materialize``: writes an empty table and says so, or says it cannot."""
+def fake_coordinator(path: Path, db: Path, answers: list[str]) -> Iterator[list[bytes]]:
+    """The coordinator's side of ``materialize``, one answer per request: writes an empty table and says so
+    ("ok"), has none and none coming ("no view"), or is still reading the store ("pending")."""
     import socket
 
     asked: list[bytes] = []
@@ -406,16 +411,18 @@ def fake_coordinator(path: Path, db: Path, answer: str) -> Iterator[list[bytes]]
     srv.listen(1)
 
     def serve() -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = srv.accept()
-            with conn:
-                asked.append(conn.recv(256).strip())
-                if answer == "ok":
-                    materialize.write(db, [], {"cluster": "agentpre"})
-                    reply = {"ok": True, "bindings": 0, "path": str(db), "ms": 1}
-                else:
-                    reply = {"ok": False, "error": "no complete view of the store yet"}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+        for answer in answers:
+            with contextlib.suppress(OSError):
+                conn, _ = srv.accept()
+                with conn:
+                    asked.append(conn.recv(256).strip())
+                    if answer == "ok":
+                        materialize.write(db, [], {"cluster": "agentpre"})
+                        reply = {"ok": True, "bindings": 0, "path": str(db), "ms": 1}
+                    else:
+                        reply = {"ok": False, "error": "no complete view of the store yet",
+                                 "pending": answer == "pending"}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
