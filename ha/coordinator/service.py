@@ -7,7 +7,10 @@ One loop, one ``selectors`` wait (1 s at most), from one thread:
   burst one :meth:`Replication.flush` writes the batch to ZooKeeper (journaled while it has no quorum);
 * once a second :meth:`Replication.tick` (start once ZooKeeper answers, journal replay, resync retries,
   reconciliation after a gap, GC) and the role check (below);
-* ``status`` on a unix socket, so ``ocf:sipha:coordinator`` can tell a live service from a hung one.
+* ``status`` on a unix socket, so ``ocf:sipha:coordinator`` can tell a live service from a hung one; and
+  ``materialize`` on the same socket, from ``ocf:sipha:proxy``'s start: the proxy's preload table written from
+  the coordinator's view (the restart fast path, :mod:`ha.coordinator.materialize`), answered with JSON
+  (``ok``, ``bindings``, ``path``; or ``error`` and ``pending``: ask again shortly, the store is being read).
 
 Every branch logs one sentence saying what it just did, so the log alone explains the service (Patroni).
 
