@@ -46,6 +46,21 @@ def health() -> None:
     """The health service: SIP probes, the sipha-health attribute, REST API, metrics, SNMP."""
 
 
+def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
+    """The quorum-guarded fast claim (ha.health.fastclaim), fed by this service's health and VIP view."""
+    from ha.health.fastclaim import FastClaim, VipAddr, located_here
+    from ha.health.probe import Health
+
+    by_name = {v.name: v.ip for v in cluster.vips}
+    return FastClaim(
+        node, [n.name for n in cluster.nodes if n.name != node],
+        [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
+        healthy=lambda: service.state.health is Health.HEALTHY,
+        held=lambda: {by_name[n] for n in service.vip_check.held()},
+        located_here=located_here(node), event=service.event,
+    )
+
+
 @health.command("run")
 @click.argument("cluster_yaml", type=click.Path(dir_okay=False, exists=True))
 @click.option("--node", "node_name", required=True, help="this node's name in cluster.yaml")
@@ -65,21 +80,6 @@ def health() -> None:
 @click.option("--fault-file", type=click.Path(dir_okay=False), default=None,
               help="TEST ONLY (the lab): an integer N written here makes the next N local UDP probes time out")
 @click.option("-v", "--verbose", is_flag=True, help="also log every steady cycle (DEBUG)")
-def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
-    """The quorum-guarded fast claim (ha.health.fastclaim), fed by this service's health and VIP view."""
-    from ha.health.fastclaim import FastClaim, VipAddr, located_here
-    from ha.health.probe import Health
-
-    by_name = {v.name: v.ip for v in cluster.vips}
-    return FastClaim(
-        node, [n.name for n in cluster.nodes if n.name != node],
-        [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
-        healthy=lambda: service.state.health is Health.HEALTHY,
-        held=lambda: {by_name[n] for n in service.vip_check.held()},
-        located_here=located_here(node), event=service.event,
-    )
-
-
 def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: float | None, readiness_gate: bool,
             ready_file: str, dampen_ms: int | None, rest_bind: str | None, rest_port: int | None,
             snmp_bind: str | None, no_snmp_agent: bool, json_logs: bool, fault_file: str | None,
