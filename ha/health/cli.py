@@ -58,6 +58,7 @@ def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
         healthy=lambda: service.state.health is Health.HEALTHY,
         held=lambda: {by_name[n] for n in service.vip_check.held()},
         located_here=located_here(node), event=service.event,
+        hold_s=cluster.timings.qdevice_timeout_ms / 1000 + 0.1,
     )
 
 

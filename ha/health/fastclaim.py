@@ -12,7 +12,12 @@ polled) and acts on two transitions only:
 * **release** -- this node is no longer quorate and holds a VIP: remove it at once (Pacemaker's
   no-quorum-policy=stop would, after its own scheduler run).
 
-Safety rests on quorum: with a witness (qdevice), at most one side of a split is quorate. A claim that
+Safety rests on quorum: with a witness (qdevice), at most one side of a split is quorate -- eventually. Measured
+in the lab's partition drill, the cut-off side still read quorate ~200 ms after the other side had its quorum
+confirmed (its qdevice had not yet given up on qnetd): claiming at once gave 19-20 split-brain samples (10 ms
+apart) per partition. So a claim waits ``hold_s`` (the qdevice timeout plus a margin: the longest the other
+side can keep counting the witness's vote) and is made only if the membership, quorum and health still call
+for it then. A node crash pays the same wait: it cannot be told from a partition in time. A claim that
 Pacemaker does not confirm within ``confirm_s`` (it placed the VIP elsewhere, or nowhere) is undone. Off unless
 ``failover.fast_claim`` is set in the model; its split-brain samples are measured by the partition drill.
 """
@@ -113,6 +118,13 @@ def _run(argv: list[str]) -> int:
     return subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode
 
 
+def _garp(vip: VipAddr) -> None:
+    """Gratuitous ARPs in the background, 5 x 100 ms, as the CIB has IPaddr2 send them."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.Popen([SEND_ARP, "-i", "100", "-r", "5", vip.interface, vip.ip, "auto", "not_used", "not_used"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 class FastClaim:
     """Follows ``corosync-quorumtool -m`` in a thread and claims/releases VIPs by :func:`decide`.
 
@@ -121,11 +133,15 @@ class FastClaim:
 
     def __init__(self, me: str, peers: Iterable[str], vips: Iterable[VipAddr], healthy: Callable[[], bool],
                  held: Callable[[], set[str]], located_here: Callable[[str], bool | None],
-                 event: Callable[..., None], run: Runner = _run, confirm_s: float = 20.0,
+                 event: Callable[..., None], run: Runner = _run, confirm_s: float = 20.0, hold_s: float = 0.6,
+                 garp: Callable[[VipAddr], None] = _garp,
                  monitor_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-quorumtool", "-m")) -> None:  # fmt: skip
         self.me, self.peers, self.vips = me, frozenset(peers), tuple(vips)
         self.healthy, self.held, self.located_here, self.event = healthy, held, located_here, event
-        self.run, self.confirm_s, self.monitor_argv = run, confirm_s, monitor_argv
+        self.run, self.confirm_s, self.monitor_argv, self.hold_s, self.garp = run, confirm_s, monitor_argv, hold_s, garp
+        self._prev: QuorumView | None = None  # the view before the departure a pending claim answers
+        self._latest: QuorumView | None = None
+        self._pending: threading.Timer | None = None
         self.claims = 0
         self.releases = 0
         self._stop = threading.Event()
@@ -137,12 +153,34 @@ class FastClaim:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._pending is not None:
+            self._pending.cancel()
         if self._proc and self._proc.poll() is None:
             self._proc.terminate()
 
     def apply(self, prev: QuorumView | None, view: QuorumView) -> None:
-        for action, vip in decide(prev, view, self.me, self.peers, self.healthy(), self.held(), self.vips):
-            (self._claim if action == "claim" else self._release)(vip, view)
+        self._latest = view
+        actions = decide(prev, view, self.me, self.peers, self.healthy(), self.held(), self.vips)
+        for _action, vip in [a for a in actions if a[0] == "release"]:
+            self._release(vip, view)
+        if any(a[0] == "claim" for a in actions) and self._pending is None:
+            self._prev = prev
+            self._pending = threading.Timer(self.hold_s, self._claim_after_hold, args=(view,))
+            self._pending.daemon = True
+            self._pending.start()
+            self.event("fast_claim_pending", ring=view.ring, hold_ms=round(self.hold_s * 1000))
+
+    def _claim_after_hold(self, view: QuorumView) -> None:
+        """The hold is over: claim what the latest view still calls for (same departure, still quorate)."""
+        self._pending = None
+        latest = self._latest
+        if latest is None or latest.members & self.peers or not latest.quorate:
+            self.event("fast_claim_dropped", ring=view.ring, why="the membership or quorum changed during the hold")
+            return
+        for action, vip in decide(self._prev, latest, self.me, self.peers, self.healthy(), self.held(),
+                                  self.vips):  # fmt: skip
+            if action == "claim":
+                self._claim(vip, latest)
 
     def _claim(self, vip: VipAddr, view: QuorumView) -> None:
         rc = self.run(["ip", "addr", "add", f"{vip.ip}/{vip.prefix}", "dev", vip.interface])
@@ -151,10 +189,7 @@ class FastClaim:
             return
         self.claims += 1
         self.event("fast_claim", vip=vip.ip, ring=view.ring, members=",".join(sorted(view.members)))
-        with contextlib.suppress(OSError, subprocess.SubprocessError):  # GARPs in the background, like IPaddr2
-            subprocess.Popen([SEND_ARP, "-i", "100", "-r", "5", vip.interface, vip.ip, "auto", "not_used",
-                              "not_used"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
+        self.garp(vip)
         threading.Thread(target=self._confirm, args=(vip,), name=f"fastclaim-confirm-{vip.name}",
                          daemon=True).start()  # fmt: skip
 

@@ -81,3 +81,63 @@ def test_no_claim_without_quorum_and_release_on_losing_it() -> None:
     peers = frozenset({"node1"})
     assert decide(both(), alone(False), "node2", peers, True, set(), [VIP]) == []
     assert decide(both(), alone(False), "node2", peers, True, {VIP.ip}, [VIP]) == [("release", VIP)]
+
+
+class Rig:
+    """A FastClaim whose commands are recorded, not run: no address or ARP leaves this test."""
+
+    def __init__(self, located: bool = True) -> None:
+        from ha.health.fastclaim import FastClaim
+
+        self.cmds: list[list[str]] = []
+        self.events: list[str] = []
+        self.garps: list[str] = []
+        self.fc = FastClaim("node2", ["node1"], [VIP], healthy=lambda: True, held=self.held,
+                            located_here=lambda _r: located, event=lambda e, *_a, **_k: self.events.append(e),
+                            run=self.run, hold_s=0.05, confirm_s=0.2, garp=lambda v: self.garps.append(v.ip))
+
+    def held(self) -> set[str]:
+        up = [c for c in self.cmds if c[:3] == ["ip", "addr", "add"]]
+        down = [c for c in self.cmds if c[:3] == ["ip", "addr", "del"]]
+        return {VIP.ip} if len(up) > len(down) else set()
+
+    def run(self, argv: list[str]) -> int:
+        self.cmds.append(argv)
+        return 0
+
+
+def wait_until(pred: object, timeout: float = 2.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_claim_waits_the_hold_then_adds_the_address_and_sends_garps() -> None:
+    rig = Rig()
+    rig.fc.apply(both(), alone(True))
+    assert rig.cmds == []  # nothing during the hold
+    assert wait_until(lambda: rig.cmds)
+    assert rig.cmds[0] == ["ip", "addr", "add", "198.51.100.10/24", "dev", "eth0"]
+    assert rig.garps == ["198.51.100.10"]
+    assert wait_until(lambda: "fast_claim_confirmed" in rig.events)
+
+
+def test_a_claim_is_dropped_when_the_peer_returns_or_quorum_goes_during_the_hold() -> None:
+    for later in (both(), alone(False)):
+        rig = Rig()
+        rig.fc.apply(both(), alone(True))
+        rig.fc.apply(alone(True), later)
+        assert wait_until(lambda r=rig: "fast_claim_dropped" in r.events)
+        assert [c for c in rig.cmds if c[:3] == ["ip", "addr", "add"]] == []
+
+
+def test_an_unconfirmed_claim_is_undone() -> None:
+    rig = Rig(located=False)
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: "fast_claim_undone" in rig.events)
+    assert rig.cmds[-1] == ["ip", "addr", "del", "198.51.100.10/24", "dev", "eth0"]
