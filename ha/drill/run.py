@@ -16,6 +16,7 @@ stop there and say why.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -61,9 +62,12 @@ class DrillOptions:
             raise DrillError(str(exc)) from None
 
     def _traffic_config(self, vip: str, local_ip: str, port: int) -> TrafficConfig:
+        # Phones of each run get their own AoRs (drill-<random>-0001...): a run must not depend on what earlier
+        # runs left in the location table (a binding whose un-REGISTER did not stick, see Traffic.unregister).
         return TrafficConfig(vip=vip, local_ip=local_ip, port=port, transport=self.transport,
                              registrations=self.registrations, calls=self.calls, rate=self.rate,
-                             max_duration=self.before_s + self.hold_s + self.after_s + 120)  # fmt: skip
+                             max_duration=self.before_s + self.hold_s + self.after_s + 120,
+                             user_prefix=f"drill-{secrets.token_hex(3)}-")  # fmt: skip
 
 
 def refuse_if_unhealthy(ctl: ClusterControl) -> Any:

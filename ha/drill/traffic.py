@@ -806,7 +806,9 @@ class Traffic:
         Why: each drill's phones register the same AoRs from new ports, and a contact outlives its drill by
         ``expires`` (600 s). After 12 drills an AoR held more contacts than Kamailio forks to (``max_branches``
         12) and requests went only to dead ones: the 13th run of a --repeat reported every registration lost.
-        A phone that goes away unregisters; so do ours, once everything was measured.
+        A phone that goes away unregisters; so do ours, once everything was measured. (Each run also uses its
+        own AoRs: in a proxy-crash series the replicated store still grew by 20 bindings per run although every
+        un-REGISTER got a 200 -- a coordinator issue, reported -- and a run must not measure its predecessors.)
         """
         regs = {r.user for r in self.record.registrations if r.status == 200}
         statuses = await self._bounded(ua.register(0, self.cfg.request_timeout) for ua in self.uas if ua.user in regs)
