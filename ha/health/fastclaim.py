@@ -206,7 +206,9 @@ class FastClaim:
                 self.event("fast_claim_confirmed", vip=vip.ip)
                 return
             self._stop.wait(0.5)
-        if vip.ip in self.held() and not self.located_here(f"vip-{vip.name}"):
+        # Only a definite "not here" undoes the claim: when Pacemaker cannot be asked, taking the address away
+        # could end the very service it was claimed for.
+        if vip.ip in self.held() and self.located_here(f"vip-{vip.name}") is False:
             self.run(["ip", "addr", "del", f"{vip.ip}/{vip.prefix}", "dev", vip.interface])
             self.event("fast_claim_undone", logging.WARNING, vip=vip.ip,
                        why=f"Pacemaker did not start vip-{vip.name} here within {self.confirm_s:g} s")

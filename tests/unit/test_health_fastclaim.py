@@ -86,7 +86,7 @@ def test_no_claim_without_quorum_and_release_on_losing_it() -> None:
 class Rig:
     """A FastClaim whose commands are recorded, not run: no address or ARP leaves this test."""
 
-    def __init__(self, located: bool = True) -> None:
+    def __init__(self, located: bool | None = True) -> None:
         from ha.health.fastclaim import FastClaim
 
         self.cmds: list[list[str]] = []
@@ -141,3 +141,13 @@ def test_an_unconfirmed_claim_is_undone() -> None:
     rig.fc.apply(both(), alone(True))
     assert wait_until(lambda: "fast_claim_undone" in rig.events)
     assert rig.cmds[-1] == ["ip", "addr", "del", "198.51.100.10/24", "dev", "eth0"]
+
+
+def test_a_claim_pacemaker_cannot_be_asked_about_is_kept() -> None:
+    import time
+
+    rig = Rig(located=None)
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: rig.cmds)
+    time.sleep(0.4)  # past confirm_s
+    assert "fast_claim_undone" not in rig.events and rig.held() == {VIP.ip}
