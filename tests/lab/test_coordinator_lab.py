@@ -304,12 +304,6 @@ def _zk_signal(spec: dict[str, Any], host: str, pid: str, sig: str) -> None:
     assert p.returncode == 0, f"kill -{sig} {pid} on {host}: {p.stderr}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the standby proxy disagrees after the outage (2 of the last 2 runs, tree at aace78a): ZooKeeper == active "
-    "(751) but the standby held 767 (35 deleted bindings kept, 19 new ones missing) and 831 (109/29) after 90 s. "
-    "It passed at 2c65d45 (751/751/751, 4.8 s after quorum returned) once the contact watch resynced after a lost "
-    "connection; what broke it since is not bisected (the watch's replay/complete-view and live preload table "
-    "commits d0b9877/81d5938 landed in between)"))
 def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -> None:
     pool, rate, before_s, outage_s, after_s = 1000, 200, 5.0, 30.0, 5.0
     _settle(lab)
