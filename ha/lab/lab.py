@@ -217,8 +217,10 @@ request_route {{
 
 
 def _host_binds(cluster: model.Cluster, root: Path) -> list[tuple[str, str]]:
+    # /var/lib/sipha: the coordinator's journal (ZooKeeper outages) is each node's own; shared, node2 replayed
+    # node1's journal (and a previous lab's) and was fenced by the epoch check.
     dirs = ["/etc/corosync", "/var/lib/corosync", "/var/lib/pacemaker", "/var/log/pacemaker", "/var/log/corosync",
-            "/etc/sipha", "/var/log/zookeeper", cluster.zookeeper.data_dir]  # fmt: skip
+            "/etc/sipha", "/var/lib/sipha", "/var/log/zookeeper", cluster.zookeeper.data_dir]  # fmt: skip
     binds = [(str(root / d.lstrip("/")), d) for d in dirs]
     binds.append((str(root / "etc/hosts"), "/etc/hosts"))
     return binds
@@ -357,7 +359,7 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
             h["run_dirs"] = [("/run/corosync-qdevice", ""), ("/run/corosync-qnetd", ""), ("/run/kamailio", ""),
                              ("/run/crm", "hacluster:haclient"), ("/run/lock", ""), ("/run/sipha", "")]  # fmt: skip
             if cfg["variant"] == "bare":
-                h["binds"] += labbare.binds(root)
+                h["binds"] += [b for b in labbare.binds(root) if b[1] not in {d for _s, d in h["binds"]}]
                 h["run_dirs"].append(("/run/sshd", ""))  # sshd's privilege separation directory
                 h["services"] = labbare.services()
             else:

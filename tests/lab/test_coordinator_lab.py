@@ -50,7 +50,7 @@ from ha.lab import lab as labmod
 
 pytestmark = pytest.mark.lab
 
-JOURNAL = Path("/var/lib/sipha/coordinator-journal.jsonl")  # the coordinators' default journal, host path
+JOURNAL = "var/lib/sipha/coordinator-journal.jsonl"  # the coordinators' default journal, in each node's private root
 SETTLE_AFTER_POWER_ON_S = 240  # the powered-on node: Corosync, Pacemaker, ZooKeeper, proxy, resync, health
 
 
@@ -354,8 +354,9 @@ def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -
         journaled, modes, slow = 0, {}, []
         while time.monotonic() - t_out < outage_s:
             time.sleep(1)
-            # The journal file on the host (/var/lib/sipha is not private per lab node): what the active buffered.
-            journaled = max(journaled, JOURNAL.stat().st_size if JOURNAL.exists() else 0)
+            # The active's journal, read on the host through its private /var/lib/sipha: what it buffered.
+            jf = Path(lab["state_dir"]) / active / "root" / JOURNAL
+            journaled = max(journaled, jf.stat().st_size if jf.exists() else 0)
             if not modes and time.monotonic() - t_out > 5:
                 modes = labmod.zk_modes(lab)
             t_q = time.monotonic()
