@@ -168,6 +168,10 @@ class Service:
         self.ready_given = True
         if self.ready_file is None:
             return
+        if self.repl.proxy_boot is None and self.repl.proxy_boot_fn is not None:
+            # A signalled restart cleared it and the resync did not need the retry that sets it: the file must
+            # name the proxy it vouches for (a coordinator restart compares it with the running one).
+            self.repl.proxy_boot = self.repl.proxy_boot_fn()
         st = self.repl.status()
         body = {"node": self.repl.node, "proxy_boot": self.repl.proxy_boot, "resync_ms": st["resync_ms"],
                 "bindings": st["resync_bindings"], "ts": int(time.time())}

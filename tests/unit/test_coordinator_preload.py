@@ -331,6 +331,8 @@ def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_v
                 assert have[("q10", uri.format(10))].record.received == "udp:198.51.100.50:5062"
                 st = repl.replicator.stats if repl.replicator else None
                 assert st is not None and st.preloaded - before == reply["bindings"] - 1, st
+                boot = int(time.time() - kamailio.rpc("core.uptime", sock=sock)["uptime"])
+                assert abs(json.loads(ready.read_text())["proxy_boot"] - boot) <= 2  # names the proxy it vouches for
                 print(f"\nround {round_}: {reply['bindings']} bindings written by the coordinator in {reply['ms']} ms;"
                       f" ready {took * 1000:.0f} ms after the proxy answered ({repl.replicator.last_status})")
     finally:
