@@ -168,6 +168,11 @@ def _three_way(spec: dict[str, Any], active: str, standby: str) -> tuple[str, di
 # ------------------------------------------------------------------------------------------------- 1
 
 
+# Known open bug (issue 8): the standby's replication loses changes in some runs. Not strict: it passes in most
+# runs, and CI must stay green while it is being found; the outcome is reported (XPASS/XFAIL) on every run.
+@pytest.mark.xfail(strict=False, reason=(
+    "intermittent (issue 8, open): in 1 of the last 4 full runs the standby proxy held only 7140 of 10000 "
+    "contacts 120 s after registration (lost replication to the standby, not lag); passed in the others"))
 def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:
     n = 10_000
     _settle(lab)
@@ -304,6 +309,10 @@ def _zk_signal(spec: dict[str, Any], host: str, pid: str, sig: str) -> None:
     assert p.returncode == 0, f"kill -{sig} {pid} on {host}: {p.stderr}"
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "intermittent (issue 8, open): in 2 of 4 runs ZooKeeper matched the active proxy (751 bindings) but the "
+    "standby held 767 / 831 (deleted bindings kept, new ones missing); the lab's shared journal directory, "
+    "fixed in e52f7a7, may have been part of it"))
 def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -> None:
     pool, rate, before_s, outage_s, after_s = 1000, 200, 5.0, 30.0, 5.0
     _settle(lab)
