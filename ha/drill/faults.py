@@ -276,17 +276,26 @@ class LinkFlap(Fault):
 
     def inject(self) -> str:
         self.injected = True
+        down, up = self.down_s * 1000, self.up_s * 1000
         for i in range(self.flaps):
-            self.ctl.link(self.node, up=False)
-            self.sleep(self.down_s)
-            self.ctl.link(self.node, up=True)
+            try:
+                self.ctl.link(self.node, up=False)
+                self.sleep(self.down_s)
+                self.ctl.link(self.node, up=True)
+            except DrillError as exc:
+                # The flapping node was fenced: its power cycle replaced the link we were toggling. That is
+                # the cluster's answer to the fault, not a failed drill; stop flapping, say so.
+                self.notes.append(f"flap {i + 1}: {exc} (fenced mid-flap?); flapping stopped")
+                return f"{self.node} link flapped {i} x, then its link was gone ({exc})"
             if i + 1 < self.flaps:
                 self.sleep(self.up_s)
-        down, up = self.down_s * 1000, self.up_s * 1000
         return f"{self.node} link flapped {self.flaps} x ({down:.0f} ms down, {up:.0f} ms up)"
 
     def undo(self) -> str:
-        self.ctl.link(self.node, up=True)
+        try:
+            self.ctl.link(self.node, up=True)
+        except DrillError as exc:  # a power cycle made a fresh link, which is up
+            return f"{self.node} link not set up: {exc}"
         return f"{self.node} link up"
 
 

@@ -135,12 +135,18 @@ class LabControl:
     def partition(self, node: str, cut: bool) -> None:
         from ha.lab import node as labnode
 
-        labnode.partition(self.spec, self.hosts[node], cut=cut)
+        try:
+            labnode.partition(self.spec, self.hosts[node], cut=cut)
+        except labnode.LabError as exc:
+            raise DrillError(str(exc)) from None
 
     def link(self, node: str, up: bool) -> None:
         from ha.lab import node as labnode
 
-        labnode.link(self.spec, self.hosts[node], up=up)
+        try:
+            labnode.link(self.spec, self.hosts[node], up=up)
+        except labnode.LabError as exc:  # e.g. the node is being power-cycled (fenced): its port is gone
+            raise DrillError(str(exc)) from None
 
     def socket_factory(self) -> SocketFactory:
         ns = self.lab.client_ns(self.spec)

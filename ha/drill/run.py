@@ -199,7 +199,13 @@ def run(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m:
                 stopped = f"after run {k}: the cluster did not recover: {'; '.join(problems)}"
                 break
         progress(f"run {k + 1}/{opts.repeat}")
-        doc = run_once(ctl, opts, progress, fault_factory)
+        try:
+            doc = run_once(ctl, opts, progress, fault_factory)
+        except Exception as exc:  # after a completed run, a failure must not throw away what was measured
+            if not runs:
+                raise  # nothing measured: the caller reports it (a refusal is exit 2 at the CLI)
+            stopped = f"run {k + 1}: {type(exc).__name__}: {exc}"
+            break
         runs.append(doc)
         if doc["interrupted"] or doc["undo_error"]:
             stopped = "interrupted" if doc["interrupted"] else f"undo failed: {doc['undo_error']}"

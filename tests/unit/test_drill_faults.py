@@ -228,3 +228,20 @@ def test_planned_faults_move_and_clear() -> None:
 
 def test_every_kind_is_registered() -> None:
     assert set(faults.FAULTS) == set(faults.KINDS) and len(faults.KINDS) == 8
+
+
+def test_link_flap_stops_when_the_fenced_node_lost_its_link() -> None:
+    """A fence power-cycles the flapping node: its link is replaced; that ends the flapping, it is no error."""
+
+    class Gone(Recorder):
+        def link(self, node: str, up: bool) -> None:
+            self.log.append(("link", node, up))
+            if len(self.log) >= 3:
+                raise DrillError('link down v-node1: Cannot find device "v-node1"')
+
+    r = Gone()
+    lf = faults.make_fault("link-flap", "node1", r)
+    lf.sleep = lambda _s: None  # type: ignore[method-assign]
+    assert lf.inject().startswith("node1 link flapped 1 x, then its link was gone")
+    assert lf.notes and "fenced mid-flap" in lf.notes[0]
+    assert lf.undo().startswith("node1 link not set up")
