@@ -30,8 +30,8 @@ from ha.drill.labctl import LabControl
 
 # Kinds whose undo can itself bring the service back (power on, SIGCONT, heal, link up): a gap that ends only
 # after their undo started was ended by the undo, not by a failover. (proxy-crash's undo does nothing; the
-# planned kinds' undo, --clear and standby off, moves nothing back.)
-UNDO_RESTORES = {"node-crash", "proxy-hang", "partition", "link-flap", "zk-member-loss"}
+# planned kinds' undo, --clear and standby off, moves nothing back; SIP never waits for a ZooKeeper member.)
+UNDO_RESTORES = {"node-crash", "proxy-hang", "partition", "link-flap"}
 
 
 def _event_t(doc: dict[str, Any], name: str) -> float | None:
