@@ -12,11 +12,9 @@ dropped from the copy, not from the live table (they go when the store's GC dele
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -82,33 +80,16 @@ class LiveTable:
         t0 = time.monotonic()
         now = time.time()
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.unlink(missing_ok=True)
-            dst = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                with self._lock:
-                    if not self.complete:
-                        raise MaterializeError("no complete view of the store yet")
-                    self._db.backup(dst)
-                    loaded = {k: z for k, (z, exp) in self._keys.items() if exp > now}
-                    total = len(self._keys)
-                dst.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),))
-                m = {**meta, "written_at": now, "bindings": len(loaded)}
-                dst.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
-            finally:
-                dst.close()
-            os.chmod(tmp, 0o644)
-            tmp.replace(path)
-        except (OSError, sqlite3.Error) as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise MaterializeError(f"cannot write {path}: {exc}") from exc
-        except MaterializeError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        with materialize.atomic_sqlite(path) as dst:
+            with self._lock:
+                if not self.complete:
+                    raise MaterializeError("no complete view of the store yet")
+                self._db.backup(dst)
+                loaded = {k: z for k, (z, exp) in self._keys.items() if exp > now}
+                total = len(self._keys)
+            dst.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),))
+            m = {**meta, "written_at": now, "bindings": len(loaded)}
+            dst.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
         return Written(str(path), len(loaded), total - len(loaded), time.monotonic() - t0, Manifest(loaded, m))
 
 

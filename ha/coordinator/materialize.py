@@ -33,7 +33,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,22 +187,17 @@ def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | No
             gc.enable()
 
 
-def _write(path: Path, records: Iterable[Any], meta: Mapping[str, Any] | None, now: float, t0: float) -> Written:
-    rows, loaded, expired = _rows(records, now)
+@contextlib.contextmanager
+def atomic_sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A SQLite file written beside ``path`` and renamed over it only when complete, so Kamailio never loads a
+    half-written table; any failure removes the temp file and is raised as a MaterializeError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=OFF")  # a half-written temp file is simply thrown away
-            db.execute("PRAGMA synchronous=OFF")  # /run is tmpfs; nothing to wait for
-            db.executescript(SCHEMA)
-            db.execute("BEGIN")
-            db.executemany(_INSERT, rows)
-            m: dict[str, Any] = {**(meta or {}), "written_at": now, "bindings": len(rows)}
-            db.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
-            db.execute("COMMIT")
+            yield db
         finally:
             db.close()
         os.chmod(tmp, 0o644)
@@ -211,6 +206,23 @@ def _write(path: Path, records: Iterable[Any], meta: Mapping[str, Any] | None, n
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise MaterializeError(f"cannot write {path}: {exc}") from exc
+    except MaterializeError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write(path: Path, records: Iterable[Any], meta: Mapping[str, Any] | None, now: float, t0: float) -> Written:
+    rows, loaded, expired = _rows(records, now)
+    with atomic_sqlite(path) as db:
+        db.execute("PRAGMA journal_mode=OFF")  # a half-written temp file is simply thrown away
+        db.execute("PRAGMA synchronous=OFF")  # /run is tmpfs; nothing to wait for
+        db.executescript(SCHEMA)
+        db.execute("BEGIN")
+        db.executemany(_INSERT, rows)
+        m: dict[str, Any] = {**(meta or {}), "written_at": now, "bindings": len(rows)}
+        db.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
+        db.execute("COMMIT")
     return Written(str(path), len(rows), expired, time.monotonic() - t0, Manifest(loaded, m))
 
 
