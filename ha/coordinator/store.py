@@ -457,12 +457,20 @@ class ZkStore(Store):
                 continue  # another node bumped at the same moment: bump past it
             except self._unavailable_errors() as exc:
                 raise StoreUnavailable(f"cannot bump the epoch: {exc!r}") from exc
-            self.epoch = int(stat.version)
+            self._set_epoch(int(stat.version))
             return self.epoch
 
     def adopt_epoch(self) -> int:
-        self.epoch = self.current_epoch()
+        self._set_epoch(self.current_epoch())
         return self.epoch
+
+    def _set_epoch(self, epoch: int) -> None:
+        """A new epoch forgets the index of existing znodes: while another node held the epoch it created and
+        deleted bindings this index never saw, and a delete of a path it does not list is skipped as a no-op
+        (an un-REGISTER after a failover back was lost that way, and the binding stayed in every proxy)."""
+        with self._write_lock:
+            self.epoch = epoch
+            self._known = None
 
     @property
     def available(self) -> bool:

@@ -85,6 +85,25 @@ def test_stale_epoch_writer_is_rejected_atomically(zk_client: KazooClient, store
     assert {r.aor: r.epoch for r in other.snapshot().contacts} == {"before": 1, "after": 2}
 
 
+def test_a_takeover_forgets_the_writer_index_so_peer_writes_can_be_deleted(
+    zk_client: KazooClient, store: ZkStore, cluster: str
+) -> None:
+    """Bug A of the drills: node2 had written once (its index of existing znodes loaded), node1 then took over
+    and stored new bindings, node2 took over again and an un-REGISTER's delete was skipped as "not there"."""
+    other = ZkStore(zk_client, cluster, "node2")
+    other.bump_epoch()
+    other.write([contact(1, "early", node="node2")])  # node2's index: {early}
+    store.bump_epoch()
+    store.write([contact(1, "phone"), dialog(2, "call-9@x")])  # made by node1, unknown to node2's index
+    other.bump_epoch()
+    other.write([contact(2, "phone", kind="delete", node="node2"), dialog(3, "call-9@x", "end", node="node2")])
+    assert {r.aor for r in store.snapshot().contacts} == {"early"}
+    assert store.snapshot().dialogs == ()
+    assert [c.callid for c in store.cdrs()] == ["call-9@x"]
+    store.adopt_epoch()  # adopting (a standby following the epoch) forgets the index too
+    assert store._known is None
+
+
 def test_dialog_start_then_end_leaves_a_cdr(store: ZkStore) -> None:
     store.write([dialog(1, "call-1@x"), dialog(2, "call-2@x", "start")])
     assert {d.callid for d in store.snapshot().dialogs} == {"call-1@x", "call-2@x"}
