@@ -894,6 +894,14 @@ class _ZkContactWatch(Watch):
                 old = self._children.get(bucket, set())
                 fetch.update(f"{bucket}/{n}" for n in names - old)
                 self._children[bucket] = names
+                # Gone from the listing is gone, whatever became of its data watch (see _fetch).
+                for n in old - names:
+                    gone = f"{bucket}/{n}"
+                    fetch.discard(gone)
+                    self._unarmed.discard(gone)
+                    rec = self._records.pop(gone, None)
+                    if rec is not None:
+                        changes.append(Change("delete", rec))
             elif kind == "data":
                 fetch.add(path)
             elif kind == "deleted":
@@ -905,12 +913,21 @@ class _ZkContactWatch(Watch):
                     changes.append(Change("delete", rec))
         for path, rec in self._fetch(sorted(fetch)).items():
             if rec is None:
-                continue  # gone again before the read; its delete watch or the child watch reports it
+                # Deleted before the read. A getData of a missing node sets no watch, so no delete event comes
+                # for it, and the child event that did come may already be processed: report the delete here,
+                # and forget the name so that a re-creation under the same path is seen as new.
+                bucket, _, name = path.rpartition("/")
+                self._children.get(bucket, set()).discard(name)
+                old_rec = self._records.pop(path, None)
+                if old_rec is not None:
+                    changes.append(Change("delete", old_rec))
+                continue
             self._records[path] = rec
             changes.append(Change("put", rec))
         return changes
 
     def _fetch(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
+        """path -> its record (watched from now on), None when it does not exist; unreadable ones left out."""
         asyncs = [(p, self.client.get_async(p, watch=self._on_data)) for p in paths]
         out: dict[str, ContactRecord | None] = {}
         for p, a in asyncs:
@@ -923,7 +940,6 @@ class _ZkContactWatch(Watch):
                 out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
             except (ValueError, TypeError) as exc:
                 log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
-                out[p] = None
         return out
 
     def _resync(self) -> list[Change]:
@@ -976,6 +992,8 @@ class _ZkContactWatch(Watch):
             rec = self._records.get(p)
             read_mzxid = self._read_mzxid.pop(p, None)
             if stat is None:
+                bucket, _, name = p.rpartition("/")
+                self._children.get(bucket, set()).discard(name)  # a re-creation must read as new (see _fetch)
                 if rec is not None:  # deleted between the resync's read and now
                     del self._records[p]
                     changes.append(Change("delete", rec))
