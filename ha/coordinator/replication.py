@@ -112,6 +112,8 @@ class Replication:
         self._dump = None
         self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
         self._repair_counts: ReconcileResult | None = None
+        self._late: list[tuple[list[Event], Future[Any]]] = []  # write_before_takeover calls in flight
+        self.late_written = 0
         self._repair_read_s = 0.0
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
         self._dump_started_ms = 0
@@ -397,20 +399,60 @@ class Replication:
             self.schedule_reconcile()
             self.last = f"DROPPED {len(batch)} events: {exc}; reconciliation repairs them"
         except StaleEpoch as exc:
-            self.fenced += len(batch)
+            late, self.pending = batch + self.pending, []
             self.active = False
-            self.pending.clear()
-            self.last = f"FENCED, stopped writing ({exc}); {len(batch)} events not written"
+            self.last = f"FENCED, stopped writing ({exc}); {self._write_late(late)}"
         else:
             self.last = out.message
         return self.last
 
+    def _write_late(self, events: list[Event]) -> str:
+        """Hand the events a newer epoch fenced to ZkStore.write_before_takeover, off the loop (thousands of
+        pipelined reads and writes after a burst); tick() reports the outcome."""
+        if not events:
+            return "no events left unwritten"
+        if not isinstance(self.store, ZkStore):
+            self.fenced += len(events)
+            return f"{len(events)} events not written"
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
+        self._late.append((events, self._pool.submit(self.store.write_before_takeover, events)))
+        return f"{len(events)} events: writing those from before the takeover, if nothing newer is stored"
+
+    def _late_outcomes(self) -> list[str]:
+        said = []
+        while self._late and self._late[0][1].done():
+            events, fut = self._late.pop(0)
+            try:
+                res = fut.result()
+            except StoreUnavailable as exc:
+                assert self._pool is not None
+                self._late.append((events, self._pool.submit(self._late_when_back, events)))
+                said.append(f"events from before the takeover: {exc}; trying again when zookeeper answers")
+                continue
+            except Exception as exc:  # whatever it was, the events are lost: say so
+                said.append(f"events from before the takeover NOT written ({exc!r}); the new active's "
+                            "reconciliation cannot see them")
+                continue
+            self.fenced += res.fenced + res.conflicts
+            self.late_written += res.written
+            said.append(f"events from before the takeover: {res}")
+        return said
+
+    def _late_when_back(self, events: list[Event]) -> Any:
+        """write_before_takeover once ZooKeeper answers again (a bounded wait on the worker thread)."""
+        assert isinstance(self.store, ZkStore)
+        deadline = time.monotonic() + 30
+        while not self.store.available and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self.store.write_before_takeover(events)
+
     def tick(self) -> str | None:
         """Periodic work: replay the journal when ZooKeeper is back, collect expired bindings if elected."""
-        said = []
+        said = self._late_outcomes()
         if not self.started:
             if not self.store.available:
-                return None
+                return "; ".join(said) or None
             said.append(self.start())
         if self.writer.journal and self.store.available:
             try:
@@ -418,8 +460,11 @@ class Replication:
             except StoreUnavailable as exc:
                 said.append(f"journal replay postponed: {exc}")
             except StaleEpoch as exc:
+                # Journaled while this node was active and ZooKeeper was away; another node took over since.
                 self.active = False
-                said.append(f"FENCED while replaying the journal ({exc}); journal kept at {self.writer.journal.path}")
+                events = list(self.writer.journal.read())
+                self.writer.journal.clear()
+                said.append(f"FENCED while replaying the journal ({exc}); {self._write_late(events)}")
         now = time.monotonic()
         rep = self.replicator
         if self.proxy_boot_fn is not None and now >= self._next_boot_check:
@@ -501,11 +546,16 @@ class Replication:
         return self.last
 
     def demote(self) -> str:
+        # What the proxy accepted while the VIP was here is still this node's to write: at the current epoch when
+        # the new active has not taken over yet, else through the fenced path in flush().
+        flushed = ""
+        while self.active and self.pending:
+            flushed = f"; last events: {self.flush()}"
         self.active = False
         self.pending.clear()
         self._held.clear()
         self._repairs, self._touched = [], None
-        self.last = "standby: not writing; applying peers' bindings"
+        self.last = "standby: not writing; applying peers' bindings" + flushed
         return self.last
 
     def status(self) -> dict[str, Any]:
@@ -524,6 +574,7 @@ class Replication:
             "dropped": self.dropped,
             "carried_over": self.carried_over,
             "fenced": self.fenced,
+            "late_written": self.late_written,
             "gc_deleted": self.gc_deleted,
             "replicator": rep.last_status if rep else "off",
             "ready": self.ready,

@@ -230,6 +230,22 @@ class WriteResult:
     retries: int  # batches re-sent after fixing an op (create of an existing znode, ...)
 
 
+@dataclass(slots=True)
+class LateResult:
+    """What :meth:`ZkStore.write_before_takeover` did with a fenced writer's events."""
+
+    written: int = 0  # bindings written (created, updated or deleted)
+    newer: int = 0  # left alone: the store already held something newer (or nothing to delete)
+    fenced: int = 0  # events from after the takeover: not this node's to write any more
+    conflicts: int = 0  # still racing a concurrent writer after every round (left to reconciliation)
+    dialogs: int = 0  # dialog records written or removed (their CDRs too)
+
+    def __str__(self) -> str:
+        return (f"{self.written} bindings written, {self.newer} left to newer data, {self.dialogs} dialog records, "
+                f"{self.fenced} events from after the takeover not written"
+                + (f", {self.conflicts} still conflicting" if self.conflicts else ""))
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One binding as a watcher saw it change. ``resync``: part of a full read (start, session lost)."""
@@ -645,6 +661,106 @@ class ZkStore(Store):
                 pos = start
         return WriteResult(events=n_events, ops=ops_total, transactions=txns, retries=retries)
 
+    # -- the old active's last events ---------------------------------------------------------------------
+
+    def takeover_ms(self) -> int:
+        """When the current epoch was taken (the bump's ``ts_ms`` in the epoch znode); 0 when not recorded."""
+        try:
+            data, _ = self.client.get(self.epoch_path)
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot read the epoch: {exc!r}") from exc
+        try:
+            return int(json.loads(data or b"{}").get("ts_ms", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0
+
+    def write_before_takeover(self, events: Sequence[Event], rounds: int = 4) -> LateResult:
+        """Write the events this node's proxy accepted while it still held the VIP, after a newer epoch fenced it.
+
+        Why: a takeover does not wait for the old active's last batch. A VIP moved by Pacemaker (switchover, a
+        health flap under load) left the old active with events its proxy had answered 200 for (thousands under
+        a REGISTER burst) and the epoch check rejected them, so those phones were registered only on the old
+        active's proxy. Events from *before* the takeover (``ts`` < the epoch's ``ts_ms``) are this node's to
+        write; later ones stay fenced (a partitioned old active must not write). Without the epoch check, each
+        binding is written only if the store holds nothing newer (its ``ts_ms``), conditional on the version
+        read: a concurrent writer makes it read and decide again (``rounds``). The new active's watch then
+        pushes them into its proxy. Not covered: a binding the new active deleted after the takeover and
+        this event created before it comes back (there is no tombstone); it expires as registered.
+        """
+        cutoff = self.takeover_ms()
+        late = [ev for ev in events if cutoff and ev.ts < cutoff]
+        res = LateResult(fenced=len(events) - len(late))
+        contacts: dict[str, ContactEvent] = {}
+        for ev in late:
+            if isinstance(ev, ContactEvent):
+                contacts[self.contact_path(ev.aor, ev.contact)] = ev  # in order: the last event of a binding wins
+        dialogs = [ev for ev in late if isinstance(ev, DialogEvent)]
+        try:
+            todo = dict(contacts)
+            for _ in range(rounds):
+                if not todo:
+                    break
+                todo = self._late_round(todo, res)
+            res.conflicts = len(todo)
+            for intent in self._intents(dialogs):
+                self._late_dialog(intent)
+                res.dialogs += intent.kind != "cdr"
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"late write failed: {exc!r}") from exc
+        return res
+
+    def _late_round(self, todo: dict[str, ContactEvent], res: LateResult) -> dict[str, ContactEvent]:
+        """One pipelined read-decide-write pass; returns the bindings a concurrent write made it redo."""
+        reads = [(p, self.client.get_async(p)) for p in todo]
+        ops: list[tuple[str, Any]] = []
+        for path, a in reads:
+            ev = todo[path]
+            stored_ts: int | None = None
+            try:
+                data, stat = a.get(timeout=self.op_timeout_s)
+            except NoNodeError:
+                stat = None
+            else:
+                try:
+                    stored_ts = int(json.loads(data).get("ts_ms", 0))
+                except (ValueError, TypeError, AttributeError):
+                    stored_ts = 0  # unreadable: ours replaces it
+            if stored_ts is not None and stored_ts >= ev.ts:
+                res.newer += 1
+                continue
+            if ev.removed:
+                if stat is None:
+                    res.newer += 1  # nothing to delete
+                    continue
+                ops.append((path, self.client.delete_async(path, version=stat.version)))
+            else:
+                data = _encode(ContactRecord.from_event(ev, self.epoch))
+                if stat is None:
+                    ops.append((path, self.client.create_async(path, data, makepath=True)))
+                else:
+                    ops.append((path, self.client.set_async(path, data, version=stat.version)))
+        again: dict[str, ContactEvent] = {}
+        for path, a in ops:
+            try:
+                a.get(timeout=self.op_timeout_s)
+            except (NodeExistsError, BadVersionError, NoNodeError):
+                again[path] = todo[path]
+                continue
+            res.written += 1
+        return again
+
+    def _late_dialog(self, it: _Intent) -> None:
+        if it.kind == "cdr":
+            self.client.create(it.path, it.data, sequence=True, makepath=True)
+        elif it.kind == "delete":
+            with contextlib.suppress(NoNodeError):
+                self.client.delete(it.path)
+        else:
+            try:
+                self.client.create(it.path, it.data, makepath=True)
+            except NodeExistsError:
+                self.client.set(it.path, it.data)
+
     # -- reads -------------------------------------------------------------------------------------------
 
     def _multi_read(self, ops: Sequence[tuple[int, str]]) -> list[Any]:
@@ -1009,6 +1125,7 @@ __all__ = [
     "ClusterState",
     "ContactRecord",
     "DialogRecord",
+    "LateResult",
     "StaleEpoch",
     "Store",
     "StoreError",

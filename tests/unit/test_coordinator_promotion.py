@@ -54,3 +54,77 @@ def test_a_bye_before_the_promotion_is_billed_at_it(zk_ensemble: conftest_zk.Ens
         r.close()
         client.stop()
         client.close()
+
+
+def _wait_said(r: Replication, what: str, timeout: float = 20.0) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        said = r.tick() or ""
+        if what in said:
+            return said
+        time.sleep(0.05)
+    raise AssertionError(f"never said {what!r}")
+
+
+def test_a_fenced_active_still_writes_what_its_proxy_accepted_before_the_takeover(
+    zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
+) -> None:
+    """The lab's 10k case: the VIP moved during a REGISTER burst and the old active's unwritten events (its proxy
+    had answered 200) were rejected by the new epoch; those phones were registered on the old proxy only."""
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    client = connect(zk_ensemble)
+    old = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"))
+    try:
+        old.start()
+        old.promote()
+        import time
+
+        early = int(time.time() * 1000) - 5000  # well before the takeover below
+        for i, aor in enumerate(("refreshed", "unreg"), 1):
+            old.feed(json.dumps(contact(i, aor, ts=early).to_json()).encode())
+        old.flush()
+        new = ZkStore(client, cluster, "node2")
+        new.bump_epoch()  # the takeover, at T
+        t = new.takeover_ms()
+        assert t > 0
+        new.write([contact(1, "refreshed", node="node2", ts=t + 1000, cseq=99)])  # the phone re-registered there
+        before, after = t - 500, t + 500
+        events = [
+            contact(3, "burst1", ts=before), contact(4, "burst2", ts=before),
+            contact(5, "refreshed", "sip:refreshed@198.51.100.50:5062", "update", ts=before, cseq=50),
+            contact(6, "unreg", kind="delete", ts=before),
+            contact(7, "after", ts=after),  # accepted after the takeover: stays fenced
+        ]  # fmt: skip
+        for ev in events:
+            old.feed(json.dumps(ev.to_json()).encode())
+        assert "FENCED" in (old.flush() or "")
+        said = _wait_said(old, "events from before the takeover")
+        assert "3 bindings written" in said and "1 events from after the takeover not written" in said, said
+        got = {r.aor: (r.node, r.cseq) for r in new.snapshot().contacts}
+        assert got == {"burst1": ("node1", 3), "burst2": ("node1", 4), "refreshed": ("node2", 99)}
+        assert old.status()["late_written"] == 3 and old.status()["fenced"] == 1
+    finally:
+        old.close()
+        client.stop()
+        client.close()
+
+
+def test_a_demoted_active_writes_its_pending_events_before_it_stops(
+    zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
+) -> None:
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    client = connect(zk_ensemble)
+    r = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"))
+    try:
+        r.start()
+        r.promote()
+        r.feed(json.dumps(contact(1, "pending").to_json()).encode())  # fed, not flushed yet
+        said = r.demote()
+        assert "last events: wrote 1 events" in said, said
+        assert [c.aor for c in r.store.snapshot().contacts] == ["pending"]
+    finally:
+        r.close()
+        client.stop()
+        client.close()
