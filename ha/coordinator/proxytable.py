@@ -108,6 +108,15 @@ def fifo_for(rpc_socket: Path | str) -> Path:
     return Path(rpc_socket).parent / FIFO_NAME
 
 
+def _last_modified_ms(v: Any) -> int:
+    """ul.dump's Last-Modified / Last-Keepalive (epoch seconds) in ms; 0 when absent or unreadable. (``ul.add``
+    leaves Last-Modified at 0 and sets Last-Keepalive; a REGISTER sets both.)"""
+    try:
+        return int(v) * 1000
+    except (TypeError, ValueError):
+        return 0
+
+
 def _s(v: Any) -> str:
     return "" if v is None or v == NOT_SET else str(v)
 
@@ -164,6 +173,7 @@ def parse_dump(result: Any, now: float | None = None) -> dict[tuple[str, str], P
                     flags=int(c.get("Flags") or 0),
                     cflags=int(c.get("CFlags") or 0),
                     methods=-1 if methods in (None, 4294967295) else int(methods),
+                    ts_ms=max(_last_modified_ms(c.get("Last-Modified")), _last_modified_ms(c.get("Last-Keepalive"))),
                 )
                 out[(rec.aor, rec.contact)] = ProxyBinding(rec, pushed=callid.endswith(RPC_CALLID_SUFFIX))
     return out

@@ -60,6 +60,10 @@ REPAIR_CHUNK = 1000
 # BYEs of every call that outlived a failover come at once) were lost with their CDRs; reconciliation repairs
 # only bindings (ul.dump), nothing repairs a dialog. Measured in the lab: 200 BYEs 0.1 s after the VIP
 # answered, all 200 dialog.end events before the promotion, 0 CDRs. Bounded in count and age.
+# The standby's audit (Replicator.audit): every AUDIT_INTERVAL_S (longer for a big table, see _standby_audit), and
+# AUDIT_SOON_S after changes could not be applied.
+AUDIT_INTERVAL_S = 30.0
+AUDIT_SOON_S = 2.0
 STANDBY_DIALOGS_KEPT = 20000
 STANDBY_DIALOG_WINDOW_S = 60.0
 
@@ -113,6 +117,11 @@ class Replication:
         self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
         self._repair_counts: ReconcileResult | None = None
         self._late: list[tuple[list[Event], Future[Any]]] = []  # write_before_takeover calls in flight
+        # The standby's audit of its proxy against the watch's view (Replicator.audit), run off the loop.
+        self._audit: Future[Any] | None = None
+        self._next_audit = time.monotonic() + AUDIT_INTERVAL_S
+        self._audit_soon: float | None = None
+        self.audit_runs = 0
         self.late_written = 0
         self._repair_read_s = 0.0
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
@@ -517,6 +526,9 @@ class Replication:
                 said.append(self.start_reconcile())
             except RpcError as exc:
                 said.append(f"reconcile impossible: {exc}")
+        m = self._standby_audit(now)
+        if m:
+            said.append(m)
         if self.store.available and time.monotonic() >= self._next_gc:
             self._next_gc = time.monotonic() + self.gc_interval_s
             try:
@@ -527,6 +539,56 @@ class Replication:
                 self.gc_deleted += n
                 said.append(f"collected {n} expired bindings")
         return "; ".join(said) or None
+
+    def _standby_audit(self, now: float) -> str | None:
+        """On the standby: now and then (and soon after changes failed to apply) compare the local proxy with the
+        watch's view and repair it (Replicator.audit). The proxy's table is read off the loop; the interval grows
+        with the table (a dump of 100k bindings is seconds of the proxy's RPC worker)."""
+        rep = self.replicator
+        fut = self._audit
+        if fut is not None:
+            if not fut.done():
+                return None
+            self._audit = None
+            try:
+                res = fut.result()
+            except (RpcError, OSError) as exc:
+                return f"standby audit postponed, cannot read the proxy's table: {exc}"
+            except Exception as exc:  # a bug must not stop the loop: say it, try again at the next interval
+                log.exception("standby audit failed")
+                return f"standby audit failed: {exc!r}"
+            self.audit_runs += 1
+            if res is None:
+                return None
+            if res.repaired or res.errors:
+                return f"standby audit repaired the local proxy: {res}"
+            return None
+        if (
+            rep is None or self.active or self.dump_table is None or not rep.running or not rep.view_complete
+            or not rep.synced.is_set()
+        ):  # fmt: skip
+            return None
+        due = self._next_audit if not rep.audit_soon else min(self._next_audit, self._audit_soon_at(now))
+        if now < due:
+            return None
+        size = rep.last_audit.proxy if rep.last_audit else 0
+        self._next_audit = now + max(AUDIT_INTERVAL_S, size / 2000)
+        self._audit_soon = None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
+        dump_table = self.dump_table
+
+        def run() -> Any:
+            started = int(time.time() * 1000)
+            return rep.audit(dump_table(), started, lambda: not self.active)
+
+        self._audit = self._pool.submit(run)
+        return None
+
+    def _audit_soon_at(self, now: float) -> float:
+        if self._audit_soon is None:
+            self._audit_soon = now + AUDIT_SOON_S
+        return self._audit_soon
 
     def promote(self) -> str:
         """This node takes over: a new epoch fences every older writer (a partitioned old active included)."""
@@ -585,6 +647,8 @@ class Replication:
             "reconcile_pending": self.reconcile_due is not None or self._dump is not None or bool(self._repairs),
             "repairs_left": len(self._repairs),
             "last_reconcile": str(self.reconciled) if self.reconciled else None,
+            "audit_runs": self.audit_runs,
+            "last_audit": str(rep.last_audit) if rep and rep.last_audit else None,
             "last": self.last,
         }
 

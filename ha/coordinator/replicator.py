@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
 from ha.coordinator.livetable import LiveTable
+from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.store import Change, ContactRecord, Store, Watch
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class Replicator:
         # The preload table kept current with every change the watch delivers (ha.coordinator.livetable).
         self.live: LiveTable | None = None
         self.on_synced: Callable[[], None] | None = None  # called (watch thread) when a resync completed
+        # Held while the proxy is changed: by the watch thread's applies and by an audit's repairs, so an audit
+        # pushes the view as it is, never a state the watch thread is about to replace.
+        self._apply_lock = threading.Lock()
+        self.audit_soon = False  # changes could not be applied: an audit should find out what the proxy lacks
+        self.last_audit: AuditResult | None = None
         self._watch: Watch | None = None
 
     @property
@@ -142,7 +148,8 @@ class Replicator:
 
     def on_changes(self, changes: list[Change]) -> None:
         try:
-            self._on_changes(changes)
+            with self._apply_lock:
+                self._on_changes(changes)
         finally:
             # After the proxy was served (a full rebuild of 100k rows takes ~1 s); a replay's records are
             # already there (only the changes delivered with it are new).
@@ -203,6 +210,8 @@ class Replicator:
         if preloaded is not None:
             self.last_status += f"; {already} already preloaded by the proxy ({len(preloaded)} loaded at its start)"
         (log.warning if res.errors else log.info)("replicator %s", self.last_status)
+        if res.errors and not resync:
+            self.audit_soon = True  # nothing retries single changes: the audit compares the proxy with the view
         if resync:
             if res.errors:
                 # Not in step: readiness must not be given; Replication.tick() asks for the resync again
@@ -220,4 +229,65 @@ class Replicator:
                 self.on_synced()
 
 
-__all__ = ["ProxyNotAnswering", "Replicator", "ReplicatorStats"]
+    def audit(self, table: Mapping[tuple[str, str], ProxyBinding], started_ms: int,
+              standby: Callable[[], bool]) -> AuditResult | None:
+        """Make the local (standby) proxy hold exactly the watch's view: what it lacks or holds with another expiry
+        is added again, what the store no longer has is removed. None when there is no complete view.
+
+        Why: replication is event-driven, and an event that was not applied (an ``ul.add`` whose reply was lost
+        under load, a watch that missed a change) was otherwise never retried; the standby stayed silently out of
+        step until a failover showed it. ``table`` is the proxy's ``ul.dump``, read before this is called.
+
+        Left alone: bindings the proxy got from a REGISTER of its own in the last :data:`AUDIT_FRESH_S` (the VIP
+        may have just moved here, before this node's promotion writes them), and all of it once this node is no
+        longer standby. Runs under the apply lock, so what it pushes is the view as it is now.
+        """
+        with self._apply_lock:
+            view = self.view()
+            if view is None or not standby():
+                return None
+            now = time.time()
+            want = {(r.aor, r.contact): r for r in view.values() if r.expires_at > now + 1}
+            adds, refreshed = [], 0
+            for key, rec in want.items():
+                have = table.get(key)
+                if have is None:
+                    adds.append(rec)
+                elif abs(have.record.expires_at - rec.expires_at) > AUDIT_EXPIRY_SLACK_S:
+                    adds.append(rec)
+                    refreshed += 1
+            fresh_after = started_ms - AUDIT_FRESH_S * 1000
+            removes = [pb.record for key, pb in table.items()
+                       if key not in want and (pb.pushed or pb.record.ts_ms < fresh_after)]  # fmt: skip
+            res = self.applier.apply(adds, removes) if adds or removes else ApplyResult()
+        self.audit_soon = bool(res.errors)
+        out = AuditResult(proxy=len(table), view=len(want), added=len(adds) - refreshed, refreshed=refreshed,
+                          removed=len(removes), errors=len(res.errors))  # fmt: skip
+        self.last_audit = out
+        return out
+
+
+AUDIT_EXPIRY_SLACK_S = 5  # ul.dump gives whole seconds left, ul.add takes whole seconds: a few seconds is no drift
+AUDIT_FRESH_S = 10  # a REGISTER-made binding younger than this may belong to a promotion under way
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    proxy: int
+    view: int
+    added: int
+    refreshed: int
+    removed: int
+    errors: int
+
+    @property
+    def repaired(self) -> int:
+        return self.added + self.refreshed + self.removed
+
+    def __str__(self) -> str:
+        s = (f"proxy {self.proxy} bindings, store {self.view}: added {self.added}, refreshed {self.refreshed}, "
+             f"removed {self.removed}")
+        return s + (f", {self.errors} errors" if self.errors else "")
+
+
+__all__ = ["AuditResult", "ProxyNotAnswering", "Replicator", "ReplicatorStats"]

@@ -278,3 +278,54 @@ def test_real_bye_after_a_failover_closes_the_replicated_dialog(proxy: Proxy, zk
         events.close()
         callee.close()
         caller.close()
+
+
+def test_the_standby_audit_repairs_what_replication_missed(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Nothing retries a change whose ul.add failed (a reply lost under load) and a watch can miss a change: the
+    standby's audit compares its real proxy's ul.dump with the view and repairs the difference."""
+    from ha.coordinator import proxytable
+
+    cluster = f"u{uuid.uuid4().hex[:8]}"
+    writer = ZkStore(zk_client, cluster, "node2")
+    writer.ensure_layout()
+    writer.bump_epoch()
+    uri = "sip:au{}@198.51.100.66:5060".format
+    writer.write([contact(i, f"au{i}", uri(i), node="node2", ttl=600) for i in range(1, 6)])
+    sclient = connect(zk_ensemble)
+    srpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    standby = Replication(ZkStore(sclient, cluster, "node1"), "node1", Journal(tmp_path / "s.jsonl"),
+                          ProxyApplier(srpc), dump_table=lambda: proxytable.dump(proxy.rpc_sock))  # fmt: skip
+    try:
+        standby.start()
+        assert standby.replicator is not None and standby.replicator.synced.wait(20)
+        wait_for(lambda: all(bindings(rpc, f"au{i}") == {uri(i)} for i in range(1, 6)))
+        # Behind replication's back: one binding lost, one left over, one whose expiry drifted.
+        rpc.call("ul.rm_contact", "location", "au1", uri(1))
+        ProxyApplier(rpc).apply([record("aughost", "sip:aughost@198.51.100.66:5060"), record("au2", uri(2), ttl=20)])
+        standby._next_audit = 0
+        said = ""
+        deadline = time.monotonic() + 20
+        while "standby audit repaired" not in said and time.monotonic() < deadline:
+            said = standby.tick() or ""
+            time.sleep(0.05)
+        assert "standby audit repaired the local proxy" in said and "refreshed 1" in said, said
+        assert bindings(rpc, "au1") == {uri(1)} and bindings(rpc, "aughost") == set()
+        left = json.dumps(rpc.call("ul.lookup", "location", "au2"))
+        assert int(left.split('"Expires": ')[1].split(",")[0]) > 500, left
+        # In step now: the next audit finds nothing to do.
+        standby._next_audit = 0
+        deadline = time.monotonic() + 20
+        while standby.audit_runs < 2 and time.monotonic() < deadline:
+            assert "repaired" not in (standby.tick() or "")
+            time.sleep(0.05)
+        assert standby.audit_runs == 2 and "store 5: added 0, refreshed 0, removed 0" in standby.status()["last_audit"]
+        # The freshness guard reads when the binding was last changed (Last-Modified or Last-Keepalive).
+        (b,) = [b for k, b in proxytable.dump(proxy.rpc_sock).items() if k == ("au1", uri(1))]
+        assert abs(b.record.ts_ms / 1000 - time.time()) < 60, b
+    finally:
+        standby.close()
+        srpc.close()
+        sclient.stop()
+        sclient.close()
