@@ -8,8 +8,10 @@ repairs bindings only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import conftest_zk
@@ -56,6 +58,21 @@ def test_a_bye_before_the_promotion_is_billed_at_it(zk_ensemble: conftest_zk.Ens
         client.close()
 
 
+@contextlib.contextmanager
+def active_node1(zk_ensemble: conftest_zk.Ensemble, tmp_path: Path) -> Iterator[Replication]:
+    """node1's replication in a fresh cluster, started and promoted (epoch 1); closed afterwards."""
+    client = connect(zk_ensemble)
+    r = Replication(ZkStore(client, f"t{uuid.uuid4().hex[:8]}", "node1"), "node1", Journal(tmp_path / "j.jsonl"))
+    try:
+        r.start()
+        r.promote()
+        yield r
+    finally:
+        r.close()
+        client.stop()
+        client.close()
+
+
 def _wait_said(r: Replication, what: str, timeout: float = 20.0) -> str:
     import time
 
@@ -73,19 +90,14 @@ def test_a_fenced_active_still_writes_what_its_proxy_accepted_before_the_takeove
 ) -> None:
     """The lab's 10k case: the VIP moved during a REGISTER burst and the old active's unwritten events (its proxy
     had answered 200) were rejected by the new epoch; those phones were registered on the old proxy only."""
-    cluster = f"t{uuid.uuid4().hex[:8]}"
-    client = connect(zk_ensemble)
-    old = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"))
-    try:
-        old.start()
-        old.promote()
+    with active_node1(zk_ensemble, tmp_path) as old:
         import time
 
         early = int(time.time() * 1000) - 5000  # well before the takeover below
         for i, aor in enumerate(("refreshed", "unreg"), 1):
             old.feed(json.dumps(contact(i, aor, ts=early).to_json()).encode())
         old.flush()
-        new = ZkStore(client, cluster, "node2")
+        new = ZkStore(old.store.client, old.store.root.removeprefix("/sipha/"), "node2")
         new.bump_epoch()  # the takeover, at T
         t = new.takeover_ms()
         assert t > 0
@@ -105,26 +117,13 @@ def test_a_fenced_active_still_writes_what_its_proxy_accepted_before_the_takeove
         got = {r.aor: (r.node, r.cseq) for r in new.snapshot().contacts}
         assert got == {"burst1": ("node1", 3), "burst2": ("node1", 4), "refreshed": ("node2", 99)}
         assert old.status()["late_written"] == 3 and old.status()["fenced"] == 1
-    finally:
-        old.close()
-        client.stop()
-        client.close()
 
 
 def test_a_demoted_active_writes_its_pending_events_before_it_stops(
     zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
 ) -> None:
-    cluster = f"t{uuid.uuid4().hex[:8]}"
-    client = connect(zk_ensemble)
-    r = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"))
-    try:
-        r.start()
-        r.promote()
+    with active_node1(zk_ensemble, tmp_path) as r:
         r.feed(json.dumps(contact(1, "pending").to_json()).encode())  # fed, not flushed yet
         said = r.demote()
         assert "last events: wrote 1 events" in said, said
         assert [c.aor for c in r.store.snapshot().contacts] == ["pending"]
-    finally:
-        r.close()
-        client.stop()
-        client.close()
