@@ -18,6 +18,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAGIC_COOKIE = "z9hG4bK"  # RFC 3261 8.1.1.7: branches starting with this are globally unique
@@ -617,11 +618,115 @@ def _feed(matcher: _Matcher, transport: str, buffer: bytes, data: bytes) -> tupl
     return None, buffer, None
 
 
-async def options_probe_async(host: str, port: int, transport: str = "udp", timeout: float = 1.0) -> ProbeResult:
+class _AsyncExchange:
+    """One sent async probe: its socket, matcher and UDP retransmit timer, and the receive loop over them.
+
+    Kept as an object (not locals of the probe) so a probe that timed out can hand the very same transaction to
+    a :class:`LateListener`: a late answer is still matched by this probe's branch and Call-ID.
+    """
+
+    def __init__(self, sock: socket.socket, matcher: _Matcher, transport: str, target: str, t0: float) -> None:
+        self.sock = sock
+        self.matcher = matcher
+        self.transport = transport
+        self.target = target
+        self.t0 = t0
+        self.buffer = b""
+        self.interval = T1_S
+        self.next_resend = time.monotonic() + T1_S
+
+    def result(self, ok: bool, code: int | None, reason: str) -> ProbeResult:
+        return ProbeResult(ok, code, (time.monotonic() - self.t0) * 1000, reason, self.transport, self.target)
+
+    async def receive(self, deadline: float) -> tuple[bool, int, str] | str | None:
+        """Until ``deadline`` (monotonic): a final verdict, an error text (the wait is over without one), or None
+        when the deadline passed first. UDP retransmits at T1 doubling, as the blocking probe does."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        udp = self.transport == "udp"
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            wait = deadline - now
+            if udp:
+                wait = min(wait, max(self.next_resend - now, 0.0005))
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, MAX_DATAGRAM), wait)
+            except TimeoutError:
+                if udp and time.monotonic() >= self.next_resend and self.matcher.provisional is None:
+                    with contextlib.suppress(OSError):
+                        await loop.sock_sendall(self.sock, self.matcher.request)
+                    self.interval *= 2
+                    self.next_resend = time.monotonic() + self.interval
+                continue
+            except ConnectionRefusedError:
+                return "port unreachable (nothing listening)"
+            except OSError as exc:
+                return f"receive failed: {exc.strerror or exc}"
+            verdict, self.buffer, err = _feed(self.matcher, self.transport, self.buffer, data)
+            if verdict:
+                return verdict
+            if err:
+                return err
+
+
+class LateListener:
+    """The socket of an async probe that timed out, still listening for that probe's final response.
+
+    Why: a busy proxy answers after the probe's timeout; the probe then rightly reports no answer *in time*, but
+    the late answer still proves the proxy was alive and working when the probe was sent (the health service
+    counts it as overloaded, not dead). Whoever receives a listener (``hand_over`` of
+    :func:`options_probe_async`) owns its socket: it must await :meth:`wait`, which always closes it, or call
+    :meth:`close`.
+    """
+
+    def __init__(self, exchange: _AsyncExchange, timeout: float) -> None:
+        self._x = exchange
+        self.timeout = timeout  # the probe's own timeout, which this answer missed
+
+    @property
+    def transport(self) -> str:
+        return self._x.transport
+
+    @property
+    def target(self) -> str:
+        return self._x.target
+
+    @property
+    def closed(self) -> bool:
+        return self._x.sock.fileno() == -1
+
+    async def wait(self, window_s: float) -> ProbeResult | None:
+        """The late final response if it arrives within ``window_s`` of the probe's send, else None (silence,
+        an error, or the window already over); the socket is closed when this returns or is cancelled."""
+        try:
+            outcome = await self._x.receive(self._x.t0 + window_s)
+        finally:
+            self.close()
+        return self._x.result(*outcome) if isinstance(outcome, tuple) else None
+
+    def close(self) -> None:
+        self._x.sock.close()
+
+
+async def options_probe_async(
+    host: str,
+    port: int,
+    transport: str = "udp",
+    timeout: float = 1.0,
+    *,
+    hand_over: Callable[[LateListener], None] | None = None,
+) -> ProbeResult:
     """:func:`options_probe` for an asyncio loop: the health service runs one every 100 ms per target.
 
     Same matching and verdicts; built on non-blocking sockets and the loop's ``sock_*`` calls so it costs no
     thread. UDP retransmits as in the blocking probe.
+
+    ``hand_over``: when the request was sent but no final response came within ``timeout`` (silence or only a
+    provisional), the socket is not closed but given to ``hand_over`` as a :class:`LateListener`, which then owns
+    it; the returned result is the same "no answer" as without it. Without ``hand_over`` nothing changes.
     """
     import asyncio  # here, not at the top: the OCF monitor imports this module per call and asyncio costs ~25 ms
 
@@ -639,7 +744,8 @@ async def options_probe_async(host: str, port: int, transport: str = "udp", time
         sock = socket.socket(_family(host), kind)
     except OSError as exc:
         return result(False, None, f"socket: {exc.strerror or exc}")
-    with sock:
+    handed = False
+    try:
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), max(deadline - time.monotonic(), 0.001))
@@ -651,35 +757,21 @@ async def options_probe_async(host: str, port: int, transport: str = "udp", time
             return result(False, None, f"connect timed out after {timeout * 1000:.0f} ms")
         except OSError as exc:
             return result(False, None, f"send failed: {exc.strerror or exc}")
-        buffer = b""
-        next_resend = time.monotonic() + T1_S
-        interval = T1_S
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                code, why = matcher.timeout_reason(timeout)
-                return result(False, code, why)
-            wait = deadline - now
-            if t == "udp":
-                wait = min(wait, max(next_resend - now, 0.0005))
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(sock, MAX_DATAGRAM), wait)
-            except TimeoutError:
-                if t == "udp" and time.monotonic() >= next_resend and matcher.provisional is None:
-                    with contextlib.suppress(OSError):
-                        await loop.sock_sendall(sock, matcher.request)
-                    interval *= 2
-                    next_resend = time.monotonic() + interval
-                continue
-            except ConnectionRefusedError:
-                return result(False, None, "port unreachable (nothing listening)")
-            except OSError as exc:
-                return result(False, None, f"receive failed: {exc.strerror or exc}")
-            verdict, buffer, err = _feed(matcher, t, buffer, data)
-            if verdict:
-                return result(*verdict)
-            if err:
-                return result(False, None, err)
+        exchange = _AsyncExchange(sock, matcher, t, target, t0)
+        outcome = await exchange.receive(deadline)
+        if isinstance(outcome, tuple):
+            return exchange.result(*outcome)
+        if isinstance(outcome, str):
+            return exchange.result(False, None, outcome)
+        code, why = matcher.timeout_reason(timeout)
+        timed_out = exchange.result(False, code, why)
+        if hand_over is not None:
+            hand_over(LateListener(exchange, timeout))  # from here on the listener owns the socket
+            handed = True
+        return timed_out
+    finally:
+        if not handed:
+            sock.close()
 
 
 def parse_targets(spec: str, default_host: str = "127.0.0.1") -> list[tuple[str, str, int]]:
@@ -707,6 +799,7 @@ def parse_targets(spec: str, default_host: str = "127.0.0.1") -> list[tuple[str,
 __all__ = [
     "COMPACT_FORMS",
     "MAGIC_COOKIE",
+    "LateListener",
     "Message",
     "ProbeResult",
     "SipParseError",

@@ -33,6 +33,11 @@ class Metrics:
             "sipha_probe_failures_total", "Probes that were not ok: dead (no answer) or overloaded (5xx/slow)",
             ["node", "transport", "verdict"], registry=r,
         )
+        self.late_answers = Counter(
+            "sipha_probe_late_answers_total",
+            "Final responses that came after their probe's timeout: the proxy was alive but busy (counted overloaded)",
+            ["node", "transport"], registry=r,
+        )
         self.transitions = Counter(
             "sipha_health_transitions_total", "Health changes of the local proxy, by new state", ["to"], registry=r
         )
@@ -50,6 +55,9 @@ class Metrics:
             self.latency.labels(node, obs.transport).observe(obs.latency_ms / 1000)
         if obs.verdict is not Verdict.OK:
             self.failures.labels(node, obs.transport, str(obs.verdict)).inc()
+
+    def late(self, node: str, transport: str) -> None:
+        self.late_answers.labels(node, transport).inc()
 
     def health_changed(self, health: Health) -> None:
         self.transitions.labels(str(health)).inc()

@@ -21,6 +21,14 @@ Verdicts per probe:
 
 A cycle fails when any probed transport is dead: the VIP serves every transport, so a proxy whose TCP listener
 died strands every TCP phone even while UDP answers.
+
+Late answers. A probe unanswered within its timeout is a dead observation for that cycle, but its socket keeps
+listening in the background for a bounded late window (:class:`ha.sip.LateListener`, at most
+``late_max`` per target, always closed). A busy proxy (a REGISTER burst on a 2-core node) answers a 40 ms probe
+in 100-300 ms: the final response that arrives late proves the proxy was alive and working when that probe was
+sent, so the target's next observation that would be a (non-certain) dead one is ``overloaded`` instead
+("late: answered in 180 ms"), which resets the consecutive-failure count. A hung or crashed proxy sends no late
+answers, so its detection is exactly as without them; "nothing listening" stays certain and immediate.
 """
 
 from __future__ import annotations
@@ -29,10 +37,22 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from ha.sip import ProbeResult, options_probe_async
+from ha.sip import LateListener, ProbeResult, options_probe_async
 
 PROBED_TRANSPORTS = ("udp", "tcp")  # what ha.sip's probe speaks; tls/ws listeners are not probed yet
+# Late listeners per target: a probe is sent about every 40 ms while failing, so 16 cover answers up to ~640 ms
+# late; when all are busy a new probe is simply not listened to after its timeout (the oldest are the ones
+# about to answer). Sockets: at most 16 per target, each for at most the late window.
+LATE_MAX_PER_TARGET = 16
+LATE_WINDOW_MIN_S = 1.0
+LATE_WINDOW_MAX_S = 5.0
+
+
+def late_window(failure_threshold: int, probe_period_s: float) -> float:
+    """How long a timed-out probe keeps listening: long enough to cover a whole failure run, bounded."""
+    return min(LATE_WINDOW_MAX_S, max(LATE_WINDOW_MIN_S, failure_threshold * probe_period_s))
 
 
 class Verdict(enum.StrEnum):
@@ -57,6 +77,7 @@ class Observation:
     status_code: int | None
     latency_ms: float
     reason: str
+    late: bool = False  # overloaded because an earlier probe's answer came after its timeout
 
     @property
     def alive(self) -> bool:
@@ -76,7 +97,14 @@ class Observation:
             "status_code": self.status_code,
             "latency_ms": round(self.latency_ms, 2),
             "reason": self.reason,
+            "late": self.late,
         }
+
+
+def late_observation(dead: Observation, late: ProbeResult) -> Observation:
+    """A dead observation turned overloaded by a late final response to an earlier probe of the same target."""
+    why = f"late: answered in {late.latency_ms:.0f} ms ({late.reason}); this cycle: {dead.reason}"
+    return Observation(dead.transport, dead.target, Verdict.OVERLOADED, late.status_code, late.latency_ms, why, True)
 
 
 def classify(result: ProbeResult, slow_ms: float) -> Observation:
@@ -167,7 +195,14 @@ def gated(state: HealthState, ready: bool) -> HealthState:
 
 # ---------------------------------------------------------------------------------------------- the I/O half
 
-ProbeFn = Callable[[str, int, str, float], Awaitable[ProbeResult]]
+HandOver = Callable[[LateListener], None]
+
+
+class ProbeFn(Protocol):
+    """The probe's shape (:func:`ha.sip.options_probe_async`); ``hand_over`` receives a timed-out probe's socket."""
+
+    def __call__(self, host: str, port: int, transport: str, timeout: float, *,
+                 hand_over: HandOver | None = None) -> Awaitable[ProbeResult]: ...
 
 
 @dataclass(frozen=True)
@@ -191,10 +226,22 @@ class TargetProber:
     """Probes a set of targets concurrently, each bounded by ``timeout_s``; ``probe`` is injectable.
 
     The default probe is :func:`ha.sip.options_probe_async`; tests pass it too, against real local responders.
+    With ``late_window_s`` > 0 a timed-out probe keeps listening that long (from its send) in a background task,
+    at most ``late_max`` per target; a late final response is kept until the target's next observation, which
+    it turns from dead into overloaded (see the module docstring). ``on_late`` is told of every late answer
+    (metrics). :meth:`close` cancels the listeners and closes their sockets.
     """
 
     def __init__(
-        self, targets: Sequence[Target], timeout_s: float, slow_ms: float, probe: ProbeFn = options_probe_async
+        self,
+        targets: Sequence[Target],
+        timeout_s: float,
+        slow_ms: float,
+        probe: ProbeFn = options_probe_async,
+        *,
+        late_window_s: float = 0.0,
+        late_max: int = LATE_MAX_PER_TARGET,
+        on_late: Callable[[Target, ProbeResult], None] | None = None,
     ) -> None:
         if not targets:
             raise ValueError("nothing to probe: no udp/tcp listener configured")
@@ -202,21 +249,68 @@ class TargetProber:
         self.timeout_s = timeout_s
         self.slow_ms = slow_ms
         self.probe = probe
+        self.late_window_s = late_window_s
+        self.late_max = late_max
+        self.on_late = on_late
+        self.listening: dict[Target, set[asyncio.Task[None]]] = {t: set() for t in self.targets}
+        self.late: dict[Target, ProbeResult] = {}  # the latest late answer not yet used by an observation
+        self.late_answers = 0  # every late final response received, used or not
+
+    def _hand_over(self, target: Target) -> HandOver | None:
+        if self.late_window_s <= 0 or len(self.listening[target]) >= self.late_max:
+            return None
+
+        def take(listener: LateListener) -> None:
+            tasks = self.listening[target]
+            if len(tasks) >= self.late_max:  # filled up while this probe was waiting
+                listener.close()
+                return
+            task = asyncio.get_running_loop().create_task(self._listen(target, listener))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        return take
+
+    async def _listen(self, target: Target, listener: LateListener) -> None:
+        result = await listener.wait(self.late_window_s)  # closes the socket whatever happens
+        if result is None or not result.answered:
+            return
+        self.late[target] = result
+        self.late_answers += 1
+        if self.on_late is not None:
+            self.on_late(target, result)
 
     async def _one(self, target: Target) -> Observation:
         try:
             # Belt and braces: the probe honours its timeout, wait_for guarantees the cycle does too.
             result = await asyncio.wait_for(
-                self.probe(target.host, target.port, target.transport, self.timeout_s), self.timeout_s + 0.05
+                self.probe(target.host, target.port, target.transport, self.timeout_s,
+                           hand_over=self._hand_over(target)),
+                self.timeout_s + 0.05,
             )
         except TimeoutError:
             result = ProbeResult(False, None, self.timeout_s * 1000, "probe overran its timeout",
                                  target.transport, str(target))
-        return classify(result, self.slow_ms)
+        obs = classify(result, self.slow_ms)
+        late = self.late.pop(target, None)  # used at most once, and only by the next observation
+        if late is not None and obs.verdict is Verdict.DEAD and not obs.certain:
+            return late_observation(obs, late)
+        return obs
 
     async def cycle(self) -> tuple[Observation, ...]:
         """One observation per target, all probed at once (a cycle lasts one timeout at most)."""
         return tuple(await asyncio.gather(*(self._one(t) for t in self.targets)))
+
+    def outstanding(self) -> int:
+        """Late listeners still open, over all targets."""
+        return sum(len(tasks) for tasks in self.listening.values())
+
+    async def close(self) -> None:
+        """Cancel every late listener; each closes its socket as it ends."""
+        tasks = [t for tasks in self.listening.values() for t in tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def cycle_outcome(observations: Sequence[Observation]) -> tuple[bool, str]:
@@ -233,6 +327,8 @@ def cycle_outcome(observations: Sequence[Observation]) -> tuple[bool, str]:
 
 
 __all__ = [
+    "LATE_MAX_PER_TARGET",
+    "HandOver",
     "Health",
     "HealthState",
     "Hysteresis",
@@ -243,5 +339,7 @@ __all__ = [
     "classify",
     "cycle_outcome",
     "gated",
+    "late_observation",
+    "late_window",
     "targets_for",
 ]

@@ -33,15 +33,18 @@ from typing import Any
 from ha.health.cluster import AttrdWriter, VipCheck
 from ha.health.metrics import Metrics
 from ha.health.probe import (
+    HandOver,
     Health,
     HealthState,
     Hysteresis,
     Observation,
     ProbeFn,
+    Target,
     TargetProber,
     Verdict,
     cycle_outcome,
     gated,
+    late_window,
     targets_for,
 )
 from ha.health.snmp import NodeState, TrapSender
@@ -88,14 +91,15 @@ class ProbeDrops:
         with contextlib.suppress(ValueError):
             self.pending += max(0, min(int(text.strip() or "1"), 1000))
 
-    async def __call__(self, host: str, port: int, transport: str, timeout: float) -> ProbeResult:
+    async def __call__(self, host: str, port: int, transport: str, timeout: float, *,
+                       hand_over: HandOver | None = None) -> ProbeResult:
         if self.pending > 0 and transport == "udp":
             self.pending -= 1
             self.injected += 1
-            await asyncio.sleep(timeout)
+            await asyncio.sleep(timeout)  # nothing was sent, so nothing can answer late either
             return ProbeResult(False, None, timeout * 1000, f"no answer within {timeout * 1000:.0f} ms "
                                "(injected drop)", transport, f"{transport}:{host}:{port}")
-        return await self.probe(host, port, transport, timeout)
+        return await self.probe(host, port, transport, timeout, hand_over=hand_over)
 
 
 def kv(**fields: Any) -> str:
@@ -194,11 +198,13 @@ class HealthService:
         self.slow_ms = slow_ms if slow_ms is not None else t.probe_timeout_ms / 2
         ports = cluster.proxy.listen.ports()
         self.drops = ProbeDrops(fault_file, probe)
+        self.late_window_s = late_window(t.failure_threshold, self.period_s)
         self.local = TargetProber(targets_for(probe_host or self.me.ip, ports), t.probe_timeout_ms / 1000,
-                                  self.slow_ms, self.drops if fault_file is not None else probe)
+                                  self.slow_ms, self.drops if fault_file is not None else probe,
+                                  late_window_s=self.late_window_s, on_late=self._late_answer(node))
         self.peers = {
             n.name: TargetProber(targets_for(n.ip, peer_ports or ports), t.probe_timeout_ms / 1000, self.slow_ms,
-                                 probe)
+                                 probe, late_window_s=self.late_window_s, on_late=self._late_answer(n.name))
             for n in cluster.nodes if n.name != node
         }
         self.hysteresis = Hysteresis(t.failure_threshold, t.recovery_threshold)
@@ -243,6 +249,16 @@ class HealthService:
         fields = {"event": event, "node": self.me.name, **fields}
         log.log(level, json.dumps(fields, default=str) if self.json_logs else kv(**fields))
 
+    def _late_answer(self, node: str) -> Callable[[Target, ProbeResult], None]:
+        """Count (and log at DEBUG) every late final response of ``node``'s proxy as it arrives."""
+
+        def seen(target: Target, result: ProbeResult) -> None:
+            self.metrics.late(node, target.transport)
+            self.event("late_answer", logging.DEBUG, proxy=node, transport=target.transport,
+                       latency_ms=result.latency_ms, status=result.status_code)
+
+        return seen
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -262,7 +278,8 @@ class HealthService:
         for o in observations:
             if previous.get(o.transport, Verdict.OK) is not o.verdict:
                 self.event("probe_verdict", transport=o.transport, was=previous.get(o.transport, Verdict.OK),
-                           now=o.verdict, reason=o.reason, latency_ms=o.latency_ms, status=o.status_code)
+                           now=o.verdict, reason=o.reason, latency_ms=o.latency_ms, status=o.status_code,
+                           late=o.late or None)
         alive, reason = cycle_outcome(observations)
         if not alive and self.raw.health is not Health.UNHEALTHY and any(o.certain for o in observations):
             raw = self.hysteresis.fail_now(self.raw, reason)  # nothing listens: no lost packet says that
@@ -431,6 +448,8 @@ class HealthService:
             if t is not None and not t.done():
                 t.cancel()
         await asyncio.gather(*(t for t in self._tasks if t), return_exceptions=True)
+        for prober in (self.local, *self.peers.values()):
+            await prober.close()  # late listeners: their sockets close as they are cancelled
         self.traps.close()
 
     # ------------------------------------------------------------------------------------------ for the API
@@ -463,6 +482,7 @@ class HealthService:
                 },
                 "history": [t.as_dict() for t in self.history],
                 "injected_drops": self.drops.injected,
+                "late_answers": self.local.late_answers,
             }
 
 

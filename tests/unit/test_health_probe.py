@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from pathlib import Path
 
@@ -347,3 +348,153 @@ def test_kv_quotes_what_needs_it() -> None:
     assert kv(event="x", node="node1", reason='no answer "x"', n=None, ms=1.234) == (
         'event=x node=node1 reason="no answer \\"x\\"" ms=1.23'
     )
+
+
+# ---------------------------------------------------------------------------------------------- late answers
+
+
+def test_late_window_bounds() -> None:
+    from ha.health.probe import late_window
+
+    assert late_window(3, 0.05) == 1.0  # the lab: 3 x 50 ms is shorter than the 1 s floor
+    assert late_window(5, 0.5) == 2.5
+    assert late_window(10, 1.0) == 5.0  # capped
+
+
+class Recorder:
+    """The real async probe, with every late listener it hands over also kept here (to check they get closed)."""
+
+    def __init__(self) -> None:
+        self.listeners: list[sip.LateListener] = []
+
+    async def __call__(self, host: str, port: int, transport: str, timeout: float, *,
+                      hand_over=None) -> sip.ProbeResult:  # type: ignore[no-untyped-def]
+        def keep(listener: sip.LateListener) -> None:
+            self.listeners.append(listener)
+            hand_over(listener)
+
+        return await sip.options_probe_async(host, port, transport, timeout,
+                                             hand_over=keep if hand_over else None)
+
+
+def test_late_answers_turn_dead_cycles_into_overloaded_and_reset_failures() -> None:
+    """A proxy answering every probe 120 ms late (timeout 50 ms): without late answers 3 cycles flip it."""
+
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        r.mode, r.delay = "slow", 0.12
+        rec = Recorder()
+        seen: list[tuple[str, float]] = []
+        prober = TargetProber([Target("127.0.0.1", r.udp_port, "udp"), Target("127.0.0.1", r.tcp_port, "tcp")],
+                              0.05, 30, rec, late_window_s=1.0, on_late=lambda t, res: seen.append(
+                                  (t.transport, res.latency_ms)))
+        state, cycles = H.run([True, True])[-1], []
+        for _ in range(10):
+            obs = await prober.cycle()
+            state = H.step(state, *cycle_outcome(obs))
+            cycles.append((obs, state))
+        await asyncio.sleep(0.2)
+        await prober.close()
+        return cycles, seen, rec.listeners, prober
+
+    cycles, seen, listeners, prober = run(_with_responder(body))
+    assert cycles[0][0][0].verdict is Verdict.DEAD  # nothing late yet: the first cycle is dead as before
+    assert all(st.health is Health.HEALTHY and st.failures < 3 for _, st in cycles), [c[1] for c in cycles]
+    late = [o for obs, _ in cycles for o in obs if o.late]
+    assert {o.transport for o in late} == {"udp", "tcp"}
+    assert all(o.verdict is Verdict.OVERLOADED and o.reason.startswith("late: answered in") for o in late)
+    assert all(110 <= o.latency_ms < 1000 and o.status_code == 200 for o in late), late
+    # a late answer resets the run: a cycle after a failed one, its own probes unanswered, counts 0 failures
+    assert any(prev.failures >= 1 and st.failures == 0 and all(o.late for o in obs)
+               for (_, prev), (obs, st) in itertools.pairwise(cycles))
+    assert len(seen) >= len(late) and prober.late_answers == len(seen)
+    assert listeners and all(li.closed for li in listeners) and prober.outstanding() == 0
+
+
+def test_silence_flips_after_exactly_the_threshold_and_listeners_are_bounded_and_closed() -> None:
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        r.mode = "silent"
+        rec = Recorder()
+        prober = TargetProber([Target("127.0.0.1", r.udp_port, "udp"), Target("127.0.0.1", r.tcp_port, "tcp")],
+                              0.03, 30, rec, late_window_s=0.5, late_max=4)
+        state, states = H.run([True, True])[-1], []
+        for _ in range(6):
+            state = H.step(state, *cycle_outcome(await prober.cycle()))
+            states.append(state)
+        open_now = prober.outstanding()
+        handed = len(rec.listeners)
+        await asyncio.sleep(0.6)  # the late window (0.5 s from each send) is over: every listener has closed
+        expired = prober.outstanding(), all(li.closed for li in rec.listeners)
+        for _ in range(2):  # listeners again, then closed by close() before their window ends
+            await prober.cycle()
+        again = prober.outstanding()
+        await prober.close()
+        return states, open_now, handed, expired, again, prober.outstanding(), rec.listeners
+
+    states, open_now, handed, expired, again, after_close, listeners = run(_with_responder(body))
+    assert [s.health for s in states] == [Health.HEALTHY] * 2 + [Health.UNHEALTHY] * 4  # 3rd failure flips
+    assert states[2].changed and states[2].failures == 3
+    assert open_now == handed == 8  # 4 per target, although 6 probes per target timed out
+    assert expired == (0, True)
+    assert again == 4 and after_close == 0 and all(li.closed for li in listeners)
+
+
+def test_certain_death_is_not_masked_by_a_late_answer() -> None:
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        r.mode, r.delay = "slow", 0.06
+        prober = TargetProber([Target("127.0.0.1", r.udp_port, "udp"), Target("127.0.0.1", r.tcp_port, "tcp")],
+                              0.03, 30, late_window_s=1.0)
+        first = await prober.cycle()
+        await asyncio.sleep(0.1)  # both late answers are in
+        await r.stop()  # and now nothing listens: port unreachable / connection refused
+        after = await prober.cycle()
+        await prober.close()
+        return first, after, prober.late_answers
+
+    first, after, late_answers = run(_with_responder(body))
+    assert all(o.verdict is Verdict.DEAD and not o.certain for o in first)
+    assert late_answers == 2
+    assert all(o.verdict is Verdict.DEAD and o.certain and not o.late for o in after), after
+
+
+def test_service_reports_late_answers_as_overloaded(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The service end to end: metric, /health body, probe_verdict event; silence after it flips after 3."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    caplog.set_level(logging.INFO, logger="sipha.health")
+
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        svc = HealthService(_cluster(r, tmp_path), "node1", probe_host="127.0.0.1", attrd=RecordingAttrd(),
+                            vip_check=NoVip(), slow_ms=60)  # type: ignore[arg-type]
+        svc.peers = {}
+        assert svc.late_window_s == 1.0  # max(1 s, 3 x 100 ms)
+        for _ in range(2):
+            await svc.cycle()
+        r.mode, r.delay = "slow", 0.13  # the probe times out after 80 ms
+        busy = []
+        for _ in range(8):
+            await svc.cycle()
+            busy.append(svc.snapshot())
+        r.mode = "silent"
+        await asyncio.sleep(0.3)  # the busy answers still in flight land
+        silent = [await svc.cycle() for _ in range(4)]
+        snap = svc.snapshot()
+        metrics = svc.metrics.render().decode()
+        await svc.close()
+        return busy, silent, snap, metrics, svc.local.outstanding()
+
+    busy, silent, snap, metrics, outstanding = run(_with_responder(body))
+    assert all(s["health"] == "healthy" and s["consecutive_failures"] < 3 for s in busy), busy
+    late = [t for s in busy for t in s["transports"] if t["late"]]
+    assert late and all(t["verdict"] == "overloaded" and t["latency_ms"] >= 120 for t in late), late
+    assert busy[-1]["late_answers"] >= len(late)
+    # the last busy answer is used by the first silent cycle; then exactly 3 dead cycles flip the node
+    assert "overloaded" in silent[0] and "late: answered in" in silent[0]
+    assert "still healthy, 1/3" in silent[1] and "still healthy, 2/3" in silent[2]
+    assert silent[3].startswith("became unhealthy after 3 consecutive failed cycles"), silent
+    assert snap["health"] == "unhealthy" and outstanding == 0
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert samples[("sipha_probe_late_answers_total", (("node", "node1"), ("transport", "udp")))] >= 1
+    assert samples[("sipha_probe_late_answers_total", (("node", "node1"), ("transport", "tcp")))] >= 1
+    verdicts = [m for m in caplog.messages if "event=probe_verdict" in m and "now=overloaded" in m]
+    assert any("late=True" in m and "late: answered in" in m and "latency_ms=" in m for m in verdicts), verdicts

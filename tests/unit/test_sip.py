@@ -312,3 +312,79 @@ def test_async_probe(transport: str, udp_responder, tcp_responder) -> None:
     good, dead = asyncio.run(both())
     assert good.ok and good.status_code == 200, good
     assert not dead.ok and dead.status_code is None
+
+
+# ------------------------------------------------------------------------------- late answers (async probe only)
+
+
+def _after(event: threading.Event, status: int = 200) -> Behaviour:
+    """A busy proxy: the final response is sent only once ``event`` is set (after the probe has timed out)."""
+
+    def behave(req: sip.Message) -> list[bytes]:
+        event.wait(5.0)
+        return [sip.response(req, status).encode()]
+
+    return behave
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_async_probe_hands_over_a_late_answer(transport: str, udp_responder, tcp_responder) -> None:
+    release = threading.Event()
+    port = (udp_responder if transport == "udp" else tcp_responder)(_after(release))
+    handed: list[sip.LateListener] = []
+
+    async def probe() -> tuple[sip.ProbeResult, sip.ProbeResult | None]:
+        r = await sip.options_probe_async("127.0.0.1", port, transport, timeout=0.2, hand_over=handed.append)
+        assert len(handed) == 1 and not handed[0].closed, r  # the socket outlives the probe's timeout
+        release.set()  # only now does the "proxy" answer
+        return r, await handed[0].wait(5.0)
+
+    timed_out, late = asyncio.run(probe())
+    assert not timed_out.ok and timed_out.status_code is None and "no answer within 200 ms" in timed_out.reason
+    assert late is not None and late.status_code == 200 and late.answered, late
+    assert 200 <= late.latency_ms < 5000, late  # measured from the probe's send
+    assert late.transport == transport and handed[0].closed
+
+
+def test_async_probe_late_window_ends_in_silence_and_closes(udp_responder) -> None:
+    port = udp_responder(lambda req: [])
+    handed: list[sip.LateListener] = []
+
+    async def probe() -> tuple[sip.ProbeResult | None, float]:
+        t0 = time.monotonic()
+        await sip.options_probe_async("127.0.0.1", port, "udp", timeout=0.05, hand_over=handed.append)
+        return await handed[0].wait(0.3), time.monotonic() - t0
+
+    late, waited = asyncio.run(probe())
+    assert late is None and handed[0].closed
+    assert 0.3 <= waited < 0.8  # the window runs from the send, not from the hand-over
+
+
+def test_async_probe_answered_in_time_or_refused_hands_nothing_over(udp_responder) -> None:
+    handed: list[sip.LateListener] = []
+    ok_port = udp_responder(answer(200))
+    gone = _free_port(socket.SOCK_DGRAM)
+
+    async def probes() -> list[sip.ProbeResult]:
+        return [await sip.options_probe_async("127.0.0.1", p, "udp", timeout=0.5, hand_over=handed.append)
+                for p in (ok_port, gone)]
+
+    ok, refused = asyncio.run(probes())
+    assert ok.ok and not refused.ok and "nothing listening" in refused.reason
+    assert handed == []
+
+
+def test_late_listener_cancelled_closes_its_socket(udp_responder) -> None:
+    port = udp_responder(lambda req: [])
+    handed: list[sip.LateListener] = []
+
+    async def probe() -> None:
+        await sip.options_probe_async("127.0.0.1", port, "udp", timeout=0.05, hand_over=handed.append)
+        task = asyncio.get_running_loop().create_task(handed[0].wait(5.0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(probe())
+    assert handed[0].closed
