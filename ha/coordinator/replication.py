@@ -616,6 +616,9 @@ class Replication:
         self.active = False
         self.pending.clear()
         self._held.clear()
+        if self.replicator is not None:
+            # The proxy served the VIP until now: it may hold bindings the store never got (fenced, lost events).
+            self.replicator.audit_soon = True
         self._repairs, self._touched = [], None
         self.last = "standby: not writing; applying peers' bindings" + flushed
         return self.last

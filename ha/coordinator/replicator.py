@@ -212,6 +212,10 @@ class Replicator:
         (log.warning if res.errors else log.info)("replicator %s", self.last_status)
         if res.errors and not resync:
             self.audit_soon = True  # nothing retries single changes: the audit compares the proxy with the view
+        if resync and skipped:
+            # This node's own bindings were taken on trust (the proxy made them). After a coordinator restart, or
+            # when the store changed while nobody watched, that trust is unchecked: check it at once.
+            self.audit_soon = True
         if resync:
             if res.errors:
                 # Not in step: readiness must not be given; Replication.tick() asks for the resync again
