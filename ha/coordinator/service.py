@@ -1,6 +1,7 @@
 """The coordinator service: proxy events in, ZooKeeper out, peers' bindings into the local proxy.
 
-One loop, one ``selectors`` wait (1 s at most), from one thread:
+One loop, one ``selectors`` wait (1 s at most), from one thread (the status socket has its own, see
+``_serve_status``):
 
 * the local UDP intake (``127.0.0.1:<proxy.event_port>``): each datagram goes to
   :meth:`Replication.feed` (validated, sequence-checked, queued when this node is active); after each drained
@@ -44,6 +45,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -134,6 +136,9 @@ class Service:
         self._last_summary: dict[str, Any] = {}
         self.started = time.monotonic()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._materialize_q: queue.Queue[socket.socket] = queue.Queue()  # from the status thread to the loop
+        self._loop_seen = time.monotonic()  # the loop's last pass (the status thread reports its age)
+        self._serving = threading.Event()
         if repl.replicator is not None:
             repl.replicator.on_synced = self._wake
 
@@ -305,27 +310,61 @@ class Service:
         self._generation = self.repl.proxy_generation
         self._drop_ready(why)
 
-    def _answer(self, ctl: socket.socket) -> None:
-        conn, _ = ctl.accept()
-        with conn:
-            conn.settimeout(0.5)
-            with contextlib.suppress(OSError):
+    def _serve_status(self, ctl: socket.socket) -> None:
+        """The status socket's own thread. Why not the loop: under overload the loop spends seconds in a flush or
+        a reconciliation chunk, the agent's 1 s monitor failed, and Pacemaker restarted a coordinator that was
+        only busy, losing its events. Here ``status`` is answered at once, with ``loop_age_s`` (the loop's last
+        pass) so the agent still tells a hung loop from a busy one. ``materialize`` changes the loop's state:
+        the connection is handed to the loop."""
+        ctl.settimeout(0.5)
+        while self._serving.is_set():
+            try:
+                conn, _ = ctl.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed: the service is stopping
+            try:
+                conn.settimeout(0.5)
                 req = conn.recv(256)  # "status\n" or "materialize\n"; one request per connection
                 if req.strip() == b"materialize":  # the proxy agent's start: write the preload table
-                    conn.sendall(json.dumps(self._materialize()).encode() + b"\n")
-                    return
-                body = {
+                    self._materialize_q.put(conn)
+                    self._wake_w.send(b"m")
+                    continue  # the loop answers and closes it
+                conn.sendall(json.dumps(self._status_body()).encode() + b"\n")
+            except OSError:
+                pass
+            except Exception:  # a bug must not end the thread: the monitor would fail and restart us
+                log.exception("status request failed")
+            conn.close()
+
+    def _status_body(self) -> dict[str, Any]:
+        for _ in range(5):  # read from another thread: a dict the loop changes meanwhile raises RuntimeError
+            try:
+                return {
                     "ok": True,
                     "pid": os.getpid(),
                     "node": self.repl.node,
                     "intake": f"udp:{self.bind}:{self.port}",
                     "uptime_s": round(time.monotonic() - self.started, 3),
+                    "loop_age_s": round(time.monotonic() - self._loop_seen, 3),
                     "ready": self.ready_given,
                     "ready_file": str(self.ready_file) if self.ready_file else None,
                     "replication": self.repl.status(),
                     **self.counters(),
                 }
-                conn.sendall(json.dumps(body).encode() + b"\n")
+            except RuntimeError:
+                time.sleep(0.001)
+        raise RuntimeError("status changed under every read")
+
+    def _answer_materialize(self) -> None:
+        while True:
+            try:
+                conn = self._materialize_q.get_nowait()
+            except queue.Empty:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(json.dumps(self._materialize()).encode() + b"\n")
 
     def _tick(self) -> None:
         try:
@@ -367,8 +406,10 @@ class Service:
                 signal.signal(sig, _raise_stop)  # raising (not a flag) interrupts the select at once: fast stop
         sel = selectors.DefaultSelector()
         sel.register(udp, selectors.EVENT_READ, "udp")
-        sel.register(ctl, selectors.EVENT_READ, "ctl")
         sel.register(self._wake_r, selectors.EVENT_READ, "stop")
+        self._serving.set()
+        status_thread = threading.Thread(target=self._serve_status, args=(ctl,), name="sipha-status", daemon=True)
+        status_thread.start()
         log.info("node %s: listening for proxy events on udp:%s:%s, status on %s, readiness file %s",
                  self.repl.node, self.bind, self.port, self.status_socket, self.ready_file)
         try:
@@ -380,10 +421,12 @@ class Service:
                 for key, _ in sel.select(timeout=max(0.0, next_tick - time.monotonic())):
                     if key.data == "udp":
                         self._receive(udp)
-                    elif key.data == "ctl":
-                        self._answer(ctl)
-                    elif b"x" in self._wake_r.recv(64):  # else: a resync completed (see _wake)
-                        raise _Stop
+                    else:
+                        woke = self._wake_r.recv(64)  # x: stop; m: a materialize request; r: a resync completed
+                        if b"x" in woke:
+                            raise _Stop
+                        self._answer_materialize()
+                self._loop_seen = time.monotonic()
                 if not self.ready_given:
                     self._readiness()  # at once, not at the next tick: readiness is what a restart waits for
                 now = time.monotonic()
@@ -404,6 +447,8 @@ class Service:
                     log.info("last flush: %s", m)
             if not self.repl.active:
                 self._drop_ready("standby coordinator stopping: nobody keeps this proxy in step")
+            self._serving.clear()
+            status_thread.join(2)
             self.repl.close()
             sel.close()
             udp.close()

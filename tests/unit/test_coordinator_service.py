@@ -529,3 +529,41 @@ def test_a_proxy_restart_without_events_withdraws_readiness_until_its_new_table_
             assert run.repl.replicator is not None and run.repl.replicator.stats.skipped_own == 1
     finally:
         clear_table(proxy)
+
+
+def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
+    zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """Under overload a flush or a reconciliation chunk held the loop for seconds, the agent's 1 s monitor failed
+    and Pacemaker restarted a coordinator that was only busy. Status is answered by its own thread now, with the
+    loop's age, so the agent can still tell a hung loop (see LOOP_STUCK_S in the agent)."""
+    from ha.coordinator.journal import Journal
+    from ha.coordinator.service import query_status
+
+    repl = Replication(ZkStore(zk_client, unique_cluster("busy").name, "node1"), "node1", Journal(tmp_path / "j"))
+    busy = threading.Event()
+    real_tick = repl.tick
+
+    def slow_tick() -> str | None:
+        if busy.is_set():
+            time.sleep(3)  # a loop stuck in one long write
+        return real_tick()
+
+    repl.tick = slow_tick  # type: ignore[method-assign]
+    sock = str(tmp_path / "c.sock")
+    svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), sock, repl, ready_file=None, role=None)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: os.path.exists(sock), 10, "the status socket")
+        busy.set()
+        time.sleep(2.2)  # at least one tick has begun its 3 s
+        t0 = time.monotonic()
+        st = query_status(sock, timeout=1.0)
+        assert time.monotonic() - t0 < 0.5
+        assert st["ok"] and st["pid"] == os.getpid() and st["loop_age_s"] >= 1.0, st
+        busy.clear()
+        wait_for(lambda: query_status(sock)["loop_age_s"] < 1.5, 10, "the loop turning again")
+    finally:
+        svc.stop()
+        t.join(20)
