@@ -1071,6 +1071,12 @@ class _ZkContactWatch(Watch):
             paths.extend(f"{b}/{n}" for n in names)
         self._read_mzxid = {}
         fresh = {p: r for p, r in self._read_unwatched(paths).items() if r is not None}
+        for p in paths:
+            if p not in fresh:
+                # Listed, then gone before the read: not a child we know, or its re-creation under the same path
+                # (an un-REGISTER and a REGISTER again, common while a journal is replayed) would not read as new.
+                bucket, _, name = p.rpartition("/")
+                self._children[bucket].discard(name)
         changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
         self._records = fresh

@@ -376,3 +376,27 @@ def test_watch_reports_a_binding_deleted_before_its_changed_data_was_read(
     changes = w._process([("children", stays_bucket)])
     assert [(c.kind, c.record.aor) for c in changes] == [("delete", "stays")]
     assert {r.aor for r in w._records.values()} == {"back"}
+
+
+def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read(
+    zk_client: KazooClient, store: ZkStore, cluster: str
+) -> None:
+    """The resync lists the buckets, then reads the bindings: one un-registered in between and registered again
+    under the same path must still read as new (seen in the lab's ZooKeeper outage: the standby missed 10
+    bindings while the active replayed its journal). The interleaving is injected around the real read."""
+    from ha.coordinator.store import _ZkContactWatch
+
+    store.write([contact(1, "flip"), contact(2, "other")])
+    w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), lambda _c: None)
+    real = w._read_unwatched
+
+    def racing(paths: list[str]) -> dict[str, object]:
+        store.write([contact(3, "flip", kind="delete")])  # the un-REGISTER lands between listing and reading
+        return real(paths)  # type: ignore[return-value]
+
+    w._read_unwatched = racing  # type: ignore[assignment,method-assign]
+    assert {c.record.aor for c in w._process([("resync", "")])} == {"other"}
+    w._read_unwatched = real  # type: ignore[method-assign]
+    store.write([contact(4, "flip")])  # and the REGISTER again, same path
+    bucket = store.contact_path("flip", "sip:flip@198.51.100.50:5062").rsplit("/", 1)[0]
+    assert [(c.kind, c.record.aor) for c in w._process([("children", bucket)])] == [("put", "flip")]
