@@ -688,8 +688,15 @@ class ZkStore(Store):
         this event created before it comes back (there is no tombstone); it expires as registered.
         """
         cutoff = self.takeover_ms()
-        late = [ev for ev in events if cutoff and ev.ts < cutoff]
-        res = LateResult(fenced=len(events) - len(late))
+        return self.write_if_newer([ev for ev in events if cutoff and ev.ts < cutoff], rounds,
+                                   fenced=len([ev for ev in events if not (cutoff and ev.ts < cutoff)]))
+
+    def write_if_newer(self, late: Sequence[Event], rounds: int = 4, fenced: int = 0) -> LateResult:
+        """Write events without the epoch check, each binding only where the store holds nothing newer (see
+        write_before_takeover). Also for a standby's own proxy: REGISTERs it answered while the VIP was not (or
+        no longer) its own, from phones whose ARP entry still pointed at it; the phone holds a 200, so the binding
+        must reach the store, and nothing newer is overwritten."""
+        res = LateResult(fenced=fenced)
         contacts: dict[str, ContactEvent] = {}
         for ev in late:
             if isinstance(ev, ContactEvent):
