@@ -9,7 +9,8 @@ readiness gate opening; and a heartbeat line with the current sentence once a mi
 Side effects never block the loop: ``attrd_updater`` runs as an awaited child process in a background task
 (latest value wins, retried with back-off if it fails, re-asserted every 10 s), traps are sent from tasks, peer
 probes run beside the local ones at a slower pace. The API reads :meth:`HealthService.snapshot`, a copy taken
-under a lock.
+under a lock. Late answers (a busy proxy answering after the probe's timeout, see :mod:`ha.health.probe`) are
+counted in a metric and summarised in one INFO line (``event=late_answers``) per second at most.
 
 Readiness: when a gate is configured the node never reports healthy before readiness is given, either by the
 coordinator calling :meth:`Readiness.give` in-process or by creating the ready file (default
@@ -60,6 +61,7 @@ ROLE_CHECK_S = 1.0
 # undefined (and an undefined attribute does not forbid the VIP), so the value is written again this often.
 REASSERT_S = 10.0
 PEER_PROBE_S = 1.0
+LATE_LOG_S = 1.0  # late answers of the local proxy: one INFO summary line per second at most (DEBUG per answer)
 ATTR_BACKOFF_MAX_S = 2.0  # attrd is local: a retry every 2 s at worst (it is down only while Pacemaker starts)
 
 
@@ -242,6 +244,8 @@ class HealthService:
         self._peer_task: asyncio.Task[None] | None = None
         self.cycles = 0
         self.last_alive = True
+        self._late_seen: dict[str, list[float]] = {}  # transport -> [count, max latency ms] since the last summary
+        self._last_late_log = -1e9
 
     # ------------------------------------------------------------------------------------------ logging
 
@@ -256,6 +260,10 @@ class HealthService:
             self.metrics.late(node, target.transport)
             self.event("late_answer", logging.DEBUG, proxy=node, transport=target.transport,
                        latency_ms=result.latency_ms, status=result.status_code)
+            if node == self.me.name:
+                acc = self._late_seen.setdefault(target.transport, [0, 0.0])
+                acc[0] += 1
+                acc[1] = max(acc[1], result.latency_ms)
 
         return seen
 
@@ -312,6 +320,12 @@ class HealthService:
         if now_mono - self._last_role_check >= ROLE_CHECK_S:
             self._last_role_check = now_mono
             self._spawn(self._check_role())
+        if self._late_seen and now_mono - self._last_late_log >= LATE_LOG_S:
+            self._last_late_log = now_mono
+            seen, self._late_seen = self._late_seen, {}
+            self.event("late_answers", count=int(sum(c for c, _ in seen.values())),
+                       max_latency_ms=max(m for _, m in seen.values()),
+                       transports=",".join(f"{t}:{int(c)}" for t, (c, _) in sorted(seen.items())))
         if self.peers and now_mono - self._last_peer_probe >= max(PEER_PROBE_S, self.period_s) and (
             self._peer_task is None or self._peer_task.done()
         ):

@@ -498,3 +498,5 @@ def test_service_reports_late_answers_as_overloaded(tmp_path: Path, caplog) -> N
     assert samples[("sipha_probe_late_answers_total", (("node", "node1"), ("transport", "tcp")))] >= 1
     verdicts = [m for m in caplog.messages if "event=probe_verdict" in m and "now=overloaded" in m]
     assert any("late=True" in m and "late: answered in" in m and "latency_ms=" in m for m in verdicts), verdicts
+    summaries = [m for m in caplog.messages if "event=late_answers" in m]
+    assert summaries and all("max_latency_ms=" in m and "transports=" in m for m in summaries), summaries
