@@ -593,8 +593,13 @@ class Replication:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
         dump_table = self.dump_table
 
+        store = self.store
+
         def run() -> Any:
             started = int(time.time() * 1000)
+            if isinstance(store, ZkStore):
+                stored = {store.contact_path(r.aor, r.contact): r for r in store.snapshot().contacts}
+                rep.check_view(stored, started)
             return rep.audit(dump_table(), started, lambda: not self.active)
 
         self._audit = self._pool.submit(run)

@@ -266,6 +266,11 @@ class Watch(ABC):
         local proxy needs them; the view is kept current by the watch). False: no complete view to replay."""
         return False
 
+    def refetch(self, paths: Iterable[str]) -> None:
+        """Read these bindings again and deliver what they are now (a put, or a delete when gone): for an audit
+        that found the view disagreeing with the store on them. A watch without a view of its own ignores it."""
+        return None
+
     def records(self) -> dict[str, ContactRecord] | None:
         """A copy of the complete current view (path -> record), None while there is none (before the first
         resync, after a lost connection until the next one)."""
@@ -949,6 +954,10 @@ class _ZkContactWatch(Watch):
         self._q.put(("replay", ""))
         return True
 
+    def refetch(self, paths: Iterable[str]) -> None:
+        for p in paths:
+            self._q.put(("data", p))  # a read like any data event's: put, or delete when it is gone (see _process)
+
     # Callbacks on kazoo's threads: never block, never raise.
     def _on_state(self, state: KazooState) -> None:
         if state in (KazooState.LOST, KazooState.SUSPENDED):  # either way the watches are gone (see above)
@@ -1046,6 +1055,8 @@ class _ZkContactWatch(Watch):
                     changes.append(Change("delete", old_rec))
                 continue
             self._records[path] = rec
+            bucket, _, name = path.rpartition("/")
+            self._children.setdefault(bucket, set()).add(name)  # known now (a refetch may bring one never listed)
             changes.append(Change("put", rec))
         return changes
 

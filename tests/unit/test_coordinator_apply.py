@@ -322,6 +322,19 @@ def test_the_standby_audit_repairs_what_replication_missed(
             assert "repaired" not in (standby.tick() or "")
             time.sleep(0.05)
         assert standby.audit_runs == 2 and "store 5: added 0, refreshed 0, removed 0" in standby.status()["last_audit"]
+        # A change the watch itself missed (its view lacks au3, and so does the proxy): the proxy-vs-view half
+        # cannot see it; two audits running that find the view disagreeing with the store have the watch read it.
+        rep = standby.replicator
+        watch = rep._watch  # type: ignore[attr-defined]
+        watch._records.pop(writer.contact_path("au3", uri(3)))
+        rpc.call("ul.rm_contact", "location", "au3", uri(3))
+        deadline = time.monotonic() + 30
+        while rep.stats.view_repairs == 0 and time.monotonic() < deadline:
+            standby._next_audit = 0
+            standby.tick()
+            time.sleep(0.05)
+        assert rep.stats.view_repairs == 1
+        wait_for(lambda: bindings(rpc, "au3") == {uri(3)})
         # The freshness guard reads when the binding was last changed (Last-Modified or Last-Keepalive).
         (b,) = [b for k, b in proxytable.dump(proxy.rpc_sock).items() if k == ("au1", uri(1))]
         assert abs(b.record.ts_ms / 1000 - time.time()) < 60, b
