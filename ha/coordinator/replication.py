@@ -64,6 +64,7 @@ REPAIR_CHUNK = 1000
 # AUDIT_SOON_S after changes could not be applied.
 AUDIT_INTERVAL_S = 30.0
 AUDIT_SOON_S = 2.0
+AUDIT_SUSPECT_S = 5.0  # the next audit, when the view disagreed with the store on some bindings (check_view)
 STANDBY_DIALOGS_KEPT = 20000
 STANDBY_DIALOG_WINDOW_S = 60.0
 
@@ -573,6 +574,8 @@ class Replication:
                 log.exception("standby audit failed")
                 return f"standby audit failed: {exc!r}"
             self.audit_runs += 1
+            if rep is not None and rep.suspects:
+                self._next_audit = min(self._next_audit, now + AUDIT_SUSPECT_S)  # confirm (or clear) them soon
             if res is None:
                 return None
             if res.repaired or res.errors:

@@ -235,6 +235,11 @@ class Replicator:
                 self.on_synced()
 
 
+    @property
+    def suspects(self) -> int:
+        """Bindings the last check_view found the view disagreeing on (read again if the next one agrees)."""
+        return len(self._suspects)
+
     def check_view(self, stored: Mapping[str, ContactRecord], started_ms: int) -> int:
         """Compare the watch's view with a fresh read of the store (path -> record); a binding that disagrees in
         two checks running is read again by the watch, which delivers what it is now. Returns how many.
