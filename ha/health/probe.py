@@ -29,6 +29,10 @@ in 100-300 ms: the final response that arrives late proves the proxy was alive a
 sent, so the target's next observation that would be a (non-certain) dead one is ``overloaded`` instead
 ("late: answered in 180 ms"), which resets the consecutive-failure count. A hung or crashed proxy sends no late
 answers, so its detection is exactly as without them; "nothing listening" stays certain and immediate.
+The limit: a late answer helps only if it arrives before the N-th dead cycle. After a failed cycle the next
+probe goes out at once, so with the lab's 40 ms timeout and N = 3 the flip comes ~120 ms after the first
+unanswered probe was sent; an answer later than that cannot stop it (the lab's 10k REGISTER burst: late answers
+42-195 ms, most under 100 ms).
 """
 
 from __future__ import annotations
