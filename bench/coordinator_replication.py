@@ -85,6 +85,7 @@ class System:
     recv_sock: Path
     standby_sock: Path
     has_zk = False
+    sender_local: tuple[str, int] = ("", 0)
 
     def zk_count(self) -> int:
         raise NotImplementedError
@@ -105,6 +106,14 @@ class System:
     def after_step(self, t_wall0: float, t_wall1: float) -> dict[str, Any]:
         """Anything more to report about a step (wall-clock window: start of the step to caught up)."""
         return {}
+
+    def sender_at(self, local: tuple[str, int]) -> None:
+        """The sender's address (its phones' Contact host and port), once known."""
+        self.sender_local = local
+
+    def markers_in_store(self) -> Callable[[list[str]], list[bool]] | None:
+        """How to tell which marker AoRs an intermediate store already holds (None: there is none)."""
+        return None
 
     def stop_after(self, row: dict[str, Any]) -> str:
         """Why no further step makes sense after this one ('' to go on)."""
@@ -131,8 +140,10 @@ class Cpu:
         self.busy = machine_busy()
 
     def since(self) -> dict[str, float]:
-        dt = max(1e-3, time.monotonic() - self.t)
-        out = {}
+        dt = time.monotonic() - self.t
+        if dt < 1.0:
+            return {"seconds": round(dt, 2)}  # too short a window for shares of a core
+        out: dict[str, float] = {}
         for g, before in self.cpu.items():
             alive = [p for p in before if Path(f"/proc/{p}").exists()]
             out[g] = round(sum(rb.cpu_s([p]) - before[p] for p in alive) / dt, 2)
@@ -166,6 +177,8 @@ def run(system: System, steps: list[tuple[int, float]], marker_rate: float, send
         sampler.start()
         markers.start()
         w = sender.step("warm", 20, 1.0, 0, "mkwx", 20)
+        system.sender_at(tuple(w["local"]))
+        markers.mid = system.markers_in_store()
         if not _caught_up(sampler, {"standby": 0, "zk": 0}, 30):
             raise RuntimeError(f"warm-up: the standby did not get the {w['ok']} warm-up bindings within 30 s: "
                                f"{sampler.latest()}")
@@ -238,6 +251,7 @@ def one_step(system: System, sampler: rb.Sampler, markers: rb.Markers, sender: r
                            "markers_sent": res["markers_sent"],
                            "offered_with_markers_per_s": round((res["sent"] + res["markers_sent"]) / dur),
                            "answered_200": res["ok"], "answered_other": res["other"],
+                           "other_codes_so_far": res["other_codes"],
                            "accepted_per_s": round(res["ok"] / dur)}
     row["cpu_cores_step"] = cpu.since()  # the step and the 1 s after it (answers in flight)
     cpu = Cpu(groups)
@@ -362,6 +376,19 @@ class Sipha(System):
             self.leader = ""  # a new leader is looked for on the next sample
             raise
 
+    def markers_in_store(self) -> Callable[[list[str]], list[bool]] | None:
+        from ha.coordinator.store import contact_name
+
+        ip, port = self.sender_local
+        root = f"/sipha/{self.spec['cluster']}/contacts"
+
+        def check(aors: list[str]) -> list[bool]:
+            paths = ["{}/{}/{}".format(root, *contact_name(a, f"sip:{a}@{ip}:{port}")) for a in aors]
+            futs = [self.zk.exists_async(p) for p in paths]
+            return [f.get(timeout=2) is not None for f in futs]
+
+        return check
+
     def zk_bindings(self) -> int:
         """Exact: the children of the 256 contact buckets (pipelined ``exists``: ``numChildren``)."""
         futs = [self.zk.exists_async(b) for b in self.buckets]
@@ -410,10 +437,16 @@ class Sipha(System):
             out["zk_bindings_exact"] = repr(exc)[:200]
         out["standby_passes"] = replicator_passes(Path(f"/var/log/sipha/coordinator-{self.standby}.log"),
                                                   t_wall0, t_wall1)
+        out["role_changes"] = sorted(
+            f"{t} {n}: {what}" for n in (self.active, self.standby)
+            for t, what in role_changes(Path(f"/var/log/sipha/coordinator-{n}.log"), t_wall0, t_wall1))
+        out["window"] = [time.strftime("%H:%M:%S", time.localtime(t)) for t in (t_wall0, t_wall1)]
         return out
 
     def stop_after(self, row: dict[str, Any]) -> str:
-        if row.get("before_vip") != row.get("after_vip"):
+        took = [c for c in row.get("role_changes", []) if f" {self.standby}: took over" in c]
+        if row.get("before_vip") != row.get("after_vip") or took:
+            row["health_log_tail"] = health_log_tail(Path(self.spec["state_dir"]) / self.active / "logs")
             return (f"the VIP moved during step {row['step']} ({row['offered_per_s']}/s offered: "
                     f"{row.get('before_vip')} -> {row.get('after_vip')}); no further step")
         if row.get("before_coordinator_pids") != row.get("after_coordinator_pids"):
@@ -432,6 +465,40 @@ class Sipha(System):
             except Exception as exc:  # reported: the figures above stand without it
                 out[f"coordinator_{n}"] = {"error": repr(exc)[:300]}
         return out
+
+
+def health_log_tail(logs: Path, n: int = 15) -> list[str]:
+    """The last lines (not DEBUG) of a lab node's health service log: why the VIP left it."""
+    try:
+        lines = (logs / "sipha-health.log").read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return [str(exc)]
+    return [ln[:300] for ln in lines if "DEBUG" not in ln][-n:]
+
+
+def role_changes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> list[tuple[str, str]]:
+    """A coordinator's role changes between t0 and t1 (its log): ("HH:MM:SS,mmm", "took over"|"gave up").
+
+    Finer than looking at the VIP before and after a step: a VIP that left for 3 s and came back, or a coordinator
+    that believed for a second that it had lost the VIP, shows here only."""
+    import datetime as dt
+
+    out = []
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    for ln in lines:
+        what = ("took over" if "a VIP is local: taking over" in ln else
+                "gave up" if "no VIP is local any more" in ln else "")
+        if what:
+            with contextlib.suppress(ValueError):
+                t = dt.datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if t0 <= t <= t1:
+                    out.append((ln[11:23], what))
+    return out
 
 
 def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> dict[str, Any]:
@@ -519,7 +586,10 @@ def summary(res: dict[str, Any]) -> str:
             + (f" zookeeper {r['zk_per_s']}/s (2nd half {r['zk_per_s_2nd_half']}/s)," if "zk_per_s" in r else "")
             + f" standby {r['standby_per_s']}/s (2nd half {r['standby_per_s_2nd_half']}/s), behind at end "
             f"{r['standby_behind_at_end']}, caught up {r['catch_up_s']} s after; lag p50/p99/max "
-            f"{lag['p50_ms']}/{lag['p99_ms']}/{lag['max_ms']} ms (n={lag['n']}, missed {lag['missed']}); "
+            f"{lag['p50_ms']}/{lag['p99_ms']}/{lag['max_ms']} ms (n={lag['n']}, missed {lag['missed']})"
+            + (f", to zookeeper p50/p99 {lag['to_store_p50_ms']}/{lag['to_store_p99_ms']} ms"
+               if "to_store_n" in lag else "")
+            + "; "
             f"load {r['load1']}")
     b, a = res.get("memory_before", {}), res.get("memory_after_first", {})
     if a:

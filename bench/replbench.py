@@ -60,6 +60,7 @@ def _sender_main(conn: Connection, markers: Any, local: tuple[str, int], target:
     sock.settimeout(0.2)
     me = sock.getsockname()
     counts = {"ok": 0, "other": 0}
+    codes: dict[str, int] = {}  # status codes other than 1xx and 200, over the process's life
     stop = threading.Event()
 
     def rx() -> None:
@@ -78,6 +79,8 @@ def _sender_main(conn: Connection, markers: Any, local: tuple[str, int], target:
                     markers.put((m, t))
             elif not data.startswith(b"SIP/2.0 1"):
                 counts["other"] += 1
+                code = data[8:11].decode(errors="replace")
+                codes[code] = codes.get(code, 0) + 1
 
     th = threading.Thread(target=rx, daemon=True)
     th.start()
@@ -108,8 +111,8 @@ def _sender_main(conn: Connection, markers: Any, local: tuple[str, int], target:
                 t_last = time.monotonic()
                 time.sleep(0.001)
             time.sleep(1.0)  # answers still on their way
-            conn.send({"sent": sent, "markers_sent": msent, "t0": t0, "t_last": t_last,
-                       "ok": counts["ok"] - ok0, "other": counts["other"] - other0})
+            conn.send({"sent": sent, "markers_sent": msent, "t0": t0, "t_last": t_last, "local": list(me),
+                       "ok": counts["ok"] - ok0, "other": counts["other"] - other0, "other_codes": dict(codes)})
     finally:
         stop.set()
         th.join(2)
@@ -276,6 +279,7 @@ class Sampler:
 class MarkerResult:
     aor: str
     lag_s: float
+    mid_s: float | None  # to the intermediate store (sipha: ZooKeeper), when one is checked
     first_poll: bool  # already there at the first lookup (the lag is then at most one poll)
     queued_s: float  # from the 200 OK to the poller having it (the sender process's queue): the floor
 
@@ -287,7 +291,11 @@ class Markers:
     The oldest ``window`` outstanding markers are looked up every ``every`` s (one pipelined burst), all of them
     every ``every_all`` s; both intervals grow with the oldest marker's age (see ``_run``). When the standby is
     seconds behind, hundreds are outstanding, and looking all of them up every 5 ms would take the standby's one
-    JSON-RPC worker (which also takes sipha's ``ul.add``) and this machine's CPU away from what is measured."""
+    JSON-RPC worker (which also takes sipha's ``ul.add``) and this machine's CPU away from what is measured.
+
+    ``mid``, when given, says for a list of marker AoRs which are already in the intermediate store (sipha:
+    ZooKeeper); it is asked in the same cycles for the markers not seen there yet, which splits each lag in two.
+    """
 
     rpc: kamailio.Rpc
     source: Any  # the sender's marker queue
@@ -298,6 +306,8 @@ class Markers:
     results: list[MarkerResult] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     polls: int = 0
+    mid: Callable[[list[str]], list[bool]] | None = None
+    _mid_seen: dict[str, float] = field(default_factory=dict)  # aor -> lag to the intermediate store
     _out: dict[str, tuple[float, bool]] = field(default_factory=dict)  # aor -> (200 OK time, looked up yet)
     _queued: dict[str, float] = field(default_factory=dict)  # aor -> how long it took to reach the poller
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -333,6 +343,8 @@ class Markers:
                 if every_one:
                     last_all = t_cycle
                 todo = list(self._out) if every_one else list(self._out)[: self.window]
+                if self.mid is not None:
+                    self._check_mid([a for a in todo if a not in self._mid_seen])
                 try:
                     outs = self.rpc.call_many([("ul.lookup", ["location", a]) for a in todo], self.window)
                 except kamailio.RpcError:
@@ -342,14 +354,28 @@ class Markers:
                 for aor, out in zip(todo, outs, strict=True):
                     t_ok, looked = self._out[aor]
                     if out is not None and not isinstance(out, Exception):
-                        self.results.append(MarkerResult(aor, t_seen - t_ok, not looked, self._queued.pop(aor, 0.0)))
+                        self.results.append(MarkerResult(aor, t_seen - t_ok, self._mid_seen.pop(aor, None), not looked,
+                                                         self._queued.pop(aor, 0.0)))
                         del self._out[aor]
                     elif t_seen - t_ok > self.give_up_s:
                         self.missed.append(aor)
                         del self._out[aor]
+                        self._mid_seen.pop(aor, None)
                     else:
                         self._out[aor] = (t_ok, True)
             self._stop.wait(max(0.0, t_cycle + every - time.monotonic()))
+
+    def _check_mid(self, aors: list[str]) -> None:
+        if not aors or self.mid is None:
+            return
+        try:
+            there = self.mid(aors)
+        except Exception:  # the intermediate figure is extra: a failed check is simply tried again
+            return
+        t = time.monotonic()
+        for aor, yes in zip(aors, there, strict=True):
+            if yes:
+                self._mid_seen[aor] = t - self._out[aor][0]
 
     def wait_done(self, limit_s: float) -> None:
         t0 = time.monotonic()
@@ -378,7 +404,9 @@ def lag_summary(results: list[MarkerResult], missed: int = 0) -> dict[str, Any]:
 
     return {"n": len(lags), "missed": missed, "p50_ms": ms(pct(lags, 50)), "p99_ms": ms(pct(lags, 99)),
             "max_ms": ms(max(lags) if lags else None), "at_first_poll": sum(r.first_poll for r in results),
-            "queued_p50_ms": ms(pct([r.queued_s * 1000 for r in results], 50))}
+            "queued_p50_ms": ms(pct([r.queued_s * 1000 for r in results], 50)),
+            **({"to_store_p50_ms": ms(pct(mids, 50)), "to_store_p99_ms": ms(pct(mids, 99)), "to_store_n": len(mids)}
+               if (mids := [r.mid_s * 1000 for r in results if r.mid_s is not None]) else {})}
 
 
 __all__ = ["MARK", "MarkerResult", "Markers", "Sample", "Sampler", "Sender", "cpu_s", "lag_summary",
