@@ -14,18 +14,20 @@ examples/lab.yaml && .venv/bin/python bench/coordinator_replication.py sipha --j
 
 Steps (``--steps rate:seconds,...``): REGISTERs at a fixed offered rate, distinct AoRs, one binding each,
 expires 3600, never waiting for answers; markers (``--marker-rate``/s) ride along. Every 200 ms the contacts in
-the receiving proxy, in ZooKeeper (sipha: ``numChildren`` of the 256 buckets) and in the standby proxy
+the receiving proxy, in ZooKeeper (sipha: the leader's ``zk_znode_count`` from mntr, compared by its offset; the
+exact ``numChildren`` sum of the 256 buckets after each step) and in the standby proxy
 (``usrloc:location_contacts``) are sampled. Per step: offered, accepted (200 OK/s at the sender and the
-receiving proxy's count), reached the standby (/s over the step and its second half), how far behind the
-standby was at the step's last send and how long it then took to catch up (bounded). Markers: from the
-marker's 200 OK at the sender to its first ``ul.lookup`` hit on the standby (lib: bench/replbench.py).
+receiving proxy's count), reached ZooKeeper and the standby (/s over the step and its second half), how far
+behind they were at the step's last send and how long they then took to catch up (bounded). Markers: from the
+marker's 200 OK at the sender to its first ``ul.lookup`` hit on the standby, and (sipha) to its znode existing
+(lib: bench/replbench.py).
 
 Memory: the standby Kamailio's ``core.shmmem`` before the first step and after it has caught up (the first,
-moderate step: 1000/s for 60 s, ~60k contacts; reported per 100k); for sipha also the coordinators' RSS on both
-nodes and ZooKeeper's ``zk_approximate_data_size`` (mntr) and JVM RSS. Where the cores go: CPU time per process
-group over each step. sipha stops stepping when the VIP moved or a coordinator restarted (the figures after it
-would describe a failover). Nothing is unregistered: the lab goes down after (``lab down``), the dmq instances
-are stopped.
+moderate step: 500/s for 60 s, ~31k contacts; reported per 100k, usrloc's cost is linear); for sipha also the
+coordinators' RSS on both nodes and ZooKeeper's ``zk_approximate_data_size`` (mntr) and JVM RSS. Where the cores
+go: CPU time per process group over each step. sipha stops stepping when the VIP left the active (also for a few
+seconds: the coordinators' logs) or a coordinator restarted: the figures after it would describe a failover.
+Nothing is unregistered: the lab goes down after (``lab down``), the dmq instances are stopped.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import replbench as rb  # noqa: E402
 
 from ha.proxy import kamailio  # noqa: E402
 
-DEFAULT_STEPS = "1000:60,2000:12,5000:12,10000:12,15000:12"
+DEFAULT_STEPS = "500:60,1000:20,2000:12,5000:12,10000:12,15000:12"
 CATCH_UP_LIMIT_S = 120.0
 SHM_FREE_MIN = 0.2  # a step starts only while both proxies have this share of shared memory free
 
@@ -447,8 +449,9 @@ class Sipha(System):
         took = [c for c in row.get("role_changes", []) if f" {self.standby}: took over" in c]
         if row.get("before_vip") != row.get("after_vip") or took:
             row["health_log_tail"] = health_log_tail(Path(self.spec["state_dir"]) / self.active / "logs")
-            return (f"the VIP moved during step {row['step']} ({row['offered_per_s']}/s offered: "
-                    f"{row.get('before_vip')} -> {row.get('after_vip')}); no further step")
+            return (f"the VIP left {self.active} during step {row['step']} ({row['offered_per_s']}/s offered: VIP on "
+                    f"{row.get('before_vip')} before, {row.get('after_vip')} after; "
+                    f"{took or 'no role change logged'}); no further step")
         if row.get("before_coordinator_pids") != row.get("after_coordinator_pids"):
             return f"a coordinator restarted during step {row['step']}; no further step"
         return ""
