@@ -603,6 +603,14 @@ def summary(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def head() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("system", choices=("sipha", "dmq"))
@@ -617,15 +625,11 @@ def main() -> int:
         print("needs root (lab namespaces, the nodes' sockets)", file=sys.stderr)
         return 2
     t_start = time.strftime("%Y-%m-%d %H:%M:%S")
+    commit = head()  # the checkout may move during a run (others commit): both ends are kept
     res = main_sipha(args) if args.system == "sipha" else main_dmq(args)
     res["started"] = t_start
     res["steps_arg"] = args.steps
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, timeout=5).stdout.strip()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # the checkout may move during a run
-        res["commit_end"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True, timeout=5).stdout.strip()
+    res["commit"], res["commit_end"] = commit, head()
     print(summary(res))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
