@@ -248,6 +248,17 @@ class SequenceTracker:
         self.lost = 0
         self.duplicates = 0
         self.restarts = 0
+        self.forgotten = 0  # missing seqs dropped from memory (MISSING_KEPT) without arriving: lost for good
+
+    @property
+    def outstanding(self) -> int:
+        """Seqs a gap counted missing that have not arrived (yet), over every proxy node."""
+        return sum(len(m) for m in self._missing.values())
+
+    def settle(self) -> None:
+        """Forget what is still missing: a reconciliation is repairing it (a late arrival is then a duplicate of
+        what it wrote, and a LATE apply would be harmless either way)."""
+        self._missing.clear()
 
     def observe(self, ev: Event) -> SeqResult:
         prev = self._last.get(ev.node)
@@ -281,6 +292,7 @@ class SequenceTracker:
         if len(missing) > self.MISSING_KEPT:
             for old_seq in sorted(missing)[: len(missing) - self.MISSING_KEPT]:
                 missing.discard(old_seq)
+                self.forgotten += 1
         return SeqResult(SeqStatus.GAP, missing=ev.seq - last - 1)
 
 
