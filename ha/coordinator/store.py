@@ -1019,10 +1019,17 @@ class _ZkContactWatch(Watch):
         fetch: set[str] = set()
         if any(kind == "arm" for kind, _ in items):
             changes, fetch = self._arm()
+        # Every bucket a child event named, listed once and pipelined: one synchronous round trip per event was
+        # the standby's bottleneck under a REGISTER stream (each new binding is a child event of its bucket).
+        listings = {b: self.client.get_children_async(b, watch=self._on_children)
+                    for b in dict.fromkeys(path for kind, path in items if kind == "children")}  # fmt: skip
         for kind, path in items:
             if kind == "children":
                 bucket = path
-                names = set(self.client.get_children(bucket, watch=self._on_children))
+                pending = listings.pop(bucket, None)
+                if pending is None:
+                    continue  # this bucket's listing was already taken in this batch
+                names = set(pending.get(timeout=self.store.op_timeout_s))
                 old = self._children.get(bucket, set())
                 fetch.update(f"{bucket}/{n}" for n in names - old)
                 self._children[bucket] = names
