@@ -119,12 +119,11 @@ class Replication:
         self._dump = None
         self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
         self._repair_counts: ReconcileResult | None = None
-        self._late: list[tuple[list[Event], bool, Future[Any]]] = []  # unfenced writes in flight (_write_late)
+        self._late: list[tuple[list[Event], Callable[[list[Event]], Any], Future[Any]]] = []  # see _write_late
         self._standby_contacts: list[Event] = []  # this proxy's REGISTERs while not the writer (see feed)
         # The standby's audit of its proxy against the watch's view (Replicator.audit), run off the loop.
         self._audit: Future[Any] | None = None
         self._next_audit = time.monotonic() + AUDIT_INTERVAL_S
-        self._audit_soon: float | None = None
         self.audit_runs = 0
         self.late_written = 0
         self._repair_read_s = 0.0
@@ -312,8 +311,6 @@ class Replication:
         an event touches from now on is left out of the repair: the event is newer than anything the dump shows."""
         if self.dump_table is None:
             raise RpcError("no way to read the proxy's table")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
         if self.pending:
             self.flush()  # every event fed before the dump is in the store before the store is read
         t = self.intake.tracker
@@ -328,7 +325,7 @@ class Replication:
             table = dump_table()
             return table, {(r.aor, r.contact): r for r in store.snapshot().contacts}
 
-        self._dump = self._pool.submit(read)
+        self._dump = self._worker().submit(read)
         return "reconcile: reading the proxy's table and the store"
 
     def finish_reconcile(self) -> str | None:
@@ -450,10 +447,8 @@ class Replication:
         if not isinstance(self.store, ZkStore):
             self.fenced += len(events)
             return f"{len(events)} events not written"
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
         write = self.store.write_before_takeover if before_takeover else self.store.write_if_newer
-        self._late.append((events, before_takeover, self._pool.submit(write, events)))
+        self._late.append((events, write, self._worker().submit(write, events)))
         if not before_takeover:
             return f"{len(events)} events: writing them where nothing newer is stored"
         return f"{len(events)} events: writing those from before the takeover, if nothing newer is stored"
@@ -461,13 +456,11 @@ class Replication:
     def _late_outcomes(self) -> list[str]:
         said = []
         while self._late and self._late[0][2].done():
-            events, before_takeover, fut = self._late.pop(0)
+            events, write, fut = self._late.pop(0)
             try:
                 res = fut.result()
             except StoreUnavailable as exc:
-                assert self._pool is not None
-                self._late.append((events, before_takeover,
-                                   self._pool.submit(self._late_when_back, events, before_takeover)))
+                self._late.append((events, write, self._worker().submit(self._late_when_back, write, events)))
                 said.append(f"unfenced write of this proxy's events: {exc}; trying again when zookeeper answers")
                 continue
             except Exception as exc:  # whatever it was, the events are lost: say so
@@ -479,13 +472,19 @@ class Replication:
             said.append(f"this proxy's events written unfenced: {res}")
         return said
 
-    def _late_when_back(self, events: list[Event], before_takeover: bool) -> Any:
+    def _late_when_back(self, write: Callable[[list[Event]], Any], events: list[Event]) -> Any:
         """The unfenced write once ZooKeeper answers again (a bounded wait on the worker thread)."""
-        assert isinstance(self.store, ZkStore)
         deadline = time.monotonic() + 30
         while not self.store.available and time.monotonic() < deadline:
             time.sleep(0.5)
-        return (self.store.write_before_takeover if before_takeover else self.store.write_if_newer)(events)
+        return write(events)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        """The one thread for the slow reads and writes kept off the loop: reconciliation's reads, the unfenced
+        writes, the standby audit. One, so they never race each other for the proxy's RPC worker."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
+        return self._pool
 
     def tick(self) -> str | None:
         """Periodic work: replay the journal when ZooKeeper is back, collect expired bindings if elected."""
@@ -604,17 +603,14 @@ class Replication:
             or not rep.synced.is_set()
         ):  # fmt: skip
             return None
-        due = self._next_audit if not rep.audit_soon else min(self._next_audit, self._audit_soon_at(now))
-        if now < due:
+        if rep.audit_soon:  # set on the watch thread; taken here once, as an earlier due time
+            rep.audit_soon = False
+            self._next_audit = min(self._next_audit, now + AUDIT_SOON_S)
+        if now < self._next_audit:
             return None
         size = rep.last_audit.proxy if rep.last_audit else 0
         self._next_audit = now + max(AUDIT_INTERVAL_S, size / 2000)
-        self._audit_soon = None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
-        dump_table = self.dump_table
-
-        store = self.store
+        dump_table, store = self.dump_table, self.store
 
         def run() -> Any:
             started = int(time.time() * 1000)
@@ -623,13 +619,8 @@ class Replication:
                 rep.check_view(stored, started)
             return rep.audit(dump_table(), started, lambda: not self.active)
 
-        self._audit = self._pool.submit(run)
+        self._audit = self._worker().submit(run)
         return None
-
-    def _audit_soon_at(self, now: float) -> float:
-        if self._audit_soon is None:
-            self._audit_soon = now + AUDIT_SOON_S
-        return self._audit_soon
 
     def promote(self) -> str:
         """This node takes over: a new epoch fences every older writer (a partitioned old active included)."""

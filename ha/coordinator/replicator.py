@@ -299,11 +299,11 @@ class Replicator:
                 elif abs(have.record.expires_at - rec.expires_at) > AUDIT_EXPIRY_SLACK_S:
                     adds.append(rec)
                     refreshed += 1
-            fresh_after = started_ms - AUDIT_FRESH_S * 1000
             removes = [pb.record for key, pb in table.items()
-                       if key not in want and (pb.pushed or pb.record.ts_ms < fresh_after)]  # fmt: skip
+                       if key not in want and (pb.pushed or pb.record.ts_ms < settled_before)]  # fmt: skip
             res = self.applier.apply(adds, removes) if adds or removes else ApplyResult()
-        self.audit_soon = bool(res.errors)
+        if res.errors:
+            self.audit_soon = True  # the loop takes the flag when it schedules an audit
         out = AuditResult(proxy=len(table), view=len(want), added=len(adds) - refreshed, refreshed=refreshed,
                           removed=len(removes), errors=len(res.errors))  # fmt: skip
         self.last_audit = out

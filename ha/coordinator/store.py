@@ -693,8 +693,8 @@ class ZkStore(Store):
         this event created before it comes back (there is no tombstone); it expires as registered.
         """
         cutoff = self.takeover_ms()
-        return self.write_if_newer([ev for ev in events if cutoff and ev.ts < cutoff], rounds,
-                                   fenced=len([ev for ev in events if not (cutoff and ev.ts < cutoff)]))
+        before = [ev for ev in events if cutoff and ev.ts < cutoff]
+        return self.write_if_newer(before, rounds, fenced=len(events) - len(before))
 
     def write_if_newer(self, late: Sequence[Event], rounds: int = 4, fenced: int = 0) -> LateResult:
         """Write events without the epoch check, each binding only where the store holds nothing newer (see
@@ -1035,37 +1035,38 @@ class _ZkContactWatch(Watch):
                 self._children[bucket] = names
                 # Gone from the listing is gone, whatever became of its data watch (see _fetch).
                 for n in old - names:
-                    gone = f"{bucket}/{n}"
-                    fetch.discard(gone)
-                    self._unarmed.discard(gone)
-                    rec = self._records.pop(gone, None)
-                    if rec is not None:
-                        changes.append(Change("delete", rec))
+                    fetch.discard(f"{bucket}/{n}")
+                    changes.extend(self._gone(f"{bucket}/{n}"))
             elif kind == "data":
                 fetch.add(path)
             elif kind == "deleted":
                 fetch.discard(path)
-                bucket, _, name = path.rpartition("/")
-                self._children.get(bucket, set()).discard(name)
-                rec = self._records.pop(path, None)
-                if rec is not None:
-                    changes.append(Change("delete", rec))
+                changes.extend(self._gone(path))
         for path, rec in self._fetch(sorted(fetch)).items():
             if rec is None:
                 # Deleted before the read. A getData of a missing node sets no watch, so no delete event comes
                 # for it, and the child event that did come may already be processed: report the delete here,
                 # and forget the name so that a re-creation under the same path is seen as new.
-                bucket, _, name = path.rpartition("/")
-                self._children.get(bucket, set()).discard(name)
-                old_rec = self._records.pop(path, None)
-                if old_rec is not None:
-                    changes.append(Change("delete", old_rec))
+                changes.extend(self._gone(path))
                 continue
             self._records[path] = rec
             bucket, _, name = path.rpartition("/")
             self._children.setdefault(bucket, set()).add(name)  # known now (a refetch may bring one never listed)
             changes.append(Change("put", rec))
         return changes
+
+    def _forget_child(self, path: str) -> None:
+        """Drop a binding's name from its bucket's known children, so that a (re-)creation under the same path
+        reads as new at the next listing of the bucket."""
+        bucket, _, name = path.rpartition("/")
+        self._children.get(bucket, set()).discard(name)
+
+    def _gone(self, path: str) -> list[Change]:
+        """A binding that no longer exists, however that was learnt: forgotten, and its delete if the view had it."""
+        self._forget_child(path)
+        self._unarmed.discard(path)
+        rec = self._records.pop(path, None)
+        return [] if rec is None else [Change("delete", rec)]
 
     def _fetch(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
         """path -> its record (watched from now on), None when it does not exist; unreadable ones left out."""
@@ -1100,8 +1101,7 @@ class _ZkContactWatch(Watch):
             if p not in fresh:
                 # Listed, then gone before the read: not a child we know, or its re-creation under the same path
                 # (an un-REGISTER and a REGISTER again, common while a journal is replayed) would not read as new.
-                bucket, _, name = p.rpartition("/")
-                self._children[bucket].discard(name)
+                self._forget_child(p)
         changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
         self._records = fresh
@@ -1139,11 +1139,7 @@ class _ZkContactWatch(Watch):
             rec = self._records.get(p)
             read_mzxid = self._read_mzxid.pop(p, None)
             if stat is None:
-                bucket, _, name = p.rpartition("/")
-                self._children.get(bucket, set()).discard(name)  # a re-creation must read as new (see _fetch)
-                if rec is not None:  # deleted between the resync's read and now
-                    del self._records[p]
-                    changes.append(Change("delete", rec))
+                changes.extend(self._gone(p))  # deleted between the resync's read and now
             elif rec is None or stat.mzxid != read_mzxid:
                 refetch.add(p)  # changed between the read and the watch: read it again (and watch it)
         return changes, refetch
