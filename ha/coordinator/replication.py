@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "/var/lib/sipha/coordinator-journal.jsonl"
 MAX_PENDING = 5000  # events per flush; a burst larger than this is written in several flushes
+GAP_LOG_EVERY_S = 5.0  # at most one log line about sequence gaps per interval (the summary counts them all)
 # Reconciliation's writes per tick (~0.25 s of ZooKeeper when idle): the loop keeps answering status. Only from
 # tick(), not after each intake burst: under overload that made every burst's flush longer, and the agent's 1 s
 # status monitor failed more.
@@ -102,6 +103,7 @@ class Replication:
         self._closers: list[Callable[[], None]] = []
         self.started = False
         self.dropped = 0  # events lost because the journal was full (reconciliation repairs them)
+        self._gap_said = -GAP_LOG_EVERY_S  # monotonic time of the last gap log line
         self.fenced = 0
         self.gc_deleted = 0
         self.last = "not started"
@@ -398,10 +400,13 @@ class Replication:
                 self.proxy_boot = b or self.proxy_boot
                 msg = self.proxy_restarted(f"its event seq went back to {got.event.seq}")
         elif got.seq.status is SeqStatus.GAP:
-            msg = f"proxy {got.event.node}: {got.seq.missing} events lost before seq {got.event.seq}"
             if self.active:
                 self.schedule_reconcile(gap=True)
-                msg += ": reconciling from ul.dump unless they arrive late"
+            now = time.monotonic()
+            if now - self._gap_said >= GAP_LOG_EVERY_S:  # one line per interval, not per reordered event
+                self._gap_said = now
+                msg = (f"proxy {got.event.node}: events missing before seq {got.event.seq} ({self.intake.tracker.gaps}"
+                       " gaps so far)" + (": reconciling from ul.dump unless they arrive late" if self.active else ""))
         if self.active:
             self.pending.append(got.event)
         elif isinstance(got.event, DialogEvent):

@@ -111,6 +111,28 @@ class LabControl:
         except ValueError:
             return f"unreadable status: {out.strip()[:80]!r}"
 
+    def proxy_holds(self, node: str, aors: list[str]) -> set[str] | str:
+        """The AoRs of ``aors`` the node's proxy has a binding for (``ul.lookup`` over its RPC socket, asked from
+        inside the node), or why it cannot tell."""
+        code = ("import json, sys; from ha.proxy.kamailio import Rpc, RpcError\n"
+                "have = []\n"
+                "with Rpc(timeout=1.0) as r:\n"
+                "    for a in json.loads(sys.argv[1]):\n"
+                "        try:\n"
+                "            got = r.call('ul.lookup', 'location', a)\n"
+                "        except RpcError:\n"
+                "            continue\n"
+                "        if got:\n"
+                "            have.append(a)\n"
+                "print(json.dumps(have))")  # fmt: skip
+        rc, out = self.exec(node, [sys.executable, "-c", code, json.dumps(aors)], timeout=10)
+        if rc != 0:
+            return out.strip().splitlines()[-1] if out.strip() else f"exit {rc}"
+        try:
+            return set(json.loads(out))
+        except ValueError:
+            return f"unreadable lookup result: {out.strip()[:80]!r}"
+
     def vip_owners(self) -> dict[str, bool]:
         # A powered-off node's namespace still holds the VIP, but nothing there answers: not an owner.
         return {n: self.lab.powered(n) and v.holds(self.vip) for n, v in self._views.items()}

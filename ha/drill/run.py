@@ -91,10 +91,45 @@ def wait_healthy(ctl: ClusterControl, timeout: float, sleep: Callable[[float], N
     return problems
 
 
+REPLICATION_WAIT_S = 30.0  # how long a drill waits for its registrations to reach the standby proxies
+
+
+def wait_replicated(holds: Callable[[str, list[str]], set[str] | str], peers: list[str], aors: list[str],
+                    timeout: float = REPLICATION_WAIT_S, poll_s: float = 0.1,
+                    sleep: Callable[[float], None] = time.sleep) -> tuple[bool, str]:  # fmt: skip
+    """Wait until every peer's proxy holds every AoR; (all there, what happened). Why: phones in the field
+    registered long before a failure; a fault injected while the drill's own REGISTERs are still on their way
+    to the standby measures replication lag, not the failover (a busy active coordinator once held them
+    seconds behind, and the drill reported them lost)."""
+    t0 = time.monotonic()
+    missing: dict[str, set[str] | str] = {}
+    for _ in range(max(1, int(timeout / max(poll_s, 0.01)) + 1)):  # bounded in count, and in time below
+        missing = {}
+        for n in peers:
+            got = holds(n, aors)
+            missing[n] = got if isinstance(got, str) else set(aors) - got
+        if not any(missing.values()) or time.monotonic() - t0 >= timeout:
+            break
+        sleep(poll_s)
+    took = time.monotonic() - t0
+    if not any(missing.values()):
+        return True, f"{len(aors)} registrations on the standby proxies ({', '.join(peers)}) after {took:.2f} s"
+    why = "; ".join(f"{n}: {m if isinstance(m, str) else f'{len(m)} of {len(aors)} missing'}"
+                    for n, m in missing.items() if m)  # fmt: skip
+    return False, f"registrations NOT all on the standby proxies after {took:.1f} s ({why}); injecting anyway"
+
+
 async def _drive(traffic: Traffic, fault: Fault, opts: DrillOptions, marks: dict[str, float],
-                 progress: Progress) -> None:  # fmt: skip
+                 progress: Progress, replicated: Callable[[list[str]], tuple[bool, str]] | None = None) -> None:
     try:
         await traffic.start(progress)
+        if replicated is not None:
+            aors = [r.user for r in traffic.record.registrations if r.status == 200]
+            if aors:
+                ok, said = await asyncio.to_thread(replicated, aors)
+                progress(said)
+                if ok:
+                    marks["registrations on the standby"] = time.monotonic()
         await asyncio.sleep(opts.before_s)
         new = asyncio.create_task(traffic.new_calls(opts.hold_s + opts.after_s))
         marks["fault injected"] = time.monotonic()
@@ -141,13 +176,18 @@ def run_once(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambd
              f"{opts.calls} calls, {opts.rate:g} new calls/s, {opts.transport}")  # fmt: skip
     traffic = Traffic(opts._traffic_config(ctl.vip, ctl.client_ip, ctl.sip_port), ctl.socket_factory())
     sampler = OwnershipSampler(ctl.vip_owners)
+    holds = getattr(ctl, "proxy_holds", None)
+    peers = [n for n in ctl.nodes if n != old and st.powered.get(n)]
+    replicated = None
+    if holds is not None and st.replication and peers:  # a stock cluster replicates nothing: nothing to wait for
+        replicated = lambda aors: wait_replicated(holds, peers, aors)  # noqa: E731
     marks: dict[str, float] = {}
     interrupted, undo_error, error = False, None, None
     wall_minus_mono = time.time() - time.monotonic()
     wall_start = time.time()
     sampler.start()
     try:
-        asyncio.run(_drive(traffic, fault, opts, marks, progress))
+        asyncio.run(_drive(traffic, fault, opts, marks, progress, replicated))
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: undoing the fault, then reporting what was measured")

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -63,13 +64,15 @@ def up_cmd(cluster_yaml: str, stock: bool, bare: bool, timeout: float) -> None:
 
 
 @lab.command("down")
-def down_cmd() -> None:
+@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="copy every host's logs (Pacemaker, Corosync, services) to this directory first")
+def down_cmd(keep_logs: Path | None) -> None:
     """Remove every namespace, veth, mount and process the lab made (safe to run twice)."""
     from ha.lab import lab as labmod
 
     if os.geteuid() != 0:
         raise click.ClickException("the lab needs root: run it with sudo")
-    labmod.down(echo=_echo)
+    labmod.down(echo=_echo, keep_logs=keep_logs)
 
 
 @lab.command("status")

@@ -453,20 +453,27 @@ FAILED_LOGS = Path("/var/tmp/sipha-lab-failed")
 
 def _keep_logs(step: Step) -> None:
     """A failed `lab up` removes the lab; its logs are kept (one copy, replaced by the next failure)."""
-    shutil.rmtree(FAILED_LOGS, ignore_errors=True)
+    if copy_logs(FAILED_LOGS):
+        step(f"  logs of the failed start kept in {FAILED_LOGS}")
+
+
+def copy_logs(dest: Path) -> bool:
+    """Copy every host's logs (services, init, Pacemaker, Corosync) to ``dest``, replacing what it held: `lab
+    down` removes them with the lab, and a drill's or a test's rare tail is explained only by them."""
+    shutil.rmtree(dest, ignore_errors=True)
     if not STATE_DIR.exists():
-        return
+        return False
     for host_dir in STATE_DIR.iterdir():
         for rel in ("logs", "init.log", "root/var/log/pacemaker", "root/var/log/corosync"):
             src = host_dir / rel
-            dst = FAILED_LOGS / host_dir.name / rel.replace("root/var/log/", "")
+            dst = dest / host_dir.name / rel.replace("root/var/log/", "")
             with contextlib.suppress(OSError):
                 if src.is_dir():
                     shutil.copytree(src, dst)
                 elif src.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, dst)
-    step(f"  logs of the failed start kept in {FAILED_LOGS}")
+    return True
 
 
 def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeout: float) -> None:
@@ -587,8 +594,9 @@ def _pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
 
 
-def down(echo: Callable[[str], None] = print) -> list[str]:
-    """Remove everything the lab made, by the names and pids it recorded. Safe to run twice."""
+def down(echo: Callable[[str], None] = print, keep_logs: Path | None = None) -> list[str]:
+    """Remove everything the lab made, by the names and pids it recorded. Safe to run twice. ``keep_logs``:
+    a directory the hosts' logs are copied to first (taken after the processes stop, so complete)."""
     done: list[str] = []
     spec = load_spec() or {}
     hosts = spec.get("hosts", [])
@@ -630,6 +638,8 @@ def down(echo: Callable[[str], None] = print) -> list[str]:
             run(["ip", "netns", "del", ns], check=False)
             done.append(f"deleted netns {ns}")
     # 4. files
+    if keep_logs is not None and copy_logs(keep_logs):
+        done.append(f"kept the logs in {keep_logs}")
     for d in (CONTROL_DIR, STATE_DIR):
         if d.exists():
             shutil.rmtree(d, ignore_errors=True)

@@ -24,7 +24,8 @@ def _teardown() -> None:
     if _ours["up"]:
         from ha.lab import lab as labmod
 
-        labmod.down(echo=lambda _m: None)
+        keep = os.environ.get("SIPHA_LAB_KEEP_LOGS")  # a directory: the hosts' logs outlive the lab there
+        labmod.down(echo=lambda _m: None, keep_logs=Path(keep) if keep else None)
         _ours["up"] = False
 
 

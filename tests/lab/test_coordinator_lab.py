@@ -352,6 +352,7 @@ def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -
             stopped.append((h, pid))
         t_out = time.monotonic()
         journaled, modes, slow = 0, {}, []
+        during: dict[str, Any] = {}  # the active coordinator's last status during the outage
         while time.monotonic() - t_out < outage_s:
             time.sleep(1)
             # The active's journal, read on the host through its private /var/lib/sipha: what it buffered.
@@ -361,7 +362,9 @@ def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -
                 modes = labmod.zk_modes(lab)
             t_q = time.monotonic()
             try:
-                status(lab, active)
+                seen = status(lab, active)
+                seen_repl = seen.get("replication", {})
+                during = {k: seen_repl.get(k) for k in ("active", "zookeeper", "pending", "journal_bytes", "last")}
             except AssertionError as exc:
                 slow.append(f"{t_q - t_out:.0f}s: {str(exc)[-80:]}")
         assert not {m for m in modes.values() if m in ("leader", "follower", "standalone")}, (
@@ -377,7 +380,8 @@ def test_zookeeper_outage_under_register_load(lab: dict[str, Any], loop: Loop) -
         for i in sorted(outcomes):
             u, keep, _st = outcomes[i]
             expected[u] = keep
-        assert journaled > 0, "the active coordinator never journaled: the outage did not reach it"
+        assert journaled > 0, (f"the active coordinator never journaled: the outage did not reach it; its status "
+                               f"during the outage {during}, failed queries {slow}\n{coordinator_log(lab, active, 80)}")
         want = {(u, phones.contact(u)) for u, keep in expected.items() if keep}
 
         last: list[str] = []

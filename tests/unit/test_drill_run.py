@@ -340,3 +340,20 @@ def test_tcp_stream_reconnects_after_the_connection_drops() -> None:
     assert stream.reconnects >= 1
     answered = [s for s in stream.samples if s.answered]
     assert answered and answered[-1].sent > stream.samples[0].sent + 0.35  # answers again after the drop
+
+
+def test_wait_replicated_waits_for_every_peer_and_says_what_is_missing() -> None:
+    """The drill's registrations must be on the standby proxies before the fault (else it measures replication
+    lag): polled until they are, bounded, and a timeout says which peer lacks how many."""
+    calls = {"n": 0}
+
+    def holds(node: str, aors: list[str]) -> set[str] | str:
+        calls["n"] += 1
+        return set(aors[: calls["n"]])  # one more AoR arrives per poll
+
+    ok, said = run.wait_replicated(holds, ["node2"], ["a", "b", "c"], timeout=5, poll_s=0, sleep=lambda _s: None)
+    assert ok and calls["n"] == 3 and "3 registrations on the standby proxies (node2)" in said
+    ok, said = run.wait_replicated(lambda _n, _a: {"a"}, ["node2"], ["a", "b"], timeout=0.05, poll_s=0.01)
+    assert not ok and "node2: 1 of 2 missing" in said and "injecting anyway" in said
+    ok, said = run.wait_replicated(lambda _n, _a: "exit 1", ["node2"], ["a"], timeout=0.02, poll_s=0.01)
+    assert not ok and "node2: exit 1" in said
