@@ -41,7 +41,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -58,8 +58,9 @@ from kazoo.exceptions import (
     SessionExpiredError,
     UnimplementedError,
 )
+from kazoo.protocol.serialization import Watch as _WatchEvent
 from kazoo.protocol.serialization import int_struct, multiheader_struct, read_buffer, read_string, stat_struct
-from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
+from kazoo.protocol.states import KazooState, ZnodeStat
 
 from ha.coordinator.events import ContactEvent, DialogEvent, Event
 
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 READ_OPS = 200  # reads per multiRead request (~80 KB replies for bindings; far below the 1 MB limit)
 BATCH_OPS = 100  # ops per transaction, the check op included (measured: ~4.4k znodes/s on 3 members)
 BUCKETS = 256
-ARM_CHUNK = 2000  # data watches armed per pass after a resync (live changes are handled between passes)
 _SAFE = "@+-._~:;=!$&'()*"  # kept raw in znode names; everything else (/ , % space ...) is escaped
 
 
@@ -285,11 +285,16 @@ class Watch(ABC):
 _READ_ONLY = ("version", "mzxid")  # known from the znode's stat when read, never stored in its data
 
 
+_STORED_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _encode(rec: Any) -> bytes:
-    d = asdict(rec)
-    for k in _READ_ONLY:
-        d.pop(k, None)
-    return json.dumps(d, separators=(",", ":")).encode()
+    """The record's stored fields as compact JSON. Not ``dataclasses.asdict``: its recursive deep copy was a third
+    of the active coordinator's CPU per REGISTER (records hold only str and int fields)."""
+    names = _STORED_FIELDS.get(type(rec))
+    if names is None:
+        names = _STORED_FIELDS[type(rec)] = tuple(f for f in rec.__dataclass_fields__ if f not in _READ_ONLY)
+    return json.dumps({k: getattr(rec, k) for k in names}, separators=(",", ":")).encode()
 
 
 def _decode(cls: type[Any], data: bytes, version: int, mzxid: int = 0) -> Any:
@@ -346,6 +351,7 @@ class Store(ABC):
 
 
 _GET_DATA, _GET_CHILDREN = 4, 8  # ZooKeeper opcodes
+_DELETED_EVENT = 2  # ZooKeeper watch event type NodeDeleted
 
 
 class _MultiRead:
@@ -896,32 +902,83 @@ class ZkStore(Store):
         return w
 
 
+class _AddWatch:
+    """ZooKeeper's ``addWatch`` request (opcode 106, server >= 3.6), which kazoo 2.11 lacks; shaped like
+    :class:`_MultiRead`. A persistent recursive watch reports every create, data change and delete under its path
+    and stays armed: the standby needs no one-shot watch per binding to re-arm with a read per change."""
+
+    type = 106
+    PERSISTENT_RECURSIVE = 1
+
+    def __init__(self, path: str, mode: int = PERSISTENT_RECURSIVE) -> None:
+        self.path = path
+        self.mode = mode
+
+    def serialize(self) -> bytearray:
+        raw = self.path.encode()
+        return bytearray(int_struct.pack(len(raw)) + raw + int_struct.pack(self.mode))
+
+    def deserialize(self, buf: bytes, offset: int) -> bool:
+        return True  # the reply carries nothing but its header's error code
+
+
+_SUBTREE_HOOK = "_sipha_subtree_watches"  # on kazoo's connection handler: {path prefix: callback}
+
+
+def _subtree_watches(client: KazooClient) -> dict[str, Callable[[int, str], None]]:
+    """The client's persistent-watch callbacks, hooked once into its connection's event reader.
+
+    kazoo dispatches a watch event only to one-shot watchers registered for that exact path (and pops them), so
+    a persistent recursive watch's events for the paths below it would be dropped. The hook sees every event
+    first, hands the ones under a registered prefix to its callback (type, path), then lets kazoo go on."""
+    conn = client._connection
+    hooks: dict[str, Callable[[int, str], None]] | None = getattr(conn, _SUBTREE_HOOK, None)
+    if hooks is None:
+        hooks = {}
+        original = conn._read_watch_event
+
+        def read_watch_event(buffer: bytes, offset: int) -> Any:
+            ev, _ = _WatchEvent.deserialize(buffer, offset)
+            for prefix, callback in list(hooks.items()):
+                if ev.path.startswith(prefix):
+                    try:
+                        callback(ev.type, ev.path)
+                    except Exception:  # never into kazoo's connection thread
+                        log.exception("subtree watch callback failed for %s", ev.path)
+            return original(buffer, offset)
+
+        conn._read_watch_event = read_watch_event
+        setattr(conn, _SUBTREE_HOOK, hooks)
+    return hooks
+
+
 class _ZkContactWatch(Watch):
-    """Child watches on the 256 contact buckets and a data watch on every binding.
+    """One persistent recursive watch on the contacts subtree; reads with multiRead.
 
-    Watch callbacks run on kazoo's event thread and only enqueue; one worker thread reads what changed
-    (pipelined ``get_async``, re-arming each watch with the read) and hands batches to ``on_changes``.
-    Every watch is gone after *any* lost connection, not only a lost session: kazoo (2.11) sends no SetWatches
-    on a reconnect and clears its own watch table on SUSPENDED (``KazooClient._reset_watchers``). So after
-    either the worker reads everything again and reports the difference as a resync. (Trusting watches across
-    a reconnect left a standby 127 deleted bindings too many and 14 new ones short after a ZooKeeper outage.)
+    The watch's events (created, data changed, deleted; kazoo's connection thread) only enqueue; one worker
+    thread reads what changed, many bindings per ``multiRead`` request, and hands batches to ``on_changes``.
+    Before this a one-shot data watch per binding had to be re-armed by a ``getData`` per change, one kazoo
+    request each: ~170 us of Python per change on this machine, most of the standby's CPU under a REGISTER
+    stream, and 100k server-side watches per standby.
 
-    A resync reads the bindings' data with multiRead (no watches: ~20x less Python per binding than one
-    ``getData`` each), delivers them at once (the proxy's resync, hence readiness, waits for nothing else),
-    and only then arms the data watches, :data:`ARM_CHUNK` at a time with pipelined ``exists``: a binding
-    whose version moved since the read is read again, one that disappeared is reported deleted, so nothing
-    that changed in between is missed.
+    The watch is gone after *any* lost connection, not only a lost session (kazoo 2.11 sends no SetWatches on a
+    reconnect). So after either the worker adds it again and reads everything, reporting the difference as a
+    resync. (Trusting watches across a reconnect left a standby 127 deleted bindings too many and 14 new ones
+    short after a ZooKeeper outage.) The watch is added *before* the full read, so a change during the read is
+    also an event, read again afterwards: nothing that changed in between is missed.
+
+    A read that finds no node reports the binding deleted, whatever its events said (deleted before the read:
+    its delete event may already be processed).
     """
 
     def __init__(self, store: ZkStore, on_changes: Callable[[list[Change]], None]) -> None:
         self.store = store
         self.client = store.client
         self.on_changes = on_changes
+        self.root = f"{store.root}/contacts"
+        self._prefix = self.root + "/"
         self._q: queue.Queue[tuple[str, str]] = queue.Queue()
-        self._children: dict[str, set[str]] = {}  # bucket path -> child names seen
         self._records: dict[str, ContactRecord] = {}  # path -> last record seen
-        self._unarmed: set[str] = set()  # bindings read by a resync whose data watch is not armed yet
-        self._read_mzxid: dict[str, int] = {}  # their last-modified zxid as read (a version can repeat)
         self._stopped = threading.Event()
         self._session_lost = False
         self._complete = False  # _records is the whole store as of the last resync plus every change since
@@ -935,6 +992,9 @@ class _ZkContactWatch(Watch):
     def stop(self) -> None:
         self._stopped.set()
         self.client.remove_listener(self._on_state)
+        hooks = _subtree_watches(self.client)
+        if hooks.get(self._prefix) == self._on_event:
+            del hooks[self._prefix]  # the server-side watch ends with the connection; its events are ignored
         self._q.put(("stop", ""))
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
@@ -956,26 +1016,21 @@ class _ZkContactWatch(Watch):
 
     def refetch(self, paths: Iterable[str]) -> None:
         for p in paths:
-            self._q.put(("data", p))  # a read like any data event's: put, or delete when it is gone (see _process)
+            self._q.put(("data", p))  # a read like any data event's: put, or delete when it is gone
 
     # Callbacks on kazoo's threads: never block, never raise.
     def _on_state(self, state: KazooState) -> None:
-        if state in (KazooState.LOST, KazooState.SUSPENDED):  # either way the watches are gone (see above)
+        if state in (KazooState.LOST, KazooState.SUSPENDED):  # either way the watch is gone (see above)
             self._session_lost = True
             self._complete = False
         elif state == KazooState.CONNECTED and self._session_lost:
             self._session_lost = False
             self._q.put(("resync", ""))
 
-    def _on_children(self, event: WatchedEvent) -> None:
-        if event.path is None:  # kazoo's "session gone" notice to every watcher: the state listener resyncs
-            return
-        self._q.put(("children", event.path))
-
-    def _on_data(self, event: WatchedEvent) -> None:
-        if event.path is None:
-            return
-        self._q.put(("deleted" if event.type == EventType.DELETED else "data", event.path))
+    def _on_event(self, etype: int, path: str) -> None:
+        if path.count("/") != self._prefix.count("/") + 1:
+            return  # a bucket, not a binding
+        self._q.put(("deleted" if etype == _DELETED_EVENT else "data", path))
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -988,8 +1043,8 @@ class _ZkContactWatch(Watch):
             try:
                 changes = self._process(items)
             except self.store._unavailable_errors() as exc:
-                # Not connected: the session either survives (watches fire again on reconnect) or is lost
-                # (the state listener queues a resync). Nothing is dropped either way, so just wait.
+                # Not connected: the session either survives or is lost; either way the watch must be added
+                # again and everything read (the state listener queues that too). Nothing is dropped.
                 log.warning("contact watch: zookeeper unavailable (%r); resync queued", exc)
                 self._q.put(("resync", ""))
                 time.sleep(0.5)
@@ -1016,133 +1071,61 @@ class _ZkContactWatch(Watch):
             changes = self._process([it for it in items if it[0] != "replay"])
             return changes + [Change("put", r, resync=True, replay=True) for r in self._records.values()]
         changes: list[Change] = []
-        fetch: set[str] = set()
-        if any(kind == "arm" for kind, _ in items):
-            changes, fetch = self._arm()
-        # Every bucket a child event named, listed once and pipelined: one synchronous round trip per event was
-        # the standby's bottleneck under a REGISTER stream (each new binding is a child event of its bucket).
-        listings = {b: self.client.get_children_async(b, watch=self._on_children)
-                    for b in dict.fromkeys(path for kind, path in items if kind == "children")}  # fmt: skip
+        fetch: dict[str, None] = {}  # ordered set
         for kind, path in items:
-            if kind == "children":
-                bucket = path
-                pending = listings.pop(bucket, None)
-                if pending is None:
-                    continue  # this bucket's listing was already taken in this batch
-                names = set(pending.get(timeout=self.store.op_timeout_s))
-                old = self._children.get(bucket, set())
-                fetch.update(f"{bucket}/{n}" for n in names - old)
-                self._children[bucket] = names
-                # Gone from the listing is gone, whatever became of its data watch (see _fetch).
-                for n in old - names:
-                    fetch.discard(f"{bucket}/{n}")
-                    changes.extend(self._gone(f"{bucket}/{n}"))
-            elif kind == "data":
-                fetch.add(path)
+            if kind == "data":
+                fetch[path] = None
             elif kind == "deleted":
-                fetch.discard(path)
+                fetch.pop(path, None)  # a create after it in this batch adds it back
                 changes.extend(self._gone(path))
-        for path, rec in self._fetch(sorted(fetch)).items():
+        for path, rec in self._read(list(fetch)).items():
             if rec is None:
-                # Deleted before the read. A getData of a missing node sets no watch, so no delete event comes
-                # for it, and the child event that did come may already be processed: report the delete here,
-                # and forget the name so that a re-creation under the same path is seen as new.
-                changes.extend(self._gone(path))
+                changes.extend(self._gone(path))  # deleted before the read
                 continue
             self._records[path] = rec
-            bucket, _, name = path.rpartition("/")
-            self._children.setdefault(bucket, set()).add(name)  # known now (a refetch may bring one never listed)
             changes.append(Change("put", rec))
         return changes
 
-    def _forget_child(self, path: str) -> None:
-        """Drop a binding's name from its bucket's known children, so that a (re-)creation under the same path
-        reads as new at the next listing of the bucket."""
-        bucket, _, name = path.rpartition("/")
-        self._children.get(bucket, set()).discard(name)
-
     def _gone(self, path: str) -> list[Change]:
-        """A binding that no longer exists, however that was learnt: forgotten, and its delete if the view had it."""
-        self._forget_child(path)
-        self._unarmed.discard(path)
+        """A binding that no longer exists, however that was learnt: dropped, and its delete if the view had it."""
         rec = self._records.pop(path, None)
         return [] if rec is None else [Change("delete", rec)]
 
-    def _fetch(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
-        """path -> its record (watched from now on), None when it does not exist; unreadable ones left out."""
-        asyncs = [(p, self.client.get_async(p, watch=self._on_data)) for p in paths]
-        out: dict[str, ContactRecord | None] = {}
-        for p, a in asyncs:
-            try:
-                data, stat = a.get(timeout=self.store.op_timeout_s)
-            except NoNodeError:
-                out[p] = None
-                continue
-            try:
-                out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
-            except (ValueError, TypeError) as exc:
-                log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
-        return out
+    def _add_watch(self) -> None:
+        _subtree_watches(self.client)[self._prefix] = self._on_event
+        a = self.client.handler.async_result()
+        self.client._call(_AddWatch(self.root), a)
+        a.get(timeout=self.store.op_timeout_s)
 
     def _resync(self) -> list[Change]:
+        self._add_watch()  # first: whatever changes from now on is an event, read after this full read
         buckets = self.store._buckets("contacts")
-        lists = [(b, self.client.get_children_async(b, watch=self._on_children)) for b in buckets]
         paths: list[str] = []
-        for b, a in lists:
-            try:
-                names = set(a.get(timeout=self.store.op_timeout_s))
-            except NoNodeError:
-                names = set()
-            self._children[b] = names
-            paths.extend(f"{b}/{n}" for n in names)
-        self._read_mzxid = {}
-        fresh = {p: r for p, r in self._read_unwatched(paths).items() if r is not None}
-        for p in paths:
-            if p not in fresh:
-                # Listed, then gone before the read: not a child we know, or its re-creation under the same path
-                # (an un-REGISTER and a REGISTER again, common while a journal is replayed) would not read as new.
-                self._forget_child(p)
+        for b, names in zip(buckets, self.store._multi_read([(_GET_CHILDREN, b) for b in buckets]), strict=True):
+            if not isinstance(names, Exception):
+                paths.extend(f"{b}/{n}" for n in names)
+        fresh = {p: r for p, r in self._read(paths).items() if r is not None}
         changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
         self._records = fresh
         self._complete = not self._session_lost
-        self._unarmed = set(fresh)
-        if self._unarmed:
-            self._q.put(("arm", ""))
         return changes
 
-    def _read_unwatched(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
+    def _read(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
+        """path -> its record, None when it does not exist; unreadable records left out (logged)."""
         out: dict[str, ContactRecord | None] = {}
         for p, res in zip(paths, self.store._multi_read([(_GET_DATA, p) for p in paths]), strict=True):
-            if isinstance(res, Exception):
+            if isinstance(res, NoNodeError):
                 out[p] = None
                 continue
+            if isinstance(res, Exception):
+                raise res  # not "gone": e.g. the connection; the caller resyncs
             data, stat = res
-            self._read_mzxid[p] = stat.mzxid
             try:
                 out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
             except (ValueError, TypeError) as exc:
                 log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
-                out[p] = None
         return out
-
-    def _arm(self) -> tuple[list[Change], set[str]]:
-        """Arm the data watches of up to ARM_CHUNK resynced bindings; (deletions seen, paths to read again)."""
-        chunk = [self._unarmed.pop() for _ in range(min(ARM_CHUNK, len(self._unarmed)))]
-        if self._unarmed:
-            self._q.put(("arm", ""))  # the rest after whatever else is queued: live changes are not held up
-        asyncs = [(p, self.client.exists_async(p, watch=self._on_data)) for p in chunk]
-        changes: list[Change] = []
-        refetch: set[str] = set()
-        for p, a in asyncs:
-            stat = a.get(timeout=self.store.op_timeout_s)
-            rec = self._records.get(p)
-            read_mzxid = self._read_mzxid.pop(p, None)
-            if stat is None:
-                changes.extend(self._gone(p))  # deleted between the resync's read and now
-            elif rec is None or stat.mzxid != read_mzxid:
-                refetch.add(p)  # changed between the read and the watch: read it again (and watch it)
-        return changes, refetch
 
 
 __all__ = [

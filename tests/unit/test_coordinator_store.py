@@ -351,10 +351,10 @@ def test_watch_resync_misses_nothing_changed_while_its_watches_are_armed(
 def test_watch_reports_a_binding_deleted_before_its_changed_data_was_read(
     zk_client: KazooClient, store: ZkStore, cluster: str
 ) -> None:
-    """A data watch fires (a refresh), the binding is deleted before the worker reads it: the read finds no
-    node and sets no watch, so no delete event will ever come. Seen in the lab after a ZooKeeper outage: the
-    standby kept 25 deleted bindings and missed 19 re-created ones. Driven step by step (no worker thread) so
-    the interleaving is exactly that one, against the real ensemble."""
+    """A data-changed event (a refresh) is processed after the binding was deleted, and the delete event comes
+    after it: the read finds no node and must report the delete itself. Seen in the lab after a ZooKeeper
+    outage (with per-binding watches then): the standby kept 25 deleted bindings and missed 19 re-created ones.
+    Driven step by step (no worker thread) so the interleaving is exactly that one, against the real ensemble."""
     from ha.coordinator.store import _ZkContactWatch
 
     store.write([contact(1, "gone"), contact(2, "back"), contact(3, "stays")])
@@ -366,16 +366,42 @@ def test_watch_reports_a_binding_deleted_before_its_changed_data_was_read(
     # The refreshes' data events are processed only now, after the deletes.
     changes = w._process([("data", gone), ("data", back)])
     assert sorted((c.kind, c.record.aor) for c in changes) == [("delete", "back"), ("delete", "gone")]
+    assert w._process([("deleted", gone), ("deleted", back)]) == []  # the late delete events: nothing more
     store.write([contact(6, "back", ttl=900)])  # re-registered: the same path again
-    bucket = back.rsplit("/", 1)[0]
-    changes = w._process([("children", bucket)])
+    changes = w._process([("data", back)])  # its created event
     assert [(c.kind, c.record.aor) for c in changes] == [("put", "back")]
-    # A child listing that no longer shows a binding is a delete, whatever became of its data watch.
-    store.write([contact(7, "stays", kind="delete")])
-    stays_bucket = store.contact_path("stays", "sip:stays@198.51.100.50:5062").rsplit("/", 1)[0]
-    changes = w._process([("children", stays_bucket)])
-    assert [(c.kind, c.record.aor) for c in changes] == [("delete", "stays")]
-    assert {r.aor for r in w._records.values()} == {"back"}
+    # Deleted and created again within one batch of events: the binding as it is now.
+    stays = store.contact_path("stays", "sip:stays@198.51.100.50:5062")
+    assert [(c.kind, c.record.aor) for c in w._process([("deleted", stays), ("data", stays)])] == [
+        ("delete", "stays"), ("put", "stays")]
+    assert {r.aor for r in w._records.values()} == {"back", "stays"}
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_watch_delivers_changes_through_the_persistent_recursive_watch(
+    zk_client: KazooClient, store: ZkStore, cluster: str
+) -> None:
+    """The real worker thread on the real ensemble: one addWatch on the subtree, then creates, refreshes and
+    deletes written by another client arrive as changes, without a watch per binding."""
+    got: list[Change] = []
+    w = ZkStore(zk_client, cluster, "node2").watch_contacts(got.extend)
+    try:
+        store.write([contact(1, "a"), contact(2, "b")])
+        wait_for(lambda: {c.record.aor for c in got if c.kind == "put"} >= {"a", "b"})
+        got.clear()
+        store.write([contact(3, "a", ttl=900), contact(4, "b", kind="delete"), contact(5, "c")])
+        wait_for(lambda: {(c.kind, c.record.aor) for c in got} >= {("put", "a"), ("delete", "b"), ("put", "c")})
+        assert next(c.record for c in got if c.kind == "put" and c.record.aor == "a").expires_at - time.time() < 1000
+        records = w.records()
+        assert records is not None and {r.aor for r in records.values()} == {"a", "c"}
+    finally:
+        w.stop()
 
 
 def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read(
@@ -388,15 +414,15 @@ def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read
 
     store.write([contact(1, "flip"), contact(2, "other")])
     w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), lambda _c: None)
-    real = w._read_unwatched
+    real = w._read
 
     def racing(paths: list[str]) -> dict[str, object]:
         store.write([contact(3, "flip", kind="delete")])  # the un-REGISTER lands between listing and reading
         return real(paths)  # type: ignore[return-value]
 
-    w._read_unwatched = racing  # type: ignore[assignment,method-assign]
+    w._read = racing  # type: ignore[assignment,method-assign]
     assert {c.record.aor for c in w._process([("resync", "")])} == {"other"}
-    w._read_unwatched = real  # type: ignore[method-assign]
-    store.write([contact(4, "flip")])  # and the REGISTER again, same path
-    bucket = store.contact_path("flip", "sip:flip@198.51.100.50:5062").rsplit("/", 1)[0]
-    assert [(c.kind, c.record.aor) for c in w._process([("children", bucket)])] == [("put", "flip")]
+    w._read = real  # type: ignore[method-assign]
+    store.write([contact(4, "flip")])  # and the REGISTER again, same path: its created event
+    flip = store.contact_path("flip", "sip:flip@198.51.100.50:5062")
+    assert [(c.kind, c.record.aor) for c in w._process([("data", flip)])] == [("put", "flip")]
