@@ -270,7 +270,7 @@ class Service:
 
     def _receive(self, udp: socket.socket) -> None:
         got = 0
-        for _ in range(256):  # drain a burst, bounded so status queries are not starved
+        for _ in range(1024):  # drain a burst (one batched write each), bounded so the loop still ticks
             try:
                 data, peer = udp.recvfrom(65535, socket.MSG_DONTWAIT)
             except BlockingIOError:

@@ -80,11 +80,14 @@ def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
 @click.option("--json-logs", is_flag=True, help="log events as JSON lines instead of key=value")
 @click.option("--fault-file", type=click.Path(dir_okay=False), default=None,
               help="TEST ONLY (the lab): an integer N written here makes the next N local UDP probes time out")
+@click.option("--proxy-pidfile", type=click.Path(dir_okay=False), default=None,
+              help="the local proxy's pidfile (default /run/sipha/<proxy kind>.pid, the proxy agent's): an unanswered "
+                   "probe while its processes burn CPU is 'overloaded', not dead; 'none' turns that off")
 @click.option("-v", "--verbose", is_flag=True, help="also log every steady cycle (DEBUG)")
 def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: float | None, readiness_gate: bool,
             ready_file: str, dampen_ms: int | None, rest_bind: str | None, rest_port: int | None,
             snmp_bind: str | None, no_snmp_agent: bool, json_logs: bool, fault_file: str | None,
-            verbose: bool) -> None:
+            proxy_pidfile: str | None, verbose: bool) -> None:
     """Start the health service of NODE (runs until SIGTERM/SIGINT)."""
     from ha.health.api import ApiServer, serve, tls_context
     from ha.health.cluster import AttrdWriter, PacemakerActions
@@ -101,6 +104,8 @@ def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: 
             cluster, node.name, probe_host=probe_host, slow_ms=slow_ms,
             readiness=Readiness(readiness_gate, Path(ready_file)), attrd=AttrdWriter(dampen_ms),
             json_logs=json_logs, fault_file=Path(fault_file) if fault_file else None,
+            proxy_pidfile=None if proxy_pidfile == "none" else Path(
+                proxy_pidfile or f"/run/sipha/{cluster.proxy.kind}.pid"),
         )
     except ValueError as exc:
         raise click.ClickException(f"{cluster_yaml}: {exc}") from None

@@ -52,6 +52,9 @@ PROBED_TRANSPORTS = ("udp", "tcp")  # what ha.sip's probe speaks; tls/ws listene
 LATE_MAX_PER_TARGET = 16
 LATE_WINDOW_MIN_S = 1.0
 LATE_WINDOW_MAX_S = 5.0
+# How long a proxy that answers nothing at all (not even late) may still count as overloaded because its
+# processes burn CPU (ha.health.activity): a worker looping forever also burns CPU, and must not keep the VIP.
+ACTIVITY_GRACE_S = 5.0
 
 
 def late_window(failure_threshold: int, probe_period_s: float) -> float:
@@ -246,6 +249,8 @@ class TargetProber:
         late_window_s: float = 0.0,
         late_max: int = LATE_MAX_PER_TARGET,
         on_late: Callable[[Target, ProbeResult], None] | None = None,
+        activity: Callable[[], str | None] | None = None,
+        activity_grace_s: float = ACTIVITY_GRACE_S,
     ) -> None:
         if not targets:
             raise ValueError("nothing to probe: no udp/tcp listener configured")
@@ -259,6 +264,9 @@ class TargetProber:
         self.listening: dict[Target, set[asyncio.Task[None]]] = {t: set() for t in self.targets}
         self.late: dict[Target, ProbeResult] = {}  # the latest late answer not yet used by an observation
         self.late_answers = 0  # every late final response received, used or not
+        self.activity = activity  # the local proxy's "busy, not hung" reason on an unanswered probe (or None)
+        self.activity_grace_s = activity_grace_s
+        self._silent_since: dict[Target, float] = {}  # first unanswered probe since the target last answered
 
     def _hand_over(self, target: Target) -> HandOver | None:
         if self.late_window_s <= 0 or len(self.listening[target]) >= self.late_max:
@@ -297,9 +305,21 @@ class TargetProber:
                                  target.transport, str(target))
         obs = classify(result, self.slow_ms)
         late = self.late.pop(target, None)  # used at most once, and only by the next observation
-        if late is not None and obs.verdict is Verdict.DEAD and not obs.certain:
-            return late_observation(obs, late)
-        return obs
+        if obs.verdict is not Verdict.DEAD or obs.certain or late is not None:
+            self._silent_since.pop(target, None)
+            if late is not None and obs.verdict is Verdict.DEAD and not obs.certain:
+                return late_observation(obs, late)
+            return obs
+        if self.activity is None:
+            return obs
+        now = asyncio.get_running_loop().time()
+        if now - self._silent_since.setdefault(target, now) > self.activity_grace_s:
+            return obs  # silent too long, however busy: a looping worker burns CPU too
+        why = self.activity()
+        if why is None:
+            return obs
+        return Observation(obs.transport, obs.target, Verdict.OVERLOADED, None, obs.latency_ms,
+                           f"busy, not hung: {why}; this cycle: {obs.reason}")
 
     async def cycle(self) -> tuple[Observation, ...]:
         """One observation per target, all probed at once (a cycle lasts one timeout at most)."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ha.health.activity import GroupActivity
 from ha.health.cluster import AttrdWriter, VipCheck
 from ha.health.metrics import Metrics
 from ha.health.probe import (
@@ -192,6 +193,7 @@ class HealthService:
         clock: Callable[[], float] = time.time,
         peer_ports: dict[str, int] | None = None,
         fault_file: Path | None = None,
+        proxy_pidfile: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.me = cluster.node(node)  # KeyError for an unknown node: the CLI turns it into a message
@@ -203,7 +205,8 @@ class HealthService:
         self.late_window_s = late_window(t.failure_threshold, self.period_s)
         self.local = TargetProber(targets_for(probe_host or self.me.ip, ports), t.probe_timeout_ms / 1000,
                                   self.slow_ms, self.drops if fault_file is not None else probe,
-                                  late_window_s=self.late_window_s, on_late=self._late_answer(node))
+                                  late_window_s=self.late_window_s, on_late=self._late_answer(node),
+                                  activity=GroupActivity(proxy_pidfile) if proxy_pidfile is not None else None)
         self.peers = {
             n.name: TargetProber(targets_for(n.ip, peer_ports or ports), t.probe_timeout_ms / 1000, self.slow_ms,
                                  probe, late_window_s=self.late_window_s, on_late=self._late_answer(n.name))

@@ -1,0 +1,83 @@
+"""Whether an unanswering local proxy is working (overloaded) or stuck (hung): the CPU its processes used.
+
+Why: under a REGISTER flood on a 2-core node the proxy's UDP queue holds thousands of requests ahead of a
+probe, so probes go unanswered for hundreds of milliseconds while every SIP worker is busy. Three such cycles
+made the node unhealthy and the VIP moved, taking the flood (and a coordinator's replication backlog) to the
+peer; in the lab's overload test it moved 2-6 times in 30 s. A late answer (ha.sip.LateListener) helps only up
+to the third cycle. The kernel knows better: a proxy whose processes keep burning CPU is alive; one that is
+SIGSTOPped (state T), crashed (no processes) or deadlocked (asleep on a lock: no CPU) is not.
+
+:class:`GroupActivity` reads ``/proc`` only when asked, i.e. on an unanswered probe, never on the healthy path.
+The proxy is the process group of the pid in its pidfile (Kamailio and OpenSIPS daemonize into their own
+session; the lab's tests rely on the same). CPU time is in clock ticks (10 ms on Debian), so the threshold is
+a few ticks between two unanswered probes that are at most ``max_gap_s`` apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MIN_TICKS = 2  # CPU ticks (20 ms at 100 Hz) the group must have used since the previous unanswered probe
+MAX_GAP_S = 1.0  # an older sample says nothing about now
+MIN_GAP_S = 0.02  # calls closer than this (one cycle's several transports) share one sample and one answer
+
+
+def group_cpu(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool]:
+    """(processes, utime+stime ticks summed, any of them stopped) over the processes in group ``pgid``."""
+    n, ticks, stopped = 0, 0, False
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        f = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if len(f) < 13 or int(f[2]) != pgid:
+            continue
+        n += 1
+        ticks += int(f[11]) + int(f[12])
+        stopped = stopped or f[0] in (b"T", b"t")
+    return n, ticks, stopped
+
+
+class GroupActivity:
+    """Called on an unanswered probe: a reason ("busy, not hung") when the proxy's processes used CPU since
+    the previous call, else None (no verdict change). The first call after a quiet spell only takes a sample."""
+
+    def __init__(self, pidfile: Path, min_ticks: int = MIN_TICKS, max_gap_s: float = MAX_GAP_S,
+                 proc: Path = Path("/proc"), clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.pidfile = pidfile
+        self.min_ticks = min_ticks
+        self.max_gap_s = max_gap_s
+        self.proc = proc
+        self.clock = clock
+        self._last: tuple[int, int, float] | None = None  # pgid, ticks, when
+        self._said: str | None = None  # the last call's answer, reused within MIN_GAP_S
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __call__(self) -> str | None:
+        if self._last is not None and self.clock() - self._last[2] < MIN_GAP_S:
+            return self._said
+        self._said = self._sample()
+        return self._said
+
+    def _sample(self) -> str | None:
+        try:
+            pgid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            self._last = None
+            return None
+        n, ticks, stopped = group_cpu(pgid, self.proc)
+        now = self.clock()
+        last, self._last = self._last, (pgid, ticks, now)
+        if n == 0 or stopped or last is None or last[0] != pgid or now - last[2] > self.max_gap_s:
+            return None
+        used = ticks - last[1]
+        if used < self.min_ticks:
+            return None
+        ms = used * 1000 / self.hz
+        return f"no answer, but its {n} processes used {ms:.0f} ms of CPU in the last {(now - last[2]) * 1000:.0f} ms"

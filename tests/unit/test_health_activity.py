@@ -1,0 +1,126 @@
+"""ha.health.activity against real processes (a busy loop, a sleeper, SIGSTOP), and the prober's use of it
+against a real silent SIP responder: busy means overloaded, stopped or idle means dead, and busy silence ends
+after the grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_health_probe import H, SipResponder, _with_responder, run
+
+from ha.health.activity import GroupActivity, group_cpu
+from ha.health.probe import Health, Target, TargetProber, Verdict, cycle_outcome
+
+BUSY = "import time\nwhile True:\n    time.time()\n"
+IDLE = "import time\ntime.sleep(60)\n"
+
+
+def _group(code: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)  # its own group, like a daemon
+    pidfile = tmp_path / "proxy.pid"
+    pidfile.write_text(f"{p.pid}\n")
+    try:
+        yield p, pidfile
+    finally:
+        p.kill()
+        p.wait(5)
+
+
+@pytest.fixture
+def busy(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    yield from _group(BUSY, tmp_path)
+
+
+@pytest.fixture
+def idle(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    yield from _group(IDLE, tmp_path)
+
+
+def _twice(act: GroupActivity, gap: float = 0.1) -> str | None:
+    act()
+    time.sleep(gap)
+    return act()
+
+
+def test_a_busy_group_is_busy_until_stopped_or_gone(busy: tuple[subprocess.Popen[bytes], Path]) -> None:
+    p, pidfile = busy
+    time.sleep(0.1)
+    n, ticks, stopped = group_cpu(p.pid)
+    assert n == 1 and ticks >= 1 and not stopped
+    act = GroupActivity(pidfile)
+    assert act() is None  # the first call only samples
+    time.sleep(0.1)
+    why = act()
+    assert why is not None and "1 processes used" in why and "ms of CPU" in why
+    os.kill(p.pid, signal.SIGSTOP)  # the drills' proxy-hang
+    try:
+        time.sleep(0.05)
+        assert group_cpu(p.pid)[2] and _twice(act) is None
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    p.kill()
+    p.wait(5)
+    assert _twice(act) is None  # crashed: no process in the group
+
+
+def test_an_idle_group_or_a_missing_pidfile_says_nothing(idle: tuple[subprocess.Popen[bytes], Path],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    _, pidfile = idle
+    assert _twice(GroupActivity(pidfile)) is None  # asleep (a deadlock looks like this): hung, not busy
+    assert _twice(GroupActivity(tmp_path / "absent.pid")) is None
+    assert _twice(GroupActivity(pidfile), gap=1.2) is None  # the previous sample is too old to compare
+
+
+def test_prober_counts_a_silent_busy_proxy_overloaded_within_the_grace(busy: tuple[subprocess.Popen[bytes], Path]) \
+        -> None:  # fmt: skip
+    """A responder that never answers; its 'processes' are the busy group. Overloaded (no flip) while the grace
+    lasts, dead after it: a worker looping forever also burns CPU and must not keep the VIP."""
+    _, pidfile = busy
+
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        r.mode = "silent"
+        prober = TargetProber([Target("127.0.0.1", r.udp_port, "udp"), Target("127.0.0.1", r.tcp_port, "tcp")],
+                              0.05, 30, activity=GroupActivity(pidfile), activity_grace_s=0.6)
+        state, seen = H.run([True, True])[-1], []
+        t0 = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - t0 < 1.2:  # bounded: ~1.2 s of 50 ms cycles
+            obs = await prober.cycle()
+            state = H.step(state, *cycle_outcome(obs))
+            seen.append((asyncio.get_running_loop().time() - t0, obs, state))
+        await prober.close()
+        return seen
+
+    seen = run(_with_responder(body))
+    early = [(t, obs, st) for t, obs, st in seen if t < 0.5]
+    assert early[0][1][0].verdict is Verdict.DEAD  # the first unanswered probe only samples
+    assert all(st.health is Health.HEALTHY for _, _, st in early), [(t, st) for t, _, st in early]
+    busy_obs = [o for _, obs, _ in early[1:] for o in obs]
+    assert busy_obs and all(o.verdict is Verdict.OVERLOADED and o.reason.startswith("busy, not hung") for o in busy_obs)
+    assert seen[-1][2].health is Health.UNHEALTHY  # silent past the grace: dead cycles count again
+
+
+def test_prober_without_activity_or_with_an_idle_proxy_flips_as_before(idle: tuple[subprocess.Popen[bytes], Path]) \
+        -> None:  # fmt: skip
+    _, pidfile = idle
+
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        r.mode = "silent"
+        out = []
+        for act in (None, GroupActivity(pidfile)):
+            prober = TargetProber([Target("127.0.0.1", r.udp_port, "udp")], 0.03, 30, activity=act)
+            state = H.run([True, True])[-1]
+            for _ in range(3):
+                state = H.step(state, *cycle_outcome(await prober.cycle()))
+            await prober.close()
+            out.append(state)
+        return out
+
+    assert [s.health for s in run(_with_responder(body))] == [Health.UNHEALTHY, Health.UNHEALTHY]
