@@ -171,7 +171,10 @@ class Replication:
             hosts=hosts, timeout=z.session_timeout_ms / 1000, connection_retry={"max_tries": -1, "max_delay": 1}
         )
         client.start_async()  # never block the service's start on a ZooKeeper that is not there yet
-        store = ZkStore(client, cluster.name, node)
+        reader = KazooClient(hosts=hosts, timeout=z.session_timeout_ms / 1000,
+                             connection_retry={"max_tries": -1, "max_delay": 1})  # fmt: skip
+        reader.start_async()  # whole-store reads (ZkStore.reader): never in front of this node's writes
+        store = ZkStore(client, cluster.name, node, reader=reader)
         loop_rpc = Rpc(sock, timeout=0.3)  # the loop's own client (the applier's runs on the watch thread)
 
         def proxy_boot() -> int | None:
@@ -204,7 +207,7 @@ class Replication:
 
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload)
-        repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close]
+        repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         if repl.replicator is not None:
             from ha.coordinator.livetable import LiveTable

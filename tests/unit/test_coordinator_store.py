@@ -426,3 +426,37 @@ def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read
     store.write([contact(4, "flip")])  # and the REGISTER again, same path: its created event
     flip = store.contact_path("flip", "sip:flip@198.51.100.50:5062")
     assert [(c.kind, c.record.aor) for c in w._process([("data", flip)])] == [("put", "flip")]
+
+
+def test_whole_store_reads_use_the_reader_connection_synced_and_fall_back_to_the_main_one(
+    zk_ensemble: Ensemble, zk_client: KazooClient, cluster: str
+) -> None:
+    """Reconciliation, audit and GC read everything through ZkStore.reader (so the writes on the main connection
+    do not queue behind ~250 multiReads); synced first, so a write just made on the main session is seen; and
+    the main connection when the reader is not connected."""
+    reader = connect(zk_ensemble)
+    s = ZkStore(zk_client, cluster, "node1", reader=reader)
+    s.ensure_layout()
+    s.bump_epoch()
+    calls: list[KazooClient] = []
+    real = s._multi_read
+
+    def spy(ops: list[tuple[int, str]], client: KazooClient | None = None) -> list[object]:
+        calls.append(client or s.client)
+        return real(ops, client)
+
+    s._multi_read = spy  # type: ignore[assignment,method-assign]
+    try:
+        s.write([contact(1, "r1"), contact(2, "r2")])
+        calls.clear()  # the writer's own index of znodes is read on the main session: only the snapshot here
+        assert {r.aor for r in s.snapshot().contacts} == {"r1", "r2"}  # the main session's writes, seen at once
+        assert calls and all(c is reader for c in calls)
+        calls.clear()
+        reader.stop()
+        s.write([contact(3, "r3")])
+        calls.clear()
+        assert {r.aor for r in s.snapshot().contacts} == {"r1", "r2", "r3"}
+        assert calls and all(c is zk_client for c in calls)
+    finally:
+        reader.stop()
+        reader.close()
