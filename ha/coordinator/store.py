@@ -352,6 +352,7 @@ class Store(ABC):
 
 _GET_DATA, _GET_CHILDREN = 4, 8  # ZooKeeper opcodes
 _DELETED_EVENT = 2  # ZooKeeper watch event type NodeDeleted
+SLOW_PASS_S = 1.0  # a watch pass longer than this is logged with its split (read / apply)
 
 
 class _MultiRead:
@@ -1058,6 +1059,7 @@ class _ZkContactWatch(Watch):
                     items.append(self._q.get_nowait())
             if any(kind == "stop" for kind, _ in items):
                 return
+            t0 = time.monotonic()
             try:
                 changes = self._process(items)
             except self.store._unavailable_errors() as exc:
@@ -1074,11 +1076,16 @@ class _ZkContactWatch(Watch):
                 time.sleep(0.5)
                 continue
             # A resync is reported even when empty: the consumer learns it is in step with the store.
+            t1 = time.monotonic()
             if changes or any(kind in ("resync", "replay") for kind, _ in items):
                 try:
                     self.on_changes(changes)
                 except Exception:
                     log.exception("contact watch: on_changes failed for %d changes", len(changes))
+            t2 = time.monotonic()
+            if t2 - t0 > SLOW_PASS_S:  # where a standby's lag comes from: the store's reads or the proxy's applies
+                log.info("contact watch: slow pass: %d events, %.2f s reading the store, %d changes, %.2f s applying "
+                         "them", len(items), t1 - t0, len(changes), t2 - t1)
 
     def _process(self, items: list[tuple[str, str]]) -> list[Change]:
         if any(kind == "resync" for kind, _ in items):
