@@ -33,6 +33,12 @@ The limit: a late answer helps only if it arrives before the N-th dead cycle. Af
 probe goes out at once, so with the lab's 40 ms timeout and N = 3 the flip comes ~120 ms after the first
 unanswered probe was sent; an answer later than that cannot stop it (the lab's 10k REGISTER burst: late answers
 42-195 ms, most under 100 ms).
+
+Busy, not hung. For the local proxy the service also asks :mod:`ha.health.activity` on an unanswered probe:
+when the proxy's processes used CPU since the previous unanswered probe (and none is stopped), the observation
+is ``overloaded`` ("busy, not hung: ..."). That covers answers queued longer than the late window can help
+with (the overload test's flood). Bounded: after ``activity_grace_s`` (5 s) without a single answer, late ones
+included, silence counts as dead again, however busy, since a worker looping forever burns CPU too.
 """
 
 from __future__ import annotations
