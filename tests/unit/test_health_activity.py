@@ -27,6 +27,14 @@ def _group(code: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes],
     p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)  # its own group, like a daemon
     pidfile = tmp_path / "proxy.pid"
     pidfile.write_text(f"{p.pid}\n")
+    if code == IDLE:  # past the interpreter's start-up (20-50 ms of CPU): asleep for good, bounded wait
+        before = -1
+        for _ in range(40):
+            time.sleep(0.1)
+            now = group_cpu(p.pid)[1]
+            if now == before:
+                break
+            before = now
     try:
         yield p, pidfile
     finally:
