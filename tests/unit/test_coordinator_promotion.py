@@ -213,3 +213,43 @@ def test_reordered_events_do_not_reconcile_and_a_demotion_abandons_a_reconciliat
         r.close()
         client.stop()
         client.close()
+
+
+def test_a_demotion_writes_the_reconciliations_additions_it_had_not_written_yet(
+    zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
+) -> None:
+    """A clean-clone CI run: the active's reconciliation found 4 bindings its proxy held and the store lacked
+    (events lost at the intake), the VIP moved before it wrote them, the demotion dropped the repairs, and the
+    standby audit then removed them from that proxy too: 4 of 10k phones gone. The additions must be written
+    (where nothing newer is stored) at the demotion."""
+    import time
+
+    from ha.coordinator.proxytable import ProxyBinding
+    from ha.coordinator.store import ContactRecord
+
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    lost = ContactRecord.from_event(contact(9, "lost1"), 0)
+    client, other = connect(zk_ensemble), connect(zk_ensemble)
+    r = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"),
+                    dump_table=lambda: {(lost.aor, lost.contact): ProxyBinding(lost, pushed=False)},
+                    reconcile_delay_s=0.0)  # fmt: skip
+    try:
+        r.start()
+        r.promote()
+        deadline = time.monotonic() + 10
+        while "repairs to write" not in (r.tick() or "") and time.monotonic() < deadline:  # bounded
+            time.sleep(0.05)
+        assert r.status()["repairs_left"] == 1, r.status()
+        new_active = ZkStore(other, cluster, "node2")
+        new_active.bump_epoch()  # node2 takes over before node1 wrote its repair
+        said = r.demote()
+        assert "1 reconciliation repairs" in said, said
+        while "lost1" not in {c.aor for c in new_active.snapshot().contacts} and time.monotonic() < deadline:
+            r.tick()
+            time.sleep(0.05)
+        assert "lost1" in {c.aor for c in new_active.snapshot().contacts}
+    finally:
+        r.close()
+        for c in (client, other):
+            c.stop()
+            c.close()
