@@ -27,6 +27,7 @@ import os
 import secrets
 import select
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,21 +204,38 @@ def dump(rpc_socket: Path | str, *, fifo: Path | str | None = None, timeout: flo
         tables = [(d.get("Domain", "location"), [a.get("AoR") for a in d.get("AoRs") or []]) for d in doms]
         out: dict[tuple[str, str], ProxyBinding] = {}
         for table, aors in tables:
-            # "Expires" is seconds left when each lookup ran: a chunk's answers are turned into absolute times
-            # with the clock right after that chunk. (One clock read before the whole dump made every binding
-            # of a 40k table look seconds short, and reconciliation and the standby audit "refreshed" them all.)
-            for i in range(0, len(aors), LOOKUP_CHUNK):
-                outs = r.call_many([("ul.lookup", [table, a]) for a in aors[i : i + LOOKUP_CHUNK]], window)
-                found = [o for o in outs if isinstance(o, dict)]  # an error: the AoR went away meanwhile (404)
-                lost = [o for o in outs
-                        if isinstance(o, RpcError) and "404" not in str(o) and "not found" not in str(o)]  # fmt: skip
-                if lost:
-                    raise RpcError(f"ul.lookup failed for {len(lost)} AoRs (first: {lost[0]})")
-                out.update(parse_dump({"Domains": [{"Domain": {"Domain": table, "AoRs": found}}]}, time.time()))
+            out.update(_lookup_many(r, table, aors, window))
         return out
+
+
+def _lookup_many(r: Any, table: str, aors: list[str], window: int) -> dict[tuple[str, str], ProxyBinding]:
+    """``ul.lookup`` of each AoR, pipelined; an AoR the proxy does not hold (404) is simply absent."""
+    out: dict[tuple[str, str], ProxyBinding] = {}
+    # "Expires" is seconds left when each lookup ran: a chunk's answers are turned into absolute times with the
+    # clock right after that chunk. (One clock read before the whole dump made every binding of a 40k table look
+    # seconds short, and reconciliation and the standby audit "refreshed" them all.)
+    for i in range(0, len(aors), LOOKUP_CHUNK):
+        outs = r.call_many([("ul.lookup", [table, a]) for a in aors[i : i + LOOKUP_CHUNK]], window)
+        found = [o for o in outs if isinstance(o, dict)]  # an error: the AoR went away meanwhile (404)
+        lost = [o for o in outs
+                if isinstance(o, RpcError) and "404" not in str(o) and "not found" not in str(o)]  # fmt: skip
+        if lost:
+            raise RpcError(f"ul.lookup failed for {len(lost)} AoRs (first: {lost[0]})")
+        out.update(parse_dump({"Domains": [{"Domain": {"Domain": table, "AoRs": found}}]}, time.time()))
+    return out
+
+
+def lookup(rpc_socket: Path | str, aors: Iterable[str], *, table: str = "location", timeout: float = 5.0,
+           window: int = 8) -> dict[tuple[str, str], ProxyBinding]:
+    """The bindings the local proxy holds now for these AoRs (reconciliation's second look at what it would
+    repair: cheap where a whole dump is seconds)."""
+    from ha.proxy.kamailio import Rpc
+
+    with Rpc(rpc_socket, timeout=timeout) as r:
+        return _lookup_many(r, table, sorted(set(aors)), window)
 
 
 LOOKUP_CHUNK = 2000  # ~0.1 s of lookups: the error of a chunk's clock on "Expires"
 
 
-__all__ = ["FIFO_NAME", "FifoRpc", "ProxyBinding", "dump", "fifo_for", "parse_dump"]
+__all__ = ["FIFO_NAME", "FifoRpc", "ProxyBinding", "dump", "fifo_for", "lookup", "parse_dump"]

@@ -38,6 +38,7 @@ class ReconcileResult:
     updated: int
     removed: int
     skipped_recent: int
+    unsettled: int = 0  # changed in the proxy between the dump and a second look: left to the next reconciliation
 
     @property
     def repaired(self) -> int:
@@ -46,7 +47,8 @@ class ReconcileResult:
     def __str__(self) -> str:
         s = (f"proxy {self.proxy} bindings, store {self.store}: added {self.added}, updated {self.updated}, "
              f"removed {self.removed}")
-        return s + (f" ({self.skipped_recent} written meanwhile, left alone)" if self.skipped_recent else "")
+        s += f" ({self.skipped_recent} written meanwhile, left alone)" if self.skipped_recent else ""
+        return s + (f" ({self.unsettled} changed in the proxy since its dump, left)" if self.unsettled else "")
 
 
 def _event(rec: ContactRecord, kind: str, node: str, ts_ms: int) -> ContactEvent:

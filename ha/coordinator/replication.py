@@ -30,8 +30,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.reconcile import ReconcileResult, diff
 from ha.coordinator.replicator import ProxyNotAnswering, Replicator
-from ha.coordinator.store import ContactRecord, StaleEpoch, Store, StoreUnavailable, ZkStore
+from ha.coordinator.store import StaleEpoch, Store, StoreUnavailable, ZkStore
 from ha.proxy.kamailio import RpcError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,21 @@ STANDBY_DIALOGS_KEPT = 20000
 STANDBY_DIALOG_WINDOW_S = 60.0
 
 
+SECOND_LOOK_WAIT_S = 10.0  # how long reconciliation's second look waits for the replicator (see _second_look)
+
+
+@dataclass(frozen=True)
+class _Diffed:
+    """What a reconciliation's worker read and diffed (Replication.start_reconcile)."""
+
+    events: list[ContactEvent]
+    counts: dict[str, int]
+    proxy: int
+    store: int
+    read_s: float
+    lag: str
+
+
 class Replication:
     def __init__(
         self,
@@ -84,6 +100,7 @@ class Replication:
         proxy_boot: Callable[[], int | None] | None = None,
         reconcile_delay_s: float = 1.0,
         preload: Callable[[], dict[tuple[str, str], int] | None] | None = None,
+        lookup_table: Callable[[Collection[str]], Mapping[tuple[str, str], ProxyBinding]] | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -109,6 +126,8 @@ class Replication:
         self.last = "not started"
         # Reconciliation (ul.dump vs the store) after events were lost; only the active node runs it.
         self.dump_table = dump_table
+        # The proxy's bindings of some AoRs now (reconciliation's second look); default: from a whole dump.
+        self.lookup_table = lookup_table
         self.reconcile_delay_s = reconcile_delay_s
         self.reconcile_due: float | None = None  # monotonic time it should run; None: not needed
         self._reconcile_forced = False  # scheduled for more than a sequence gap (see schedule_reconcile)
@@ -117,8 +136,7 @@ class Replication:
         self.reconcile_runs = 0
         self._pool: ThreadPoolExecutor | None = None
         # The reads of a reconciliation in flight: the proxy's table, then the store's bindings.
-        self._dump: Future[tuple[Mapping[tuple[str, str], ProxyBinding], dict[tuple[str, str], ContactRecord]]] | None
-        self._dump = None
+        self._dump: Future[_Diffed] | None = None
         self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
         self._repair_counts: ReconcileResult | None = None
         self._late: list[tuple[list[Event], Callable[[list[Event]], Any], Future[Any]]] = []  # see _write_late
@@ -206,7 +224,8 @@ class Replication:
             return None if m is None else m.loaded
 
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
-                   dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload)
+                   dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload,
+                   lookup_table=lambda aors: proxytable.lookup(sock, aors))
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         if repl.replicator is not None:
@@ -324,38 +343,68 @@ class Replication:
         self._touched = set()
         self._dump_started_ms = int(time.time() * 1000)
         self._dump_t0 = time.monotonic()
-        dump_table, store = self.dump_table, self.store
+        dump_table, store, touched, started = self.dump_table, self.store, self._touched, self._dump_started_ms
 
-        def read() -> tuple[Mapping[tuple[str, str], ProxyBinding], dict[tuple[str, str], ContactRecord]]:
+        def read() -> _Diffed:
             table = dump_table()
-            return table, {(r.aor, r.contact): r for r in store.snapshot().contacts}
+            stored = {(r.aor, r.contact): r for r in store.snapshot().contacts}
+            t_read = time.monotonic() - self._dump_t0
+            # set(touched): one C-level copy under the GIL while the loop keeps adding to it.
+            events, n = diff(table, stored, self.node, started, exclude=set(touched))
+            events, n["unsettled"], lag = self._second_look(events, table)
+            return _Diffed(events, n, len(table), len(stored), t_read, lag)
 
         self._dump = self._worker().submit(read)
         return "reconcile: reading the proxy's table and the store"
 
+    def _second_look(self, events: list[ContactEvent], table: Mapping[tuple[str, str], ProxyBinding],
+                     ) -> tuple[list[ContactEvent], int, str]:
+        """Look at the proxy again for the bindings a repair would add to or remove from the store, once the
+        replicator has applied every change the store notified so far: a binding whose presence in the proxy
+        changed since the dump is left to the next reconciliation.
+
+        Why: the dump is read seconds before the store under load (11 s in a CI run), and the replicator pushes
+        peers' changes into this proxy meanwhile. A peer's delete applied after the dump made the dump's stale
+        copy look like a binding the store lost: the repair wrote it back, the peer's replicator pushed it into
+        the standby proxy, and 59 bindings the phones had removed stayed in ZooKeeper and the standby (never in
+        this proxy again) for good. The mirror case, a peer's new binding applied after the dump, was deleted
+        from the store: a registration lost. Runs on the worker thread (lookups of those AoRs only)."""
+        rep = self.replicator
+        if not events:
+            return events, 0, ""
+        lag = "" if rep is None or rep.wait_caught_up(SECOND_LOOK_WAIT_S) else (
+            f"; the watch was still behind after {SECOND_LOOK_WAIT_S:.0f} s")
+        aors = {ev.aor for ev in events}
+        if self.lookup_table is not None:
+            now = self.lookup_table(aors)
+        else:
+            assert self.dump_table is not None
+            now = {k: v for k, v in self.dump_table().items() if k[0] in aors}
+        keep = [ev for ev in events if ((ev.aor, ev.contact) in table) == ((ev.aor, ev.contact) in now)]
+        return keep, len(events) - len(keep), lag
+
     def finish_reconcile(self) -> str | None:
         """When both reads are in, the difference becomes repairs, written a chunk per tick (raises what the
         store or the dump raised)."""
-        fut, touched = self._dump, self._touched or set()
+        fut = self._dump
         if fut is None or not fut.done():
             return None
         self._dump = None
         self._repair_read_s = time.monotonic() - self._dump_t0
         try:
-            table, stored = fut.result()  # RpcError/OSError/StoreUnavailable: the caller postpones
+            d = fut.result()  # RpcError/OSError/StoreUnavailable: the caller postpones
         except BaseException:
             self._touched = None
             raise
         if not self.active:
             self._touched = None
             return "reconcile dropped: no longer active"
-        events, n = diff(table, stored, self.node, self._dump_started_ms, exclude=touched)
-        self._repairs = events
-        self._repair_counts = ReconcileResult(proxy=len(table), store=len(stored), **n)
-        if not events:
-            return self._reconciled()
-        return (f"reconcile: {len(events)} repairs to write ({self._repair_read_s * 1000:.0f} ms to read the proxy's "
-                f"table and the store)")
+        self._repairs = d.events  # write_repairs leaves out what events touched since the copy diff() saw
+        self._repair_counts = ReconcileResult(proxy=d.proxy, store=d.store, **d.counts)
+        if not d.events:
+            return self._reconciled() + d.lag
+        return (f"reconcile: {len(d.events)} repairs to write ({d.read_s * 1000:.0f} ms to read the proxy's table "
+                f"and the store, {self._repair_read_s * 1000:.0f} ms with a second look{d.lag})")
 
     def write_repairs(self, limit: int = REPAIR_CHUNK) -> str | None:
         """Write the next chunk of repairs, leaving out bindings an event changed since the dump began (the event
@@ -622,10 +671,12 @@ class Replication:
 
         def run() -> Any:
             started = int(time.time() * 1000)
+            in_store = None
             if isinstance(store, ZkStore):
                 stored = {store.contact_path(r.aor, r.contact): r for r in store.snapshot().contacts}
                 rep.check_view(stored, started)
-            return rep.audit(dump_table(), started, lambda: not self.active)
+                in_store = {(r.aor, r.contact) for r in stored.values()}
+            return rep.audit(dump_table(), started, lambda: not self.active, in_store=in_store)
 
         self._audit = self._worker().submit(run)
         return None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
@@ -122,6 +122,21 @@ class Replicator:
         self.resync_started = time.monotonic()
         if not self._watch.replay():
             self.restart(include_own)
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until every store change notified before this call has been applied to the local proxy (or the
+        timeout). Reconciliation asks it between reading the store and its second look at the proxy: a peer's
+        change already in the store but still queued here (the watch runs seconds behind under load) would
+        otherwise look like a difference to repair."""
+        w = self._watch
+        if w is None:
+            return False
+        mark, deadline = w.received, time.monotonic() + timeout
+        while w.processed < mark:
+            if time.monotonic() >= deadline or self._watch is not w:
+                return False
+            time.sleep(0.02)
+        return True
 
     def view(self) -> dict[str, ContactRecord] | None:
         """The watch's complete current view (path -> record), or None (see Watch.records)."""
@@ -270,7 +285,7 @@ class Replicator:
         return len(confirmed)
 
     def audit(self, table: Mapping[tuple[str, str], ProxyBinding], started_ms: int,
-              standby: Callable[[], bool]) -> AuditResult | None:
+              standby: Callable[[], bool], in_store: Set[tuple[str, str]] | None = None) -> AuditResult | None:
         """Make the local (standby) proxy hold exactly the watch's view: what it lacks or holds with another expiry
         is added again, what the store no longer has is removed. None when there is no complete view.
 
@@ -280,7 +295,10 @@ class Replicator:
 
         Left alone: bindings the proxy got from a REGISTER of its own in the last :data:`AUDIT_FRESH_S` (the VIP
         may have just moved here, before this node's promotion writes them), and all of it once this node is no
-        longer standby. Runs under the apply lock, so what it pushes is the view as it is now.
+        longer standby; and what the store held when read just before the dump (``in_store``): the view runs behind
+        the store under load, and this node's own bindings, written unfenced after a demotion, were removed from
+        its proxy before the view had them (the watch then skips them as this node's own). Runs under the apply
+        lock, so what it pushes is the view as it is now.
         """
         with self._apply_lock:
             view = self.view()
@@ -299,8 +317,10 @@ class Replicator:
                 elif abs(have.record.expires_at - rec.expires_at) > AUDIT_EXPIRY_SLACK_S:
                     adds.append(rec)
                     refreshed += 1
+            held = in_store or frozenset()
             removes = [pb.record for key, pb in table.items()
-                       if key not in want and (pb.pushed or pb.record.ts_ms < settled_before)]  # fmt: skip
+                       if key not in want and key not in held
+                       and (pb.pushed or pb.record.ts_ms < settled_before)]  # fmt: skip
             res = self.applier.apply(adds, removes) if adds or removes else ApplyResult()
         if res.errors:
             self.audit_soon = True  # the loop takes the flag when it schedules an audit

@@ -257,6 +257,9 @@ class Change:
 
 
 class Watch(ABC):
+    received = 0  # change notifications received so far (see _ZkContactWatch)
+    processed = 0  # of those, how many were delivered to on_changes
+
     @abstractmethod
     def stop(self) -> None:
         """Stop delivering changes."""
@@ -1001,6 +1004,12 @@ class _ZkContactWatch(Watch):
         self._stopped = threading.Event()
         self._session_lost = False
         self._complete = False  # _records is the whole store as of the last resync plus every change since
+        # Change notifications received (kazoo's reader thread) and handed to on_changes (this watch's thread),
+        # in queue order: processed >= a received count read earlier means every change notified before that
+        # read has been delivered (Replicator.caught_up, for reconciliation's second look).
+        self.received = 0
+        self.processed = 0
+        self._uncounted = 0  # taken from the queue by a pass that failed: counted when a pass succeeds
         self._thread = threading.Thread(target=self._run, name="sipha-zk-watch", daemon=True)
 
     def start(self) -> None:
@@ -1035,7 +1044,7 @@ class _ZkContactWatch(Watch):
 
     def refetch(self, paths: Iterable[str]) -> None:
         for p in paths:
-            self._q.put(("data", p))  # a read like any data event's: put, or delete when it is gone
+            self._q.put(("refetch", p))  # a read like any data event's: put, or delete when it is gone
 
     # Callbacks on kazoo's threads: never block, never raise.
     def _on_state(self, state: KazooState) -> None:
@@ -1049,6 +1058,7 @@ class _ZkContactWatch(Watch):
     def _on_event(self, etype: int, path: str) -> None:
         if path.count("/") != self._prefix.count("/") + 1:
             return  # a bucket, not a binding
+        self.received += 1
         self._q.put(("deleted" if etype == _DELETED_EVENT else "data", path))
 
     def _run(self) -> None:
@@ -1059,6 +1069,8 @@ class _ZkContactWatch(Watch):
                     items.append(self._q.get_nowait())
             if any(kind == "stop" for kind, _ in items):
                 return
+            notified = sum(kind in ("data", "deleted") for kind, _ in items) + self._uncounted
+            self._uncounted = notified  # until this pass has delivered them
             t0 = time.monotonic()
             try:
                 changes = self._process(items)
@@ -1082,6 +1094,8 @@ class _ZkContactWatch(Watch):
                     self.on_changes(changes)
                 except Exception:
                     log.exception("contact watch: on_changes failed for %d changes", len(changes))
+            self.processed += notified
+            self._uncounted = 0
             t2 = time.monotonic()
             if t2 - t0 > SLOW_PASS_S:  # where a standby's lag comes from: the store's reads or the proxy's applies
                 log.info("contact watch: slow pass: %d events, %.2f s reading the store, %d changes, %.2f s applying "
@@ -1098,7 +1112,7 @@ class _ZkContactWatch(Watch):
         changes: list[Change] = []
         fetch: dict[str, None] = {}  # ordered set
         for kind, path in items:
-            if kind == "data":
+            if kind in ("data", "refetch"):
                 fetch[path] = None
             elif kind == "deleted":
                 fetch.pop(path, None)  # a create after it in this batch adds it back

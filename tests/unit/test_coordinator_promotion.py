@@ -253,3 +253,55 @@ def test_a_demotion_writes_the_reconciliations_additions_it_had_not_written_yet(
         for c in (client, other):
             c.stop()
             c.close()
+
+
+def test_a_reconciliation_leaves_what_changed_in_the_proxy_since_its_dump(
+    zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
+) -> None:
+    """A clean-clone CI run's overload: the active's dump was read 11 s before the store; meanwhile the replicator
+    applied a peer's deletes to the proxy (phones un-registered at the peer while the VIP was there). Diffed
+    against the newer store, the dump's stale copies looked like bindings the store had lost: written back, they
+    stayed in ZooKeeper and the standby and never came back to the active proxy (59 bindings, for good). The
+    mirror case deleted a peer's new binding from the store. A second look at those AoRs, after the dump, must
+    leave both alone."""
+    import time
+
+    from ha.coordinator.proxytable import ProxyBinding
+    from ha.coordinator.store import ContactRecord
+
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    old_ms = (int(time.time()) - 60) * 1000  # written long before the dump: not spared as "recent"
+    gone = ContactRecord.from_event(contact(7, "unregd", node="node2", ts=old_ms), 0)  # the peer deleted it
+    fresh = ContactRecord.from_event(contact(8, "newreg", node="node2", ts=old_ms), 0)  # the peer registered it
+    kept = ContactRecord.from_event(contact(9, "lostev", ts=old_ms), 0)  # its event was lost: a real repair
+    first = {(r.aor, r.contact): ProxyBinding(r, pushed=r is gone) for r in (gone, kept)}
+    second = {(r.aor, r.contact): ProxyBinding(r, pushed=r is fresh) for r in (fresh, kept)}
+    looked: list[set[str]] = []
+
+    def lookup(aors: object) -> dict[tuple[str, str], ProxyBinding]:
+        looked.append(set(aors))  # type: ignore[call-overload]
+        return {k: v for k, v in second.items() if k[0] in looked[-1]}
+
+    client, peer_client = connect(zk_ensemble), connect(zk_ensemble)
+    r = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"),
+                    dump_table=lambda: first, lookup_table=lookup, reconcile_delay_s=0.0)  # fmt: skip
+    try:
+        peer = ZkStore(peer_client, cluster, "node2")
+        peer.ensure_layout()
+        peer.bump_epoch()
+        peer.write([contact(8, "newreg", node="node2", ts=old_ms)])
+        r.start()
+        r.promote()
+        deadline = time.monotonic() + 10
+        said = ""
+        while "reconciled" not in said and time.monotonic() < deadline:  # bounded
+            said = r.tick() or ""
+            time.sleep(0.05)
+        assert "2 changed in the proxy since its dump" in said, said
+        assert looked == [{"unregd", "newreg", "lostev"}]
+        assert {c.aor for c in r.store.snapshot().contacts} == {"newreg", "lostev"}
+    finally:
+        r.close()
+        for c in (client, peer_client):
+            c.stop()
+            c.close()

@@ -400,6 +400,10 @@ def test_watch_delivers_changes_through_the_persistent_recursive_watch(
         assert next(c.record for c in got if c.kind == "put" and c.record.aor == "a").expires_at - time.time() < 1000
         records = w.records()
         assert records is not None and {r.aor for r in records.values()} == {"a", "c"}
+        # Every notification counted and, once delivered, counted as processed (reconciliation waits on them):
+        # 2 creates, then a refresh, a delete and a create.
+        wait_for(lambda: w.processed == w.received)
+        assert w.received >= 5, w.received
     finally:
         w.stop()
 
