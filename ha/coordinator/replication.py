@@ -135,6 +135,7 @@ class Replication:
         self.reconciled: ReconcileResult | None = None
         self.reconcile_runs = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._write_pool: ThreadPoolExecutor | None = None
         # The reads of a reconciliation in flight: the proxy's table, then the store's bindings.
         self._dump: Future[_Diffed] | None = None
         self._repairs: list[ContactEvent] = []  # its writes still to do, a chunk per tick (write_repairs)
@@ -505,7 +506,7 @@ class Replication:
             self.fenced += len(events)
             return f"{len(events)} events not written"
         write = self.store.write_before_takeover if before_takeover else self.store.write_if_newer
-        self._late.append((events, write, self._worker().submit(write, events)))
+        self._late.append((events, write, self._writer().submit(write, events)))
         if not before_takeover:
             return f"{len(events)} events: writing them where nothing newer is stored"
         return f"{len(events)} events: writing those from before the takeover, if nothing newer is stored"
@@ -517,7 +518,7 @@ class Replication:
             try:
                 res = fut.result()
             except StoreUnavailable as exc:
-                self._late.append((events, write, self._worker().submit(self._late_when_back, write, events)))
+                self._late.append((events, write, self._writer().submit(self._late_when_back, write, events)))
                 said.append(f"unfenced write of this proxy's events: {exc}; trying again when zookeeper answers")
                 continue
             except Exception as exc:  # whatever it was, the events are lost: say so
@@ -542,6 +543,15 @@ class Replication:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-ul-dump")
         return self._pool
+
+    def _writer(self) -> ThreadPoolExecutor:
+        """The thread for the unfenced writes, apart from the slow reads: queued behind a reconciliation's 22 s
+        read, this proxy's REGISTERs from a standby spell were written after the phones had un-registered them
+        (the delete leaves nothing "newer" behind), and 61 bindings came back in the store and the standby for
+        good (lab, 2026-11-25)."""
+        if self._write_pool is None:
+            self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-late-write")
+        return self._write_pool
 
     def tick(self) -> str | None:
         """Periodic work: replay the journal when ZooKeeper is back, collect expired bindings if elected."""
@@ -685,8 +695,17 @@ class Replication:
         """This node takes over: a new epoch fences every older writer (a partitioned old active included)."""
         epoch = self.store.bump_epoch()
         self.active = True
-        # This proxy's REGISTERs seen just before the promotion are ordinary events now (written at this epoch).
-        self.pending[:0], self._standby_contacts = self._standby_contacts, []
+        # This proxy's REGISTERs seen just before the promotion are ordinary events now (written at this epoch),
+        # and so are those whose unfenced write has not started yet: in order, before what the proxy sends next.
+        # Written later, unfenced, such a REGISTER could land after the phone's un-REGISTER had deleted it (a
+        # delete leaves nothing newer behind) and bring the binding back. A stale reconciliation's repairs are
+        # dropped instead: the promotion reconciles anyway, from a fresh dump.
+        carried: list[Event] = []
+        for events, _write, fut in list(self._late):
+            if fut.cancel():
+                self._late.remove((events, _write, fut))
+                carried += [ev for ev in events if not (isinstance(ev, ContactEvent) and ev.seq == 0)]
+        self.pending[:0], self._standby_contacts = carried + self._standby_contacts, []
         # Events the proxy sent before this node knew it was active were not written: bindings are repaired by
         # reconciling against ul.dump; dialog events, which nothing could repair, were held and are written now.
         self.schedule_reconcile()
@@ -765,8 +784,9 @@ class Replication:
             with contextlib.suppress(Exception):  # best effort: the lock's node goes with the session anyway
                 self.store.release_gc_lock()
         self.writer.journal.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._pool, self._write_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         for close in self._closers:
             close()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import conftest_zk
 from conftest_zk import connect, contact, dialog
 
+from ha.coordinator.events import ContactEvent
 from ha.coordinator.journal import Journal
 from ha.coordinator.replication import Replication
 from ha.coordinator.store import ZkStore
@@ -305,3 +306,36 @@ def test_a_reconciliation_leaves_what_changed_in_the_proxy_since_its_dump(
         for c in (client, peer_client):
             c.stop()
             c.close()
+
+
+def test_a_promotion_takes_over_this_proxys_unfenced_writes_not_started_yet(
+    zk_ensemble: conftest_zk.Ensemble, tmp_path: Path
+) -> None:
+    """A lab overload with 3 VIP moves: a REGISTER this proxy answered while standby waited 30 s for its unfenced
+    write (queued behind a reconciliation's reads); meanwhile the node was promoted again and the phone's
+    un-REGISTER deleted the binding. The late write then found nothing newer and brought it back: 61 bindings
+    in ZooKeeper and the standby that no proxy of the phones' choosing held. At the promotion, writes not started
+    yet are taken over as ordinary events, in order, before what the proxy sends next."""
+    import threading
+
+    client = connect(zk_ensemble)
+    r = Replication(ZkStore(client, f"t{uuid.uuid4().hex[:8]}", "node1"), "node1", Journal(tmp_path / "j.jsonl"))
+    busy = threading.Event()
+    try:
+        r.start()
+        r.store.bump_epoch()  # another node is active (this one is not)
+        r._writer().submit(busy.wait, 10)  # the write thread is busy: what follows waits its turn
+        r.feed(json.dumps(contact(1, "standbyreg", node="node1").to_json()).encode())
+        assert "not the writer" in (r.flush() or "")
+        r.promote()
+        assert [ev.aor for ev in r.pending if isinstance(ev, ContactEvent)] == ["standbyreg"]
+        r.feed(json.dumps(contact(2, "standbyreg", kind="delete", node="node1").to_json()).encode())
+        r.flush()
+        busy.set()
+        assert r.store.snapshot().contacts == ()  # the un-REGISTER is the last word
+        assert r._late == []
+    finally:
+        busy.set()
+        r.close()
+        client.stop()
+        client.close()
