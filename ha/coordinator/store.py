@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 READ_OPS = 200  # reads per multiRead request (~80 KB replies for bindings; far below the 1 MB limit)
 BATCH_OPS = 100  # ops per transaction, the check op included (measured: ~4.4k znodes/s on 3 members)
 BUCKETS = 256
+OWN_DELETES_KEPT = 200_000  # bindings this node deleted whose watch event has not come yet (ZkStore._deleting)
+OWN_DELETE_MEMORY_S = 120.0  # how long such an entry waits for its event (the watch runs seconds behind at most)
 _SAFE = "@+-._~:;=!$&'()*"  # kept raw in znode names; everything else (/ , % space ...) is escaped
 
 
@@ -348,6 +350,13 @@ class Store(ABC):
     def available(self) -> bool:
         """Whether a write may be attempted now (connected to a member that serves)."""
 
+    tracks_own_deletes = False  # whether deleted_by_self knows (ZkStore does)
+
+    def deleted_by_self(self, aor: str, contact: str) -> bool:
+        """Whether the delete of this binding a watch just reported was this store's own write (asked once per
+        delete: the answer is forgotten). A store that does not keep track answers False."""
+        return False
+
     @abstractmethod
     def watch_contacts(self, on_changes: Callable[[list[Change]], None]) -> Watch:
         """Deliver every binding once (resync), then every change, in batches, from one thread."""
@@ -418,6 +427,8 @@ class _Intent:
 class ZkStore(Store):
     """The kazoo implementation. One instance per coordinator process; thread-safe for one writer thread."""
 
+    tracks_own_deletes = True
+
     def __init__(
         self,
         client: KazooClient,
@@ -440,6 +451,7 @@ class ZkStore(Store):
         self.batch_ops = batch_ops
         self.op_timeout_s = op_timeout_s
         self._known: set[str] | None = None  # paths this writer believes exist (None: not loaded yet)
+        self._own_deletes: dict[str, float] = {}  # path -> when this node deleted it (see _deleting)
         self._gc_lock = client.Lock(f"{self.root}/gc", node)
         self._write_lock = threading.Lock()
         self._multiread = True
@@ -529,6 +541,7 @@ class ZkStore(Store):
             if isinstance(ev, ContactEvent):
                 path = self.contact_path(ev.aor, ev.contact)
                 if ev.removed:
+                    self._deleting(path)
                     out.append(_Intent("delete", path))
                 else:
                     out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
@@ -559,6 +572,24 @@ class ZkStore(Store):
                 else:
                     out.append(_Intent("put", path, _encode(rec)))
         return out
+
+    def _deleting(self, path: str) -> None:
+        """Remember a binding this node is about to delete (before the write: its watch event may come first), so
+        the watch can tell this node's deletes from a peer's (Replicator._wanted). Bounded: a delete of a binding
+        already gone makes no event, and its entry is dropped after OWN_DELETE_MEMORY_S."""
+        now = time.monotonic()
+        own = self._own_deletes
+        if len(own) >= OWN_DELETES_KEPT:
+            for p, t in list(own.items()):
+                if now - t > OWN_DELETE_MEMORY_S:
+                    own.pop(p, None)
+            if len(own) >= OWN_DELETES_KEPT:
+                own.clear()  # a burst of deletes beyond the bound: forget (their own deletes are then re-applied)
+        own[path] = now
+
+    def deleted_by_self(self, aor: str, contact: str) -> bool:
+        t = self._own_deletes.pop(self.contact_path(aor, contact), None)
+        return t is not None and time.monotonic() - t <= OWN_DELETE_MEMORY_S
 
     def _stored_dialog(self, ev: DialogEvent) -> tuple[str, DialogRecord] | None:
         """The dialog record the other node wrote for a call this proxy never saw (BYE after a failover).
@@ -759,6 +790,7 @@ class ZkStore(Store):
                 if stat is None:
                     res.newer += 1  # nothing to delete
                     continue
+                self._deleting(path)
                 ops.append((path, self.client.delete_async(path, version=stat.version)))
             else:
                 data = _encode(ContactRecord.from_event(ev, self.epoch))
@@ -905,6 +937,8 @@ class ZkStore(Store):
             for start in range(0, len(doomed), self.batch_ops):
                 chunk = doomed[start : start + self.batch_ops]
                 # Individually, not as one transaction: one refreshed binding must not save the others.
+                for p, _v in chunk:
+                    self._deleting(p)
                 asyncs = [(p, self.client.delete_async(p, version=v)) for p, v in chunk]
                 for p, a in asyncs:
                     try:

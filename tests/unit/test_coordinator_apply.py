@@ -6,6 +6,7 @@ intake -> store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,6 +140,50 @@ def test_replicator_pushes_peer_writes_and_skips_own(
             rep.stop()
             own_rpc.close()
     finally:
+        local_client.stop()
+        local_client.close()
+
+
+def test_the_active_applies_a_peers_delete_of_its_own_binding_and_skips_its_own_deletes(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy
+) -> None:
+    """A flood with VIP moves: phones whose ARP entry still pointed at the old active un-registered there, and
+    its coordinator wrote the deletes. The bindings had last been written by the active, whose replicator
+    skipped every delete of its own bindings while active: its proxy kept 60 bindings nobody else had. A
+    delete this node did not write itself is a peer's and must reach the proxy; one it wrote must not (the
+    phone may have registered again meanwhile: pushing the delete back would remove the new binding)."""
+    cluster = f"r{uuid.uuid4().hex[:8]}"
+    uri_p, uri_s = "sip:peerdel@198.51.100.65:5060", "sip:selfdel@198.51.100.65:5060"
+    local_client = connect(zk_ensemble)
+    own_rpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    try:
+        local = ZkStore(local_client, cluster, "node1")  # the active: it wrote both bindings
+        local.ensure_layout()
+        local.bump_epoch()
+        local.write([contact(1, "peerdel", uri_p, node="node1"), contact(2, "selfdel", uri_s, node="node1")])
+        applier = ProxyApplier(own_rpc)
+        recs = [r for r in local.snapshot().contacts]
+        assert applier.apply(recs, []).added == 2  # its proxy holds them (as if registered there)
+        rep = Replicator(local, applier, "node1")
+        rep.standby = lambda: False
+        rep.start()
+        try:
+            assert rep.synced.wait(20), rep.last_status
+            peer = ZkStore(zk_client, cluster, "node2")
+            peer.adopt_epoch()
+            peer.write([contact(3, "peerdel", uri_p, "delete", node="node2")])  # the un-REGISTER at the peer
+            local.write([contact(4, "selfdel", uri_s, "delete", node="node1")])  # this proxy's own
+            wait_for(lambda: bindings(rpc, "peerdel") == set())
+            assert rep.wait_caught_up(10)
+            assert bindings(rpc, "selfdel") == {uri_s}  # not pushed back (here: the "re-registered" binding)
+            assert local._own_deletes == {}  # the entry was taken by its event
+        finally:
+            rep.stop()
+    finally:
+        for aor in ("peerdel", "selfdel"):
+            with contextlib.suppress(kamailio.RpcError):
+                rpc.call("ul.rm", "location", aor)
+        own_rpc.close()
         local_client.stop()
         local_client.close()
 
