@@ -9,8 +9,9 @@ SIGSTOPped (state T), crashed (no processes) or deadlocked (asleep on a lock: no
 
 :class:`GroupActivity` reads ``/proc`` only when asked, i.e. on an unanswered probe, never on the healthy path.
 The proxy is the process group of the pid in its pidfile (Kamailio and OpenSIPS daemonize into their own
-session; the lab's tests rely on the same). CPU time is in clock ticks (10 ms on Debian), so the threshold is
-a few ticks between two unanswered probes that are at most ``max_gap_s`` apart.
+session; the pidfile names the main process, whose group is the session's). CPU time is in clock ticks
+(10 ms on Debian), so the threshold is a few ticks between two unanswered probes that are at most
+``max_gap_s`` apart.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def group_cpu(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool]:
     return n, ticks, stopped
 
 
+def process_group(pid: int, proc: Path = Path("/proc")) -> int:
+    """The process group of ``pid``. Not the pid itself: Kamailio daemonizes with a double fork, so its pidfile
+    names the second child while the group is the first's (the lab's nodes: pid 156, group 155; taking the pid
+    for the group found no process, and "busy, not hung" never applied there). Raises OSError when it is gone."""
+    raw = (proc / str(pid) / "stat").read_bytes()
+    return int(raw[raw.rfind(b")") + 2 :].split()[2])
+
+
 class GroupActivity:
     """Called on an unanswered probe: a reason ("busy, not hung") when the proxy's processes used CPU since
     the previous call, else None (no verdict change). The first call after a quiet spell only takes a sample."""
@@ -67,7 +76,7 @@ class GroupActivity:
 
     def _sample(self) -> str | None:
         try:
-            pgid = int(self.pidfile.read_text().split()[0])
+            pgid = process_group(int(self.pidfile.read_text().split()[0]), self.proc)
         except (OSError, ValueError, IndexError):
             self._last = None
             return None

@@ -132,3 +132,40 @@ def test_prober_without_activity_or_with_an_idle_proxy_flips_as_before(idle: tup
         return out
 
     assert [s.health for s in run(_with_responder(body))] == [Health.UNHEALTHY, Health.UNHEALTHY]
+
+
+DAEMON = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    while True:
+        time.time()
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{pid}\\n")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+os.waitpid(pid, 0)
+"""
+
+
+def test_the_group_of_a_proxy_whose_pidfile_names_a_forked_child_is_found(tmp_path: Path) -> None:
+    """Kamailio daemonizes with a double fork: its pidfile names the main process, whose group is the (gone)
+    first child's, so pid != group. Taking the pid for the group found no process in the lab, and "busy, not
+    hung" never applied: the VIP still moved under the overload test's flood."""
+    from ha.health.activity import process_group
+
+    pidfile = tmp_path / "kamailio.pid"
+    p = subprocess.Popen([sys.executable, "-c", DAEMON, str(pidfile)], start_new_session=True)
+    child = 0
+    try:
+        for _ in range(50):  # bounded: the launcher writes the pidfile at once
+            if pidfile.exists():
+                break
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert child != p.pid and process_group(child) == p.pid
+        why = _twice(GroupActivity(pidfile))
+        assert why is not None and "2 processes used" in why, why
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)  # the launcher reaps it and exits
+        p.wait(5)
