@@ -151,7 +151,7 @@ class Replicator:
             # the binding last: while this node is active too. (Skipping every delete of a binding this node
             # had written left, under a flood with VIP moves, the un-REGISTERs that reached the peer's proxy
             # undone in the active's: 60 bindings only there. A store that cannot tell: the old rule.)
-            if self.store.deleted_by_self(c.record.aor, c.record.contact):
+            if c.by_self:
                 return False
             return c.record.node != self.node or self.standby() or self.store.tracks_own_deletes
         return c.record.node != self.node

@@ -256,6 +256,7 @@ class Change:
     record: ContactRecord
     resync: bool = False
     replay: bool = False  # part of a replay of the watch's own view (Watch.replay): nothing changed in the store
+    by_self: bool = False  # a delete this node wrote (ZkStore tells; see ZkStore._deleting)
 
 
 class Watch(ABC):
@@ -350,12 +351,7 @@ class Store(ABC):
     def available(self) -> bool:
         """Whether a write may be attempted now (connected to a member that serves)."""
 
-    tracks_own_deletes = False  # whether deleted_by_self knows (ZkStore does)
-
-    def deleted_by_self(self, aor: str, contact: str) -> bool:
-        """Whether the delete of this binding a watch just reported was this store's own write (asked once per
-        delete: the answer is forgotten). A store that does not keep track answers False."""
-        return False
+    tracks_own_deletes = False  # whether its watch marks this node's own deletes (Change.by_self; ZkStore does)
 
     @abstractmethod
     def watch_contacts(self, on_changes: Callable[[list[Change]], None]) -> Watch:
@@ -451,7 +447,8 @@ class ZkStore(Store):
         self.batch_ops = batch_ops
         self.op_timeout_s = op_timeout_s
         self._known: set[str] | None = None  # paths this writer believes exist (None: not loaded yet)
-        self._own_deletes: dict[str, float] = {}  # path -> when this node deleted it (see _deleting)
+        self._own_deletes: dict[str, tuple[int, float]] = {}  # path -> (deletes sent, last when); see _deleting
+        self._own_lock = threading.Lock()
         self._gc_lock = client.Lock(f"{self.root}/gc", node)
         self._write_lock = threading.Lock()
         self._multiread = True
@@ -541,7 +538,6 @@ class ZkStore(Store):
             if isinstance(ev, ContactEvent):
                 path = self.contact_path(ev.aor, ev.contact)
                 if ev.removed:
-                    self._deleting(path)
                     out.append(_Intent("delete", path))
                 else:
                     out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
@@ -573,23 +569,47 @@ class ZkStore(Store):
                     out.append(_Intent("put", path, _encode(rec)))
         return out
 
-    def _deleting(self, path: str) -> None:
-        """Remember a binding this node is about to delete (before the write: its watch event may come first), so
-        the watch can tell this node's deletes from a peer's (Replicator._wanted). Bounded: a delete of a binding
-        already gone makes no event, and its entry is dropped after OWN_DELETE_MEMORY_S."""
+    def _deleting(self, path: str, undo: bool = False) -> None:
+        """Count a delete of a binding this node is about to send (before it is sent: its watch event may come
+        first), or take the count back when it failed; the watch takes one per delete event (take_own_delete).
+        So the watch can tell this node's deletes from a peer's (Replicator._wanted). Counted, not flagged: a journal
+        replay deleted, re-created and deleted a binding again in one burst; with one flag the second event
+        looked like a peer's and removed the phone's binding from this node's own proxy. Bounded: an entry
+        whose events never come (a session lost meanwhile) is dropped after OWN_DELETE_MEMORY_S."""
         now = time.monotonic()
-        own = self._own_deletes
-        if len(own) >= OWN_DELETES_KEPT:
-            for p, t in list(own.items()):
-                if now - t > OWN_DELETE_MEMORY_S:
-                    own.pop(p, None)
-            if len(own) >= OWN_DELETES_KEPT:
-                own.clear()  # a burst of deletes beyond the bound: forget (their own deletes are then re-applied)
-        own[path] = now
+        with self._own_lock:
+            own = self._own_deletes
+            n = own.get(path, (0, 0.0))[0] + (-1 if undo else 1)
+            if n <= 0:
+                own.pop(path, None)
+                return
+            if len(own) >= OWN_DELETES_KEPT and path not in own:
+                for p, (_n, t) in list(own.items()):
+                    if now - t > OWN_DELETE_MEMORY_S:
+                        del own[p]
+                if len(own) >= OWN_DELETES_KEPT:
+                    own.clear()  # a burst of deletes beyond the bound: forget (the watch then applies them)
+            own[path] = (n, now)
 
-    def deleted_by_self(self, aor: str, contact: str) -> bool:
-        t = self._own_deletes.pop(self.contact_path(aor, contact), None)
-        return t is not None and time.monotonic() - t <= OWN_DELETE_MEMORY_S
+    def take_own_delete(self, path: str) -> bool:
+        """For the watch, once per delete event: whether this node sent it (and one count less)."""
+        with self._own_lock:
+            entry = self._own_deletes.get(path)
+            if entry is None:
+                return False
+            n, t = entry
+            fresh = time.monotonic() - t <= OWN_DELETE_MEMORY_S
+            if n <= 1 or not fresh:
+                del self._own_deletes[path]
+            else:
+                self._own_deletes[path] = (n - 1, t)
+            return fresh
+
+    def own_delete_pending(self, path: str) -> bool:
+        """Whether this node sent a delete of it whose event has not been taken yet (a read found it gone)."""
+        with self._own_lock:
+            entry = self._own_deletes.get(path)
+        return entry is not None and time.monotonic() - entry[1] <= OWN_DELETE_MEMORY_S
 
     def _stored_dialog(self, ev: DialogEvent) -> tuple[str, DialogRecord] | None:
         """The dialog record the other node wrote for a call this proxy never saw (BYE after a failover).
@@ -655,6 +675,7 @@ class ZkStore(Store):
                         overlay[it.path] = True
                     elif it.kind == "delete":
                         if exists and i not in skip:
+                            self._deleting(it.path)  # before it is sent: its watch event may come first
                             t.delete(it.path)
                             kinds.append((i, "delete"))
                         overlay[it.path] = False
@@ -669,6 +690,10 @@ class ZkStore(Store):
             failed = False
             for start, kinds, a in batches:
                 results = a.get(timeout=self.op_timeout_s)
+                if any(isinstance(r, Exception) for r in results):  # rolled back: none of its deletes happened
+                    for i, kind in kinds:
+                        if kind == "delete":
+                            self._deleting(intents[i].path, undo=True)
                 if failed:
                     continue  # later batches are re-sent from the failed one on, in order
                 txns += 1
@@ -791,7 +816,7 @@ class ZkStore(Store):
                     res.newer += 1  # nothing to delete
                     continue
                 self._deleting(path)
-                ops.append((path, self.client.delete_async(path, version=stat.version)))
+                ops.append((path, self.client.delete_async(path, version=stat.version)))  # see _deleting
             else:
                 data = _encode(ContactRecord.from_event(ev, self.epoch))
                 if stat is None:
@@ -803,6 +828,8 @@ class ZkStore(Store):
             try:
                 a.get(timeout=self.op_timeout_s)
             except (NodeExistsError, BadVersionError, NoNodeError):
+                if todo[path].removed:
+                    self._deleting(path, undo=True)
                 again[path] = todo[path]
                 continue
             res.written += 1
@@ -944,6 +971,7 @@ class ZkStore(Store):
                     try:
                         a.get(timeout=self.op_timeout_s)
                     except (NoNodeError, BadVersionError):
+                        self._deleting(p, undo=True)
                         continue
                     deleted += 1
                     if self._known is not None:
@@ -1150,19 +1178,19 @@ class _ZkContactWatch(Watch):
                 fetch[path] = None
             elif kind == "deleted":
                 fetch.pop(path, None)  # a create after it in this batch adds it back
-                changes.extend(self._gone(path))
+                changes.extend(self._gone(path, self.store.take_own_delete(path)))  # one per event, used or not
         for path, rec in self._read(list(fetch)).items():
             if rec is None:
-                changes.extend(self._gone(path))  # deleted before the read
+                changes.extend(self._gone(path, self.store.own_delete_pending(path)))  # deleted before the read
                 continue
             self._records[path] = rec
             changes.append(Change("put", rec))
         return changes
 
-    def _gone(self, path: str) -> list[Change]:
+    def _gone(self, path: str, by_self: bool) -> list[Change]:
         """A binding that no longer exists, however that was learnt: dropped, and its delete if the view had it."""
         rec = self._records.pop(path, None)
-        return [] if rec is None else [Change("delete", rec)]
+        return [] if rec is None else [Change("delete", rec, by_self=by_self)]
 
     def _add_watch(self) -> None:
         _subtree_watches(self.client)[self._prefix] = self._on_event
@@ -1178,7 +1206,8 @@ class _ZkContactWatch(Watch):
             if not isinstance(names, Exception):
                 paths.extend(f"{b}/{n}" for n in names)
         fresh = {p: r for p, r in self._read(paths).items() if r is not None}
-        changes = [Change("delete", r, resync=True) for p, r in self._records.items() if p not in fresh]
+        changes = [Change("delete", r, resync=True, by_self=self.store.own_delete_pending(p))
+                   for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
         self._records = fresh
         self._complete = not self._session_lost

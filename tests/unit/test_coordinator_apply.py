@@ -176,7 +176,7 @@ def test_the_active_applies_a_peers_delete_of_its_own_binding_and_skips_its_own_
             wait_for(lambda: bindings(rpc, "peerdel") == set())
             assert rep.wait_caught_up(10)
             assert bindings(rpc, "selfdel") == {uri_s}  # not pushed back (here: the "re-registered" binding)
-            assert local._own_deletes == {}  # the entry was taken by its event
+            assert local._own_deletes == {}  # the count was taken by its event
         finally:
             rep.stop()
     finally:

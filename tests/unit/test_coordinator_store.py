@@ -464,3 +464,35 @@ def test_whole_store_reads_use_the_reader_connection_synced_and_fall_back_to_the
     finally:
         reader.stop()
         reader.close()
+
+
+def test_the_watch_marks_this_nodes_own_deletes_one_per_delete_sent(
+    zk_client: KazooClient, store: ZkStore, cluster: str
+) -> None:
+    """Deletes this node sends are counted, and each delete event takes one count: a replay that deleted,
+    re-created and deleted a binding again must have both deletes seen as its own (a flag took the first and let
+    the second look like a peer's, which removed the live binding from the node's own proxy). A peer's delete
+    is not marked; a failed delete gives its count back."""
+    got: list[Change] = []
+    w = store.watch_contacts(got.extend)  # this node's own watch: it sees its own deletes
+    peer = ZkStore(zk_client, cluster, "node2")
+    peer.adopt_epoch()
+    try:
+        store.write([contact(1, "twice"), contact(2, "peers")])
+        wait_for(lambda: {c.record.aor for c in got if c.kind == "put"} >= {"twice", "peers"})
+        store.write([contact(3, "twice", kind="delete"), contact(4, "twice"), contact(5, "twice", kind="delete")])
+        peer.write([contact(6, "peers", kind="delete", node="node2")])
+        wait_for(lambda: w.processed == w.received and {c.record.aor for c in got if c.kind == "delete"} >=
+                 {"twice", "peers"})  # fmt: skip
+        deletes = {c.record.aor: c.by_self for c in got if c.kind == "delete"}
+        assert deletes == {"twice": True, "peers": False}, deletes
+        assert store._own_deletes == {}  # both counts taken by their events, none left to mislabel a later one
+        path = store.contact_path("gone", "sip:gone@198.51.100.50:5062")
+        store._deleting(path)
+        store._deleting(path)
+        assert [store.take_own_delete(path) for _ in range(3)] == [True, True, False]  # one per delete sent
+        store._deleting(path)
+        store._deleting(path, undo=True)  # the delete failed: nothing to wait for
+        assert store._own_deletes == {} and not store.own_delete_pending(path)
+    finally:
+        w.stop()
