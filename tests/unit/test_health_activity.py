@@ -64,10 +64,8 @@ def test_a_busy_group_is_busy_until_stopped_or_gone(busy: tuple[subprocess.Popen
     n, ticks, stopped = group_cpu(p.pid)
     assert n == 1 and ticks >= 1 and not stopped
     act = GroupActivity(pidfile)
-    assert act() is None  # the first call only samples
-    time.sleep(0.1)
-    why = act()
-    assert why is not None and "1 processes used" in why and "ms of CPU" in why
+    why = act()  # on the run queue now: no earlier sample needed
+    assert why is not None and "1 of its 1 processes are running" in why, why
     os.kill(p.pid, signal.SIGSTOP)  # the drills' proxy-hang
     try:
         time.sleep(0.05)
@@ -108,9 +106,8 @@ def test_prober_counts_a_silent_busy_proxy_overloaded_within_the_grace(busy: tup
 
     seen = run(_with_responder(body))
     early = [(t, obs, st) for t, obs, st in seen if t < 0.5]
-    assert early[0][1][0].verdict is Verdict.DEAD  # the first unanswered probe only samples
     assert all(st.health is Health.HEALTHY for _, _, st in early), [(t, st) for t, _, st in early]
-    busy_obs = [o for _, obs, _ in early[1:] for o in obs]
+    busy_obs = [o for _, obs, _ in early for o in obs]  # from the first unanswered probe: it is running
     assert busy_obs and all(o.verdict is Verdict.OVERLOADED and o.reason.startswith("busy, not hung") for o in busy_obs)
     assert seen[-1][2].health is Health.UNHEALTHY  # silent past the grace: dead cycles count again
 
@@ -164,8 +161,42 @@ def test_the_group_of_a_proxy_whose_pidfile_names_a_forked_child_is_found(tmp_pa
         child = int(pidfile.read_text())
         assert child != p.pid and process_group(child) == p.pid
         why = _twice(GroupActivity(pidfile))
-        assert why is not None and "2 processes used" in why, why
+        assert why is not None and "1 of its 2 processes are running" in why, why  # the busy child
     finally:
         if child:
             os.kill(child, signal.SIGKILL)  # the launcher reaps it and exits
         p.wait(5)
+
+
+def _stat(proc: Path, pid: int, pgid: int, state: str, ticks: int) -> None:
+    d = proc / str(pid)
+    d.mkdir(exist_ok=True)
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    (d / "stat").write_text(f"{pid} (kamailio) {state} 1 {pgid} {pgid} 0 -1 0 0 0 0 0 {ticks} 0 0 0\n")
+
+
+def test_a_group_asleep_now_but_busy_since_the_last_sample_is_busy(tmp_path: Path) -> None:
+    """The ticks half, with a /proc laid out by hand (the real-process tests above cross the real one): a group
+    whose processes are all asleep at the sample but used CPU since the previous unanswered probe is busy; one
+    that used none is not; one on the run queue is busy at once."""
+    proc, pidfile = tmp_path / "proc", tmp_path / "k.pid"
+    proc.mkdir()
+    pidfile.write_text("156\n")
+    now = [100.0]
+    act = GroupActivity(pidfile, proc=proc, clock=lambda: now[0])
+    _stat(proc, 155, 155, "S", 0)  # the group leader's slot: the first fork, still there here
+    _stat(proc, 156, 155, "S", 1000)
+    _stat(proc, 157, 155, "S", 500)
+    assert act() is None  # asleep, and nothing to compare with yet
+    now[0] += 0.05
+    _stat(proc, 157, 155, "S", 503)
+    why = act()
+    assert why is not None and "its 3 processes used 30 ms of CPU in the last 50 ms" in why, why
+    now[0] += 0.05
+    assert act() is None  # asleep, no CPU since: hung (a deadlock)
+    now[0] += 0.05
+    _stat(proc, 158, 155, "R", 0)
+    assert act() == "no answer, but 1 of its 4 processes are running"
+    _stat(proc, 158, 155, "T", 0)
+    now[0] += 0.05
+    assert act() is None  # one stopped: the drills' proxy-hang
