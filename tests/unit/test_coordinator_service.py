@@ -567,3 +567,16 @@ def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
     finally:
         svc.stop()
         t.join(20)
+
+
+def test_the_intake_socket_holds_seconds_of_events() -> None:
+    """Past rmem_max (root: SO_RCVBUFFORCE): at ~2.3 KB of buffer per datagram, 8 MB held ~1 s of a flood's events
+    and every longer stall of the loop lost some (each loss costs a full reconciliation)."""
+    import socket
+
+    from ha.coordinator.service import INTAKE_RCVBUF, _deep_receive_buffer
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _deep_receive_buffer(s)
+        got = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert got >= INTAKE_RCVBUF if os.geteuid() == 0 else got > 0, got
