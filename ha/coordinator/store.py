@@ -922,6 +922,26 @@ class ZkStore(Store):
         dialogs = tuple(_decode(DialogRecord, d, v) for _, d, v, _ in raw["dialogs"])
         return ClusterState(epoch=epoch, contacts=contacts, dialogs=dialogs)
 
+    def read_contacts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], ContactRecord]:
+        """The stored bindings among these (aor, contact) keys, read in multiRead round trips (a reconciliation
+        of a few bindings must not read all of them)."""
+        keys = list(keys)
+        paths = [self.contact_path(a, c) for a, c in keys]
+        out: dict[tuple[str, str], ContactRecord] = {}
+        try:
+            results = self._multi_read([(_GET_DATA, p) for p in paths], self._bulk_client())
+        except self._unavailable_errors() as exc:
+            raise StoreUnavailable(f"cannot read bindings: {exc!r}") from exc
+        for key, res in zip(keys, results, strict=True):
+            if isinstance(res, NoNodeError):
+                continue
+            if isinstance(res, Exception):
+                raise StoreUnavailable(f"cannot read {key}: {res!r}")
+            data, stat = res
+            with contextlib.suppress(ValueError, TypeError):  # unreadable: as if absent (a repair rewrites it)
+                out[key] = _decode(ContactRecord, data, stat.version, stat.mzxid)
+        return out
+
     def cdrs(self) -> tuple[CdrRecord, ...]:
         try:
             names = sorted(self.client.get_children(f"{self.root}/cdrs"))
