@@ -857,7 +857,7 @@ class ZkStore(Store):
         if r is None or r.state != KazooState.CONNECTED:
             return self.client
         try:
-            r.sync(self.root)
+            r.sync_async(self.root).get(timeout=self.op_timeout_s)  # bounded: a wedged connection costs one timeout
         except Exception:  # whatever went wrong with the extra connection, the main one still reads
             return self.client
         return r
