@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -244,6 +245,7 @@ class SequenceTracker:
     def __init__(self) -> None:
         self._last: dict[str, tuple[int, int]] = {}  # node -> (boot, last seq)
         self._missing: dict[str, set[int]] = {}  # node -> seqs a gap counted lost
+        self._settled: dict[str, set[int]] = {}  # node -> missing seqs a reconciliation took over (see settle)
         self.gaps = 0
         self.lost = 0
         self.duplicates = 0
@@ -256,8 +258,16 @@ class SequenceTracker:
         return sum(len(m) for m in self._missing.values())
 
     def settle(self) -> None:
-        """Forget what is still missing: a reconciliation is repairing it (a late arrival is then a duplicate of
-        what it wrote, and a LATE apply would be harmless either way)."""
+        """What is still missing is a reconciliation's to repair now: no longer outstanding. A late arrival of one
+        of them is still applied (LATE), not dropped as a duplicate: the runs' few "lost" events were exactly as
+        many as their duplicates, i.e. late, and written only by the next reconciliation (or never, when their
+        binding was one an event touched during this one)."""
+        for node, missing in self._missing.items():
+            settled = self._settled.setdefault(node, set())
+            settled |= missing
+            if len(settled) > self.MISSING_KEPT:
+                for old_seq in sorted(settled)[: len(settled) - self.MISSING_KEPT]:
+                    settled.discard(old_seq)
         self._missing.clear()
 
     def observe(self, ev: Event) -> SeqResult:
@@ -272,12 +282,18 @@ class SequenceTracker:
             self.restarts += 1
             self._last[ev.node] = (ev.boot, ev.seq)
             self._missing.pop(ev.node, None)
+            self._settled.pop(ev.node, None)
             # When the first event seen after a restart is not seq 1, the ones before it were lost too.
             return SeqResult(SeqStatus.RESTART, missing=ev.seq - 1)
         if ev.seq <= last:
             missing = self._missing.get(ev.node)
             if missing and ev.seq in missing:
                 missing.discard(ev.seq)
+                self.lost -= 1
+                return SeqResult(SeqStatus.LATE)
+            settled = self._settled.get(ev.node)
+            if settled and ev.seq in settled:
+                settled.discard(ev.seq)
                 self.lost -= 1
                 return SeqResult(SeqStatus.LATE)
             self.duplicates += 1
@@ -314,6 +330,7 @@ class Intake:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.log_every = log_every
+        self.late_age_ms = 0  # the most any reordered event was behind: its ts to its arrival
 
     def feed(self, data: bytes, source: object = None) -> Accepted | None:
         try:
@@ -341,6 +358,7 @@ class Intake:
         elif result.status is SeqStatus.RESTART:
             log.warning("proxy %s restarted (seq %d, boot %d): its table needs a full resync", ev.node, ev.seq, ev.boot)
         elif result.status is SeqStatus.LATE:
+            self.late_age_ms = max(self.late_age_ms, int(time.time() * 1000) - ev.ts)
             log.debug("proxy %s: seq %d arrived late (reordered); %d still missing", ev.node, ev.seq, self.tracker.lost)
         self.accepted += 1
         return Accepted(ev, result)

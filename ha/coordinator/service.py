@@ -303,8 +303,10 @@ class Service:
         now = {**self.counters(), "active": self.repl.active, "ready": self.ready_given}
         if now != self._last_summary:
             self._last_summary = now
-            log.info("%d events so far: %d gaps (%d lost), %d restarts, rejected %s; %s, %s", now["events"],
+            late = self.repl.intake.late_age_ms
+            log.info("%d events so far: %d gaps (%d lost), %d restarts, rejected %s; %s%s, %s", now["events"],
                      now["gaps"], now["lost"], now["restarts"], now["rejected"] or "none",
+                     f"the most late a reordered event came: {late} ms; " if late else "",
                      "active" if now["active"] else "standby", "ready" if now["ready"] else "NOT ready")
 
     def _materialize(self) -> dict[str, Any]:
