@@ -104,6 +104,7 @@ def query_status(path: str, timeout: float = 1.0) -> dict[str, Any]:
 
 
 INTAKE_RCVBUF = 64 * 1024 * 1024
+SLOW_TICK_S = 0.2
 
 
 def _deep_receive_buffer(udp: socket.socket) -> None:
@@ -384,6 +385,7 @@ class Service:
                 conn.sendall(json.dumps(self._materialize()).encode() + b"\n")
 
     def _tick(self) -> None:
+        t0 = time.monotonic()
         try:
             m = self.repl.tick()
         except StaleEpoch as exc:  # belt and braces: tick absorbs it, a fenced writer must never crash the loop
@@ -393,6 +395,9 @@ class Service:
             m = None
         if m:
             log.info("%s", m)
+        took = time.monotonic() - t0
+        if took > SLOW_TICK_S:  # every event waits meanwhile: where a replication lag tail comes from
+            log.info("slow tick: %.0f ms on the loop", took * 1000)
         try:
             self._check_role()
         except Exception:
