@@ -17,6 +17,7 @@ from pathlib import Path
 import conftest_zk
 import pytest
 from conftest_zk import connect, contact, dialog
+from kazoo.client import KazooClient
 
 from ha.coordinator.events import ContactEvent
 from ha.coordinator.journal import Journal
@@ -25,6 +26,13 @@ from ha.coordinator.store import ZkStore
 
 zk_ensemble = conftest_zk.zk_ensemble
 zk_client = conftest_zk.zk_client
+
+
+def _close(r: Replication, *clients: KazooClient) -> None:
+    r.close()
+    for c in clients:
+        c.stop()
+        c.close()
 
 
 def test_a_bye_before_the_promotion_is_billed_at_it(zk_ensemble: conftest_zk.Ensemble, tmp_path: Path) -> None:
@@ -251,10 +259,7 @@ def test_a_demotion_writes_the_reconciliations_additions_it_had_not_written_yet(
             time.sleep(0.05)
         assert "lost1" in {c.aor for c in new_active.snapshot().contacts}
     finally:
-        r.close()
-        for c in (client, other):
-            c.stop()
-            c.close()
+        _close(r, client, other)
 
 
 def test_a_reconciliation_leaves_what_changed_in_the_proxy_since_its_dump(
@@ -303,10 +308,7 @@ def test_a_reconciliation_leaves_what_changed_in_the_proxy_since_its_dump(
         assert looked == [{"unregd", "newreg", "lostev"}]
         assert {c.aor for c in r.store.snapshot().contacts} == {"newreg", "lostev"}
     finally:
-        r.close()
-        for c in (client, peer_client):
-            c.stop()
-            c.close()
+        _close(r, client, peer_client)
 
 
 def test_a_promotion_takes_over_this_proxys_unfenced_writes_not_started_yet(
