@@ -321,7 +321,8 @@ class Replication:
 
     def _reconcile_needed(self) -> bool:
         t = self.intake.tracker
-        return self._reconcile_forced or t.outstanding > 0 or t.forgotten != self._forgotten_seen
+        overdue = t.overdue(self.reconcile_delay_s * 0.9)  # missing since about the gap that scheduled this one
+        return self._reconcile_forced or overdue > 0 or t.forgotten != self._forgotten_seen
 
     def reconcile(self) -> str:
         """Diff the local proxy's table against the store and repair the store, synchronously (active node)."""
@@ -659,6 +660,8 @@ class Replication:
         ):
             self.reconcile_due = None
             if not self._reconcile_needed():
+                if self.intake.tracker.outstanding:  # newer gaps, not overdue yet: look again when they are
+                    self.schedule_reconcile(gap=True)
                 said.append("reconcile not needed: every event the gaps counted missing arrived late (reordered)")
             else:
                 try:
