@@ -51,6 +51,7 @@ from kazoo.exceptions import (
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
+    KazooException,
     NodeExistsError,
     NoNodeError,
     OperationTimeoutError,
@@ -924,22 +925,29 @@ class ZkStore(Store):
 
     def read_contacts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], ContactRecord]:
         """The stored bindings among these (aor, contact) keys, read in multiRead round trips (a reconciliation
-        of a few bindings must not read all of them)."""
-        keys = list(keys)
-        paths = [self.contact_path(a, c) for a, c in keys]
-        out: dict[tuple[str, str], ContactRecord] = {}
+        of a few bindings must not read all of them). Unreadable ones count as absent (a repair rewrites them)."""
+        paths = {self.contact_path(a, c): (a, c) for a, c in keys}
         try:
-            results = self._multi_read([(_GET_DATA, p) for p in paths], self._bulk_client())
-        except self._unavailable_errors() as exc:
+            recs = self._read_records(list(paths), self._bulk_client())
+        except (*self._unavailable_errors(), KazooException) as exc:
             raise StoreUnavailable(f"cannot read bindings: {exc!r}") from exc
-        for key, res in zip(keys, results, strict=True):
+        return {paths[p]: r for p, r in recs.items() if r is not None}
+
+    def _read_records(self, paths: Sequence[str], client: KazooClient | None = None) -> dict[str, ContactRecord | None]:
+        """path -> its record, None when it does not exist; unreadable records left out (logged). Raises what a
+        read returned other than "no node" (e.g. the connection)."""
+        out: dict[str, ContactRecord | None] = {}
+        for p, res in zip(paths, self._multi_read([(_GET_DATA, p) for p in paths], client), strict=True):
             if isinstance(res, NoNodeError):
+                out[p] = None
                 continue
             if isinstance(res, Exception):
-                raise StoreUnavailable(f"cannot read {key}: {res!r}")
+                raise res
             data, stat = res
-            with contextlib.suppress(ValueError, TypeError):  # unreadable: as if absent (a repair rewrites it)
-                out[key] = _decode(ContactRecord, data, stat.version, stat.mzxid)
+            try:
+                out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
+            except (ValueError, TypeError) as exc:
+                log.error("zookeeper: %s holds an unreadable record, skipped: %s", p, exc)
         return out
 
     def cdrs(self) -> tuple[CdrRecord, ...]:
@@ -1088,7 +1096,7 @@ class _ZkContactWatch(Watch):
         self._complete = False  # _records is the whole store as of the last resync plus every change since
         # Change notifications received (kazoo's reader thread) and handed to on_changes (this watch's thread),
         # in queue order: processed >= a received count read earlier means every change notified before that
-        # read has been delivered (Replicator.caught_up, for reconciliation's second look).
+        # read has been delivered (Replicator.wait_caught_up, for reconciliation's second look).
         self.received = 0
         self.processed = 0
         self._uncounted = 0  # taken from the queue by a pass that failed: counted when a pass succeeds
@@ -1234,20 +1242,7 @@ class _ZkContactWatch(Watch):
         return changes
 
     def _read(self, paths: Sequence[str]) -> dict[str, ContactRecord | None]:
-        """path -> its record, None when it does not exist; unreadable records left out (logged)."""
-        out: dict[str, ContactRecord | None] = {}
-        for p, res in zip(paths, self.store._multi_read([(_GET_DATA, p) for p in paths]), strict=True):
-            if isinstance(res, NoNodeError):
-                out[p] = None
-                continue
-            if isinstance(res, Exception):
-                raise res  # not "gone": e.g. the connection; the caller resyncs
-            data, stat = res
-            try:
-                out[p] = _decode(ContactRecord, data, stat.version, stat.mzxid)
-            except (ValueError, TypeError) as exc:
-                log.error("contact watch: %s holds an unreadable record, skipped: %s", p, exc)
-        return out
+        return self.store._read_records(paths)  # a failed read raises: not "gone" (the caller resyncs)
 
 
 __all__ = [
