@@ -115,7 +115,7 @@ class Replication:
         # GC reads every binding: at 100k that is a few seconds of ZooKeeper work, so not every tick.
         self.gc_interval_s = gc_interval_s
         self._next_gc = 0.0
-        self._gc: Future[int] | None = None  # a GC pass in flight on the worker thread (see _collect)
+        self._gc: Future[int] | None = None  # a GC pass in flight on its own thread (see _collect)
         self.pending: list[Event] = []
         self._held: deque[tuple[float, DialogEvent]] = deque(maxlen=STANDBY_DIALOGS_KEPT)  # see STANDBY_DIALOGS_KEPT
         self.carried_over = 0  # dialog events held while standby and written at a promotion

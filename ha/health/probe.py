@@ -35,10 +35,11 @@ unanswered probe was sent; an answer later than that cannot stop it (the lab's 1
 42-195 ms, most under 100 ms).
 
 Busy, not hung. For the local proxy the service also asks :mod:`ha.health.activity` on an unanswered probe:
-when the proxy's processes used CPU since the previous unanswered probe (and none is stopped), the observation
-is ``overloaded`` ("busy, not hung: ..."). That covers answers queued longer than the late window can help
-with (the overload test's flood). Bounded: after ``activity_grace_s`` (5 s) without a single answer, late ones
-included, silence counts as dead again, however busy, since a worker looping forever burns CPU too.
+when one of the proxy's processes is on the run queue, or they used CPU since the previous unanswered probe
+(and none is stopped), the observation is ``overloaded`` ("busy, not hung: ..."). That covers answers queued
+longer than the late window can help with (the overload test's flood). Bounded: after ``activity_grace_s`` (5 s)
+without a single answer, late ones included, silence counts as dead again, however busy, since a worker looping
+forever burns CPU too.
 """
 
 from __future__ import annotations
