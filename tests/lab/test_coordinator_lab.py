@@ -481,7 +481,7 @@ def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -
     """30 s of REGISTERs faster than the proxy takes them; then ZooKeeper and both proxies agree within 10 s (the
     last check may begin up to 10 s after the blast; reading three 18k-binding tables takes ~2.5 s). An xfail
     until 2026-11-25: the VIP moved 2-6 times during the blast (the health's "busy, not hung" never applied in the
-    lab: ha.health.activity), the intake lost up to 35k events (its receive buffer held ~1 s), and four
+    lab: ha.health.activity), the intake lost up to 35k events (its receive buffer held ~1 s), and five
     coordinator bugs left bindings in one copy for good (BENCHMARKS.md, issue 8, "overload convergence"). When
     the VIP still moves, the 10 s goal is reported as an xfail and agreement within 60 s is required."""
     # 6000/s: well above what the proxy answers here (~1.5-2k/s), without the sender itself taking a whole core
@@ -515,11 +515,13 @@ def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -
             last[:] = [why, str(counts)]
             return not why
 
-        ok = False
-        while time.monotonic() - t_end < repair_s:
-            if agree():
-                ok = True
-                break
+        def agree_within(limit_s: float) -> bool:  # checked back to back until limit_s after the blast
+            while time.monotonic() - t_end < limit_s:
+                if agree():
+                    return True
+            return False
+
+        ok = agree_within(repair_s)
         t_agree = time.monotonic() - t_end
         st = status(lab, final)
         restarts = {n: p != _coordinator_pid(lab, n) for n, p in pids.items()}
@@ -534,11 +536,7 @@ def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -
             # The VIP moved under starvation (health on a saturated 2-core lab: the project CI saw 4 moves in one
             # run at 05:44 on 2026-11-25, after 0 in the two runs before it). Then the 10 s goal is not reached,
             # a known limit; what must still hold is that nothing is lost for good: agreement within 60 s.
-            late_ok = False
-            while time.monotonic() - t_end < OVERLOAD_SETTLE_S:
-                if agree():
-                    late_ok = True
-                    break
+            late_ok = agree_within(OVERLOAD_SETTLE_S)
             assert late_ok, (f"{time.monotonic() - t_end:.1f} s after {blast_s:.0f} s of overload and {moves} VIP "
                              f"moves, still not in agreement: {last[0]} {last[1]}\n{coordinator_log(lab, final)}")
             pytest.xfail(f"the VIP moved {moves} times during the overload; in agreement only "
