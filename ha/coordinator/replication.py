@@ -27,6 +27,7 @@ the sentence to log (or None when there is nothing worth a line), the Patroni ha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -723,7 +724,7 @@ class Replication:
                 return None
             if res.repaired or res.errors:
                 return f"standby audit repaired the local proxy: {res}"
-            return None
+            return f"standby audit: the local proxy agrees: {res}"
         if (
             rep is None or self.active or self.dump_table is None or not rep.running or not rep.view_complete
             or not rep.synced.is_set()
@@ -740,12 +741,19 @@ class Replication:
 
         def run() -> Any:
             started = int(time.time() * 1000)
+            t0 = time.monotonic()
             in_store = None
             if isinstance(store, ZkStore):
                 stored = {store.contact_path(r.aor, r.contact): r for r in store.snapshot().contacts}
                 rep.check_view(stored, started)
                 in_store = {(r.aor, r.contact) for r in stored.values()}
-            return rep.audit(dump_table(), started, lambda: not self.active, in_store=in_store)
+            t1 = time.monotonic()
+            table = dump_table()
+            t2 = time.monotonic()
+            res = rep.audit(table, started, lambda: not self.active, in_store=in_store)
+            if res is None:
+                return None
+            return dataclasses.replace(res, read_ms=int((t1 - t0) * 1000), dump_ms=int((t2 - t1) * 1000))
 
         self._audit = self._worker().submit(run)
         return None

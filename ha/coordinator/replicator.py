@@ -347,6 +347,8 @@ class AuditResult:
     refreshed: int
     removed: int
     errors: int
+    read_ms: int = 0  # the store read before it (check_view's half), filled in by the caller
+    dump_ms: int = 0  # the proxy's table read
 
     @property
     def repaired(self) -> int:
@@ -355,7 +357,8 @@ class AuditResult:
     def __str__(self) -> str:
         s = (f"proxy {self.proxy} bindings, store {self.view}: added {self.added}, refreshed {self.refreshed}, "
              f"removed {self.removed}")
-        return s + (f", {self.errors} errors" if self.errors else "")
+        s += f", {self.errors} errors" if self.errors else ""
+        return s + f" (store read {self.read_ms} ms, proxy table read {self.dump_ms} ms)"
 
 
 __all__ = ["AuditResult", "ProxyNotAnswering", "Replicator", "ReplicatorStats"]

@@ -112,6 +112,10 @@ def preflight(cluster: model.Cluster) -> None:
     missing = sorted({pkg for path, pkg in REQUIRED.items() if not Path(path).exists()})
     if missing:
         raise LabError(f"missing package(s): {' '.join(missing)}; install with: apt-get install {' '.join(missing)}")
+    stale = [str(h) for h in _agents_homes() if not (h / "resource_agents" / "ocfagent.py").exists()]
+    if stale:  # else every probe fails with an ImportError and `lab up` waits 60 s for a VIP that never starts
+        raise LabError(f"the installed OCF agents import sipha from {', '.join(sorted(set(stale)))}, which is "
+                       "gone: run `make install-agents` in this checkout")  # fmt: skip
     present = [ns for ns in _lab_namespaces(cluster) if labnode.netns_exists(ns)]
     if SPEC_FILE.exists() or present:
         left = ", ".join(present) or str(SPEC_FILE)

@@ -166,3 +166,15 @@ def test_missing_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(LabError, match="apt-get install no-such-package"):
         labmod.preflight(model.load(REPO / "examples/lab.yaml"))
+
+
+def test_agents_installed_from_a_removed_checkout_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Agents installed by another checkout that is gone since: every probe died with an ImportError and
+    `lab up` waited 60 s for the VIP, then blamed the VIP."""
+    from ha import model
+
+    (tmp_path / "sipha").mkdir()
+    (tmp_path / "sipha" / "proxy").write_text('#!/usr/bin/python3\nSIPHA_HOME = "/nonexistent/checkout"\n')
+    monkeypatch.setattr(labmod, "OCF_ROOT", tmp_path)
+    with pytest.raises(LabError, match="/nonexistent/checkout, which is gone: run `make install-agents`"):
+        labmod.preflight(model.load(REPO / "examples/lab.yaml"))

@@ -580,3 +580,18 @@ def test_the_intake_socket_holds_seconds_of_events() -> None:
         _deep_receive_buffer(s)
         got = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     assert got >= INTAKE_RCVBUF if os.geteuid() == 0 else got > 0, got
+
+
+def test_the_coordinator_hands_the_gil_over_quickly(tmp_path: Path) -> None:
+    """CPython's 5 ms switch interval made each blocking call of the watch or the intake wait 5 ms whenever a bulk
+    read was parsing on another thread (the standby's watch fell ~2 s behind during each audit); main sets less."""
+    import sys
+
+    from ha.coordinator.service import GIL_SWITCH_S, main
+
+    before = sys.getswitchinterval()
+    try:
+        assert main(["--status", "--status-socket", str(tmp_path / "none.sock")]) == 1  # nobody answers there
+        assert abs(sys.getswitchinterval() - GIL_SWITCH_S) < 1e-6 and GIL_SWITCH_S <= 0.001
+    finally:
+        sys.setswitchinterval(before)
