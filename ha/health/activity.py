@@ -24,6 +24,8 @@ from pathlib import Path
 MIN_TICKS = 2  # CPU ticks (20 ms at 100 Hz) the group must have used since the previous unanswered probe
 MAX_GAP_S = 1.0  # an older sample says nothing about now
 MIN_GAP_S = 0.02  # calls closer than this (one cycle's several transports) share one sample and one answer
+PF_EXITING = 0x4  # linux/sched.h: the process is in do_exit (field 9 of /proc/<pid>/stat)
+SIGKILL_BIT = 1 << 8  # signal 9 in /proc/<pid>/status's SigPnd/ShdPnd masks
 
 
 def group_cpu(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool]:
@@ -34,7 +36,12 @@ def group_cpu(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool]:
 
 def group_sample(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool, int]:
     """(processes, utime+stime ticks summed, any of them stopped, how many are running or runnable now) over
-    the processes in group ``pgid``."""
+    the live processes in group ``pgid``.
+
+    Dying ones are not counted: a SIGKILLed process is in state R until it reaches do_exit (SIGKILL pending),
+    and while the kernel tears down its memory (PF_EXITING); it closes its sockets only after that, so probes meet silence, not "port unreachable". Counted as
+    running, Kamailio's 24 dying processes (each unmapping the shared memory) read "busy, not hung" and held a
+    proxy crash's failover back: 0.8-0.97 s in 3 of 20 lab drills, against ~0.2 s."""
     n, ticks, stopped, running = 0, 0, False, 0
     for d in proc.iterdir():
         if not d.name.isdigit():
@@ -43,14 +50,29 @@ def group_sample(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool,
             raw = (d / "stat").read_bytes()
         except OSError:  # exited meanwhile
             continue
-        f = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        f = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session tty tpgid flags ...
         if len(f) < 13 or int(f[2]) != pgid:
+            continue
+        if f[0] in (b"Z", b"X") or int(f[6]) & PF_EXITING or (f[0] == b"R" and _kill_pending(d)):
             continue
         n += 1
         ticks += int(f[11]) + int(f[12])
         stopped = stopped or f[0] in (b"T", b"t")
         running += f[0] == b"R"
     return n, ticks, stopped, running
+
+
+def _kill_pending(d: Path) -> bool:
+    """A SIGKILL delivered, not acted on yet: the process is runnable only to die (on a 2-core node two dozen
+    killed processes wait their turn for the CPU this way before they even reach do_exit)."""
+    try:
+        status = (d / "status").read_text()
+    except OSError:
+        return False  # gone meanwhile: counted once, the next unanswered probe looks again
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & SIGKILL_BIT:
+            return True
+    return False
 
 
 def process_group(pid: int, proc: Path = Path("/proc")) -> int:

@@ -200,3 +200,79 @@ def test_a_group_asleep_now_but_busy_since_the_last_sample_is_busy(tmp_path: Pat
     _stat(proc, 158, 155, "T", 0)
     now[0] += 0.05
     assert act() is None  # one stopped: the drills' proxy-hang
+
+
+DYING = """
+import mmap, os, sys, time
+m = mmap.mmap(-1, 256 << 20, flags=mmap.MAP_SHARED)  # like Kamailio's shared memory, touched by every process
+for i in range(0, len(m), 4096):
+    m[i] = 1
+for _ in range(6):
+    if os.fork() == 0:
+        for i in range(0, len(m), 4096):
+            m[i] = 2
+        time.sleep(60)
+        os._exit(0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_group_still_tearing_down_its_memory_is_not_busy(tmp_path: Path) -> None:
+    """After SIGKILL each process stays in state R while the kernel unmaps its memory, and closes its sockets
+    only after that: probes get silence, not "port unreachable". Those dying processes must not read as a busy
+    proxy (they held a proxy crash's failover back by up to 0.8 s in the lab's drills)."""
+    from ha.health.activity import PF_EXITING, group_sample
+
+    seen_dying = False
+    for _ in range(3):  # the dying window is tens of ms: try again if a sample never fell into it
+        p = subprocess.Popen([sys.executable, "-c", DYING], start_new_session=True, stdout=subprocess.PIPE)
+        try:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+            pidfile = tmp_path / "proxy.pid"
+            pidfile.write_text(f"{p.pid}\n")
+            members = [d for d in Path("/proc").iterdir() if d.name.isdigit() and _pgrp(d) == p.pid]
+            assert len(members) == 7, members
+            for _ in range(100):  # bounded: the children touch the mapping, then sleep
+                if group_sample(p.pid)[3] == 0:
+                    break
+                time.sleep(0.05)
+            act = GroupActivity(pidfile)
+            assert act() is None  # asleep: not busy
+            time.sleep(0.05)  # past MIN_GAP_S, so the next call samples again
+            os.killpg(p.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                states = [s for s in (_state(d) for d in members) if s is not None]
+                sample = group_sample(p.pid)
+                assert sample[3] == 0, (sample, states)  # every one of them is dying: none counts as running
+                assert act() is None
+                seen_dying = seen_dying or any(s[0] == "R" and s[1] & PF_EXITING for s in states)
+                if not any(s[0] not in "ZX" for s in states):
+                    break
+                time.sleep(0.001)
+        finally:
+            with_kill = p.poll() is None
+            if with_kill:
+                p.kill()
+            p.wait(5)
+        if seen_dying:
+            break
+    assert seen_dying, "never caught a process of the killed group tearing down its memory"
+
+
+def _pgrp(d: Path) -> int:
+    try:
+        raw = (d / "stat").read_bytes()
+    except OSError:
+        return -1
+    return int(raw[raw.rfind(b")") + 2 :].split()[2])
+
+
+def _state(d: Path) -> tuple[str, int] | None:
+    try:
+        raw = (d / "stat").read_bytes()
+    except OSError:
+        return None
+    f = raw[raw.rfind(b")") + 2 :].split()
+    return f[0].decode(), int(f[6])
