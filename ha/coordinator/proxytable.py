@@ -209,13 +209,22 @@ def dump(rpc_socket: Path | str, *, fifo: Path | str | None = None, timeout: flo
 
 
 def _lookup_many(r: Any, table: str, aors: list[str], window: int) -> dict[tuple[str, str], ProxyBinding]:
-    """``ul.lookup`` of each AoR, pipelined; an AoR the proxy does not hold (404) is simply absent."""
+    """``ul.lookup`` of each AoR, pipelined; an AoR the proxy does not hold (404) is simply absent.
+
+    Between chunks it pauses as long as the last chunk took (LOOKUP_PACE): the proxy has one JSON-RPC worker, and
+    the replicator's ``ul.add``s queue behind whatever is pipelined there. Unpaced, a 26k-AoR read held them up
+    for over a second."""
     out: dict[tuple[str, str], ProxyBinding] = {}
     # "Expires" is seconds left when each lookup ran: a chunk's answers are turned into absolute times with the
     # clock right after that chunk. (One clock read before the whole dump made every binding of a 40k table look
     # seconds short, and reconciliation and the standby audit "refreshed" them all.)
+    took = 0.0
     for i in range(0, len(aors), LOOKUP_CHUNK):
+        if took:
+            time.sleep(min(took * LOOKUP_PACE, 1.0))
+        t0 = time.monotonic()
         outs = r.call_many([("ul.lookup", [table, a]) for a in aors[i : i + LOOKUP_CHUNK]], window)
+        took = time.monotonic() - t0
         found = [o for o in outs if isinstance(o, dict)]  # an error: the AoR went away meanwhile (404)
         lost = [o for o in outs
                 if isinstance(o, RpcError) and "404" not in str(o) and "not found" not in str(o)]  # fmt: skip
@@ -236,6 +245,7 @@ def lookup(rpc_socket: Path | str, aors: Iterable[str], *, table: str = "locatio
 
 
 LOOKUP_CHUNK = 2000  # ~0.1 s of lookups: the error of a chunk's clock on "Expires"
+LOOKUP_PACE = 1.0  # pause after a chunk, in multiples of its time: the worker stays half free for live updates
 
 
 __all__ = ["FIFO_NAME", "FifoRpc", "ProxyBinding", "dump", "fifo_for", "lookup", "parse_dump"]

@@ -737,7 +737,7 @@ class Replication:
             return None
         size = rep.last_audit.proxy if rep.last_audit else 0
         self._next_audit = now + max(AUDIT_INTERVAL_S, size / 2000)
-        dump_table, store = self.dump_table, self.store
+        dump_table, lookup_table, store = self.dump_table, self.lookup_table, self.store
 
         def run() -> Any:
             started = int(time.time() * 1000)
@@ -748,12 +748,19 @@ class Replication:
                 rep.check_view(stored, started)
                 in_store = {(r.aor, r.contact) for r in stored.values()}
             t1 = time.monotonic()
-            table = dump_table()
+            scope = rep.audit_scope() if lookup_table is not None else None
+            try:
+                table = dump_table() if scope is None else lookup_table(scope)
+            except BaseException:
+                rep.full_audit_due = True  # the AoRs noted for this audit are forgotten: read the whole table
+                raise
             t2 = time.monotonic()
-            res = rep.audit(table, started, lambda: not self.active, in_store=in_store)
+            res = rep.audit(table, started, lambda: not self.active, in_store=in_store, scope=scope)
             if res is None:
                 return None
-            return dataclasses.replace(res, read_ms=int((t1 - t0) * 1000), dump_ms=int((t2 - t1) * 1000))
+            res = dataclasses.replace(res, read_ms=int((t1 - t0) * 1000), dump_ms=int((t2 - t1) * 1000))
+            rep.last_audit = res
+            return res
 
         self._audit = self._worker().submit(run)
         return None

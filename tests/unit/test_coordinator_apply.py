@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import conftest_zk
 import pytest
@@ -323,6 +324,75 @@ def test_real_bye_after_a_failover_closes_the_replicated_dialog(proxy: Proxy, zk
         events.close()
         callee.close()
         caller.close()
+
+
+def test_the_standby_audit_looks_up_what_can_be_wrong_and_reads_the_whole_table_now_and_then(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Kamailio 5.6 builds ul.dump's reply in O(n^2): 10.5 s of a core for 26k bindings, every 30 s, on the standby
+    during the replication bench. Most audits look up only the view's AoRs and those of deletes since the last
+    one; the whole table is read at the first audit, every FULL_AUDIT_EVERY-th and after one that repaired."""
+    from ha.coordinator import proxytable
+    from ha.coordinator.replicator import FULL_AUDIT_EVERY
+
+    cluster = f"u{uuid.uuid4().hex[:8]}"
+    writer = ZkStore(zk_client, cluster, "node2")
+    writer.ensure_layout()
+    writer.bump_epoch()
+    uri = "sip:lk{}@198.51.100.67:5060".format
+    old = int(time.time() * 1000) - 60_000
+    writer.write([contact(i, f"lk{i}", uri(i), node="node2", ttl=600, ts=old) for i in range(1, 6)])
+    reads: list[str] = []
+
+    def dump() -> Any:
+        reads.append("whole")
+        return proxytable.dump(proxy.rpc_sock)
+
+    def lookup(aors: Any) -> Any:
+        reads.append(",".join(sorted(aors)))
+        return proxytable.lookup(proxy.rpc_sock, aors)
+
+    sclient = connect(zk_ensemble)
+    srpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    standby = Replication(ZkStore(sclient, cluster, "node1"), "node1", Journal(tmp_path / "s.jsonl"),
+                          ProxyApplier(srpc), dump_table=dump, lookup_table=lookup)  # fmt: skip
+
+    def audit() -> str:
+        runs, standby._next_audit = standby.audit_runs, 0
+        deadline = time.monotonic() + 20
+        while standby.audit_runs == runs and time.monotonic() < deadline:
+            standby.tick()
+            time.sleep(0.05)
+        assert standby.audit_runs == runs + 1
+        return str(standby.status()["last_audit"])
+
+    try:
+        standby.start()
+        assert standby.replicator is not None and standby.replicator.synced.wait(20)
+        wait_for(lambda: all(bindings(rpc, f"lk{i}") == {uri(i)} for i in range(1, 6)))
+        said = audit()  # the first audit: the whole table (it also removes what earlier tests left in this proxy)
+        assert reads == ["whole"] and "whole proxy table read in" in said, (reads, said)
+        # A peer's un-REGISTER of lk5 that this proxy did not apply (put back behind the watch's back), a binding
+        # outside replication (lkghost), and one the proxy lost (lk1).
+        writer.write([contact(7, "lk5", uri(5), "delete", node="node2")])
+        wait_for(lambda: bindings(rpc, "lk5") == set())
+        ProxyApplier(rpc).apply([record("lk5", uri(5)), record("lkghost", "sip:lkghost@198.51.100.67:5060")])
+        rpc.call("ul.rm_contact", "location", "lk1", uri(1))
+        said = audit()
+        assert reads[1] == "lk1,lk2,lk3,lk4,lk5", reads  # the view's AoRs and the deleted one, nothing else
+        assert "added 1" in said and "removed 1" in said and "bindings of 5 AoRs" in said, said
+        assert bindings(rpc, "lk1") == {uri(1)} and bindings(rpc, "lk5") == set()
+        assert bindings(rpc, "lkghost") != set()  # not looked at yet ...
+        said = audit()  # ... but an audit that repaired has the next one read everything
+        assert reads[2] == "whole" and "removed 1" in said and bindings(rpc, "lkghost") == set(), (reads, said)
+        for _ in range(FULL_AUDIT_EVERY):
+            audit()
+        assert reads[3:] == ["lk1,lk2,lk3,lk4"] * (FULL_AUDIT_EVERY - 1) + ["whole"], reads
+    finally:
+        standby.close()
+        srpc.close()
+        sclient.stop()
+        sclient.close()
 
 
 def test_the_standby_audit_repairs_what_replication_missed(
