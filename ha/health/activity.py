@@ -39,9 +39,10 @@ def group_sample(pgid: int, proc: Path = Path("/proc")) -> tuple[int, int, bool,
     the live processes in group ``pgid``.
 
     Dying ones are not counted: a SIGKILLed process is in state R until it reaches do_exit (SIGKILL pending),
-    and while the kernel tears down its memory (PF_EXITING); it closes its sockets only after that, so probes meet silence, not "port unreachable". Counted as
-    running, Kamailio's 24 dying processes (each unmapping the shared memory) read "busy, not hung" and held a
-    proxy crash's failover back: 0.8-0.97 s in 3 of 20 lab drills, against ~0.2 s."""
+    and while the kernel tears down its memory (PF_EXITING); it closes its sockets only after that, so probes
+    meet silence, not "port unreachable". Counted as running, Kamailio's 24 dying processes (each unmapping the
+    shared memory) read "busy, not hung" and held a proxy crash's failover back: 0.8-0.97 s in 3 of 20 lab
+    drills, against ~0.2 s."""
     n, ticks, stopped, running = 0, 0, False, 0
     for d in proc.iterdir():
         if not d.name.isdigit():
