@@ -61,7 +61,7 @@ OCF_SIPHA := /usr/lib/ocf/resource.d/sipha
 install-agents:
 	@set -e; install -d -m 755 $(OCF_SIPHA); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	for pair in sipha-proxy:$(OCF_SIPHA)/proxy sipha-coordinator:$(OCF_SIPHA)/coordinator \
-			fence_sipha_lab:/usr/sbin/fence_sipha_lab; do \
+			sipha-vip:$(OCF_SIPHA)/vip fence_sipha_lab:/usr/sbin/fence_sipha_lab; do \
 		src=$${pair%%:*}; dst=$${pair#*:}; \
 		sed -e 's|^SIPHA_HOME = "".*|SIPHA_HOME = "$(CURDIR)"  # written by make install-agents|' \
 			-e 's|^SIPHA_PYTHON = "".*|SIPHA_PYTHON = "$(CURDIR)/$(VENV)/bin/python"  # written by make install-agents|' \

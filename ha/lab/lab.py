@@ -173,6 +173,11 @@ def _lab_cib(cib_text: str, cluster: model.Cluster, step: Step) -> tuple[str, bo
     constraints = root.find("configuration/constraints")
     assert resources is not None and constraints is not None
     removed: set[str] = set()
+    for p in resources.iter("primitive"):  # the VIP has a stand-in with the same parameters: IPaddr2
+        if (p.get("provider"), p.get("type")) == ("sipha", "vip") and not _agent_installed("sipha", "vip"):
+            step(f"  ocf:sipha:vip not installed (make install-agents): {p.get('id')} runs ocf:heartbeat:IPaddr2")
+            p.set("provider", "heartbeat")
+            p.set("type", "IPaddr2")
     for top in list(resources):
         prims = [top] if top.tag == "primitive" else top.findall(".//primitive")
         for p in prims:

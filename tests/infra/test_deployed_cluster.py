@@ -37,7 +37,7 @@ def _crm_mon(host: Any) -> ET.Element:
 def _vip_addresses(host: Any) -> list[str]:
     out = host.check_output("cibadmin --query --scope resources")
     root = ET.fromstring(out)
-    return [nv.get("value", "") for p in root.iter("primitive") if p.get("type") == "IPaddr2"
+    return [nv.get("value", "") for p in root.iter("primitive") if p.get("type") in ("vip", "IPaddr2")
             for nv in p.iter("nvpair") if nv.get("name") == "ip"]  # fmt: skip
 
 
@@ -137,7 +137,7 @@ def test_pacemaker_resources_started(hosts: Any, node: str, node_names: list[str
 
 def test_vip_on_exactly_one_node(hosts: Any, node_names: list[str]) -> None:
     vips = _vip_addresses(hosts(node_names[0]))
-    assert vips, "no IPaddr2 resource in the CIB"
+    assert vips, "no VIP resource (ocf:sipha:vip or IPaddr2) in the CIB"
     for vip in vips:
         holders = []
         for name in node_names:

@@ -5,6 +5,7 @@ always deleted), real ocf-tester on the installed agents, a real unix socket for
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.machinery
 import importlib.util
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 AGENTS = REPO / "resource_agents"
 PROXY = AGENTS / "sipha-proxy"
 COORD = AGENTS / "sipha-coordinator"
+VIP = AGENTS / "sipha-vip"
 FENCE = AGENTS / "fence_sipha_lab"
 DTD_DIR = Path("/usr/share/resource-agents")
 KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
@@ -431,7 +433,9 @@ def test_ocf_tester_passes_on_installed_agents(netns: str, tmp_path: Path) -> No
     subprocess.run(["make", "-s", "install-agents"], cwd=REPO, check=True, capture_output=True, timeout=60)
     cfg = tmp_path / "kamailio.cfg"
     cfg.write_text(TINY_CFG.format(port=5060))
+    _veth(netns)
     for agent, opts in (
+        ("/usr/lib/ocf/resource.d/sipha/vip", {"ip": "198.51.100.77", "cidr_netmask": "24", "nic": "v0"}),
         ("/usr/lib/ocf/resource.d/sipha/proxy",
          {"kind": "kamailio", "config": str(cfg), "pidfile": str(tmp_path / "k.pid"),
           "logfile": str(tmp_path / "k.log"), "probe_targets": "udp:5060,tcp:5060", "shm_mb": "64"}),
@@ -444,6 +448,107 @@ def test_ocf_tester_passes_on_installed_agents(netns: str, tmp_path: Path) -> No
                            env=BASE_ENV, capture_output=True, text=True, timeout=180)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "passed all tests" in p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ VIP agent
+
+
+def _veth(ns: str) -> None:
+    """v0 (the VIP's interface) and its peer v1 (where the ARPs arrive) in ``ns``; gone with the namespace."""
+    for argv in (["link", "add", "v0", "type", "veth", "peer", "name", "v1"], ["link", "set", "v0", "up"],
+                 ["link", "set", "v1", "up"]):  # fmt: skip
+        subprocess.run(["ip", "-n", ns, *argv], check=True)
+
+
+def _addrs(ns: str, dev: str) -> str:
+    return subprocess.run(["ip", "-n", ns, "-o", "-4", "addr", "show", "dev", dev], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+SNIFF_ARP = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("v1", 0))
+s.settimeout(0.2)
+print("listening", flush=True)
+seen, deadline = [], time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        f = s.recv(100)
+    except TimeoutError:
+        continue
+    if f[12:14] == b"\x08\x06" and f[28:32] == f[38:42]:  # gratuitous: sender IP == target IP
+        seen.append((int.from_bytes(f[20:22], "big"), socket.inet_ntoa(f[28:32])))
+print(seen)
+"""
+
+
+def test_vip_metadata_is_valid() -> None:
+    p = subprocess.run([str(VIP), "meta-data"], env=BASE_ENV, capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0
+    if shutil.which("xmllint") and (DTD_DIR / "ra-api-1.dtd").exists():
+        lint = subprocess.run(["xmllint", "--noout", "--valid", "-"], input=p.stdout, cwd=DTD_DIR,
+                              capture_output=True, text=True)  # fmt: skip
+        assert lint.returncode == 0, lint.stderr
+    root = ET.fromstring(p.stdout.split("\n", 2)[2])
+    assert [e.get("name") for e in root.iter("parameter")] == ["ip", "cidr_netmask", "nic", "arp_count",
+                                                               "arp_interval"]  # fmt: skip
+    assert {"start", "stop", "monitor", "meta-data", "validate-all"} <= {e.get("name") for e in root.iter("action")}
+
+
+@pytest.mark.parametrize(("params", "why"), [
+    ({"ip": "198.51.100.300"}, "ip '198.51.100.300' is not an IPv4 address"),
+    ({"ip": "198.51.100"}, "ip '198.51.100' is not an IPv4 address"),
+    ({"ip": ""}, "ip '' is not an IPv4 address"),
+    ({"cidr_netmask": "33"}, "cidr_netmask '33' is not a prefix length (1-32)"),
+    ({"nic": ""}, "nic is required"),
+    ({"arp_count": "five"}, "arp_count and arp_interval must be whole numbers"),
+])  # fmt: skip
+def test_vip_validate_names_the_bad_parameter(params: dict[str, str], why: str) -> None:
+    rc, out = run(VIP, "validate-all", **{"ip": "198.51.100.77", "nic": "v0", **params})
+    assert (rc, out.strip()) == (6, f"ocf-exit-reason:{why}")
+
+
+@needs_root
+def test_vip_lifecycle_announces_the_address(netns: str) -> None:
+    """Real ip(8) and send_arp in a namespace: start adds the address and its gratuitous ARPs reach the wire (the
+    peer end of a veth), start and stop are idempotent, monitor follows the address; a missing nic is named."""
+    _veth(netns)
+    params = {"ip": "198.51.100.77", "cidr_netmask": "24", "nic": "v0", "arp_count": "3", "arp_interval": "50"}
+    assert run(VIP, "monitor", ns=netns, **params)[0] == 7
+    sniff = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SNIFF_ARP, "1.5"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert sniff.stdout is not None and sniff.stdout.readline() == "listening\n"
+        assert run(VIP, "start", ns=netns, **params) == (0, "")
+        # start did not wait for the ARPs: their sender is still at work
+        pid = Path("/run/resource-agents/sipha-vip-send_arp-198.51.100.77").read_text().split()[0]
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "send_arp"
+        assert " inet 198.51.100.77/24 " in _addrs(netns, "v0")
+        assert run(VIP, "monitor", ns=netns, **params)[0] == 0
+        assert run(VIP, "start", ns=netns, **params)[0] == 0  # already there: still a success
+        out, _ = sniff.communicate(timeout=10)
+    finally:
+        if sniff.poll() is None:
+            sniff.kill()
+    seen = ast.literal_eval(out)
+    assert {(1, "198.51.100.77"), (2, "198.51.100.77")} <= set(seen), seen  # ARP request and reply
+    assert len(seen) >= 3, seen
+    assert run(VIP, "start", ns=netns, **{**params, "arp_count": "50"})[0] == 0  # a sender for 2.5 s ...
+    pid = Path("/run/resource-agents/sipha-vip-send_arp-198.51.100.77").read_text().split()[0]
+    assert run(VIP, "stop", ns=netns, **params)[0] == 0  # ... which stop ends: it belongs to the address
+    for _ in range(50):  # bounded: the kill is immediate, reaping by init is not
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"send_arp {pid} still running after stop")
+    assert "198.51.100.77" not in _addrs(netns, "v0")
+    assert run(VIP, "stop", ns=netns, **params)[0] == 0
+    assert run(VIP, "monitor", ns=netns, **params)[0] == 7
+    rc, out = run(VIP, "start", ns=netns, **{**params, "nic": "nosuch0"})
+    assert (rc, out.strip()) == (6, "ocf-exit-reason:nic 'nosuch0' does not exist here")
+    assert run(VIP, "stop", ns=netns, **{**params, "nic": "nosuch0"})[0] == 0  # nothing there: stopped
 
 
 # --------------------------------------------------------------------------------------------- fence agent

@@ -156,7 +156,7 @@ def test_cib_vips_follow_a_healthy_proxy(cluster: model.Cluster) -> None:
     for i, vip in enumerate(cluster.vips):
         rid = f"vip-{vip.name}"
         prim = prims[rid]
-        assert (prim.get("class"), prim.get("provider"), prim.get("type")) == ("ocf", "heartbeat", "IPaddr2")
+        assert (prim.get("class"), prim.get("provider"), prim.get("type")) == ("ocf", "sipha", "vip")
         params = nvpairs(prim)
         assert (params["ip"], params["cidr_netmask"], params["nic"]) == (vip.ip, str(vip.prefix), vip.interface)
         assert int(params["arp_count"]) >= 1 and int(params["arp_interval"]) < 200  # faster than the default
