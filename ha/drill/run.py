@@ -23,7 +23,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ha.drill import measure, report, timeline
-from ha.drill.faults import KINDS, ClusterControl, DrillError, Fault, describe, health_problems, make_fault
+from ha.drill.faults import (
+    KINDS,
+    ClusterControl,
+    DrillError,
+    Fault,
+    describe,
+    health_problems,
+    make_fault,
+    wait_dc_idle,
+)
 from ha.drill.ownership import OwnershipSampler
 from ha.drill.traffic import Traffic, TrafficConfig
 
@@ -238,6 +247,8 @@ def run(ctl: ClusterControl, opts: DrillOptions, progress: Progress = lambda _m:
             if problems:
                 stopped = f"after run {k}: the cluster did not recover: {'; '.join(problems)}"
                 break
+            if not wait_dc_idle(ctl, ctl.nodes[0], opts.settle_timeout_s, sleep=sleep):
+                progress("Pacemaker's DC is still busy; starting anyway")
         progress(f"run {k + 1}/{opts.repeat}")
         try:
             doc = run_once(ctl, opts, progress, fault_factory)
