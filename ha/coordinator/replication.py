@@ -68,6 +68,14 @@ REPAIR_CHUNK = 1000
 AUDIT_INTERVAL_S = 30.0
 AUDIT_SOON_S = 2.0
 AUDIT_SUSPECT_S = 5.0  # the next audit, when the view disagreed with the store on some bindings (check_view)
+# A due audit waits while the replicator applies more than AUDIT_BUSY_PER_S changes/s (over the last
+# AUDIT_BUSY_WINDOW_S), for at most AUDIT_MAX_DEFER_S. Why: the audit reads the whole store (~3.7 s of this
+# process's CPU for 27k bindings under load) and the proxy's bindings over its single JSON-RPC worker (13 s for
+# 27k paced lookups at 1000 REGISTER/s), the same worker the live ul.adds queue on: in the replication bench each
+# audit during a load step made the standby's lag p99 ~1 s. An integrity check can wait for a calmer minute.
+AUDIT_BUSY_PER_S = 200.0
+AUDIT_BUSY_WINDOW_S = 10.0
+AUDIT_MAX_DEFER_S = 600.0
 STANDBY_DIALOGS_KEPT = 20000
 STANDBY_DIALOG_WINDOW_S = 60.0
 
@@ -150,6 +158,8 @@ class Replication:
         self._audit: Future[Any] | None = None
         self._next_audit = time.monotonic() + AUDIT_INTERVAL_S
         self.audit_runs = 0
+        self._applied: deque[tuple[float, int]] = deque()  # (monotonic, changes applied so far), per tick
+        self._audit_deferred_since: float | None = None
         self.late_written = 0
         self._repair_read_s = 0.0
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
@@ -700,6 +710,18 @@ class Replication:
             self._gc = self._gc_pool.submit(self.store.gc_expired, grace_s=self.gc_grace_s)
         return said
 
+    def _applying_per_s(self, now: float) -> float:
+        """Changes/s the replicator applied to the local proxy over about the last AUDIT_BUSY_WINDOW_S."""
+        rep = self.replicator
+        if rep is None:
+            return 0.0
+        total = rep.stats.added + rep.stats.removed
+        self._applied.append((now, total))
+        while len(self._applied) > 2 and now - self._applied[1][0] >= AUDIT_BUSY_WINDOW_S:
+            self._applied.popleft()
+        t0, n0 = self._applied[0]
+        return (total - n0) / (now - t0) if now - t0 >= 1.0 else 0.0
+
     def _standby_audit(self, now: float) -> str | None:
         """On the standby: now and then (and soon after changes failed to apply) compare the local proxy with the
         watch's view and repair it (Replicator.audit). The proxy's table is read off the loop; the interval grows
@@ -732,9 +754,19 @@ class Replication:
             return None
         if rep.audit_soon:  # set on the watch thread; taken here once, as an earlier due time
             rep.audit_soon = False
+            rep.audit_soon_due = True  # changes were not applied: this audit does not wait for a calmer minute
             self._next_audit = min(self._next_audit, now + AUDIT_SOON_S)
+        busy = self._applying_per_s(now)  # sampled every tick, so a due audit knows the recent rate
         if now < self._next_audit:
             return None
+        if busy > AUDIT_BUSY_PER_S and not rep.audit_soon_due:
+            if self._audit_deferred_since is None:
+                self._audit_deferred_since = now
+                return f"standby audit deferred: applying {busy:.0f} changes/s (up to {AUDIT_MAX_DEFER_S:.0f} s)"
+            if now - self._audit_deferred_since < AUDIT_MAX_DEFER_S:
+                return None
+        self._audit_deferred_since = None
+        rep.audit_soon_due = False
         size = rep.last_audit.proxy if rep.last_audit else 0
         self._next_audit = now + max(AUDIT_INTERVAL_S, size / 2000)
         dump_table, lookup_table, store = self.dump_table, self.lookup_table, self.store

@@ -78,6 +78,7 @@ class Replicator:
         # pushes the view as it is, never a state the watch thread is about to replace.
         self._apply_lock = threading.Lock()
         self.audit_soon = False  # changes could not be applied: an audit should find out what the proxy lacks
+        self.audit_soon_due = False  # the loop took audit_soon: the next audit runs even while busy
         self.last_audit: AuditResult | None = None
         self._suspects: set[str] = set()  # bindings the last check_view found the view disagreeing on
         # What the next audit must look at (see audit_scope): the AoRs of every delete since the last audit, and

@@ -395,6 +395,58 @@ def test_the_standby_audit_looks_up_what_can_be_wrong_and_reads_the_whole_table_
         sclient.close()
 
 
+def test_a_due_standby_audit_waits_while_replication_is_busy_but_not_for_ever(
+    zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, proxy: Proxy, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The audit's reads (the whole store, the proxy's bindings over its one JSON-RPC worker) made the standby's
+    lag p99 ~1 s during load steps: it waits while more than AUDIT_BUSY_PER_S changes/s are applied, at most
+    AUDIT_MAX_DEFER_S, and not at all after changes failed to apply."""
+    from ha.coordinator import proxytable
+    from ha.coordinator import replication as replmod
+
+    cluster = f"u{uuid.uuid4().hex[:8]}"
+    ZkStore(zk_client, cluster, "node2").ensure_layout()
+    sclient = connect(zk_ensemble)
+    srpc = kamailio.Rpc(proxy.rpc_sock, timeout=5.0)
+    standby = Replication(ZkStore(sclient, cluster, "node1"), "node1", Journal(tmp_path / "s.jsonl"),
+                          ProxyApplier(srpc), dump_table=lambda: proxytable.dump(proxy.rpc_sock))  # fmt: skip
+    monkeypatch.setattr(replmod, "AUDIT_MAX_DEFER_S", 5.0)
+    try:
+        standby.start()
+        rep = standby.replicator
+        assert rep is not None and rep.synced.wait(20)
+        wait_for(lambda: rep.view_complete)
+        standby._next_audit = 1e12
+        for t in range(100, 106):  # ticks while the watch applies 1000 changes/s
+            rep.stats.added += 1000
+            assert standby._standby_audit(float(t)) is None
+        standby._next_audit = 0
+        rep.stats.added += 1000
+        said = standby._standby_audit(106.0)
+        assert said is not None and said.startswith("standby audit deferred: applying 1000 changes/s"), said
+        rep.stats.added += 1000
+        assert standby._standby_audit(107.0) is None and standby._audit is None  # still waiting, quietly
+        rep.stats.added += 1000
+        assert standby._standby_audit(111.5) is None and standby._audit is not None  # waited long enough
+        wait_for(lambda: standby._audit is not None and standby._audit.done())
+        # it ran (what it found depends on what other tests left in the module's proxy)
+        assert (standby._standby_audit(112.0) or "").startswith("standby audit")
+        # Changes that could not be applied: the next audit does not wait, however busy.
+        rep.audit_soon = True
+        rep.stats.added += 1000
+        assert standby._standby_audit(113.0) is None and standby._audit is None  # due in AUDIT_SOON_S
+        standby._next_audit = 0
+        rep.stats.added += 1000
+        assert standby._standby_audit(114.0) is None and standby._audit is not None
+        wait_for(lambda: standby._audit is not None and standby._audit.done())
+    finally:
+        standby.close()
+        srpc.close()
+        sclient.stop()
+        sclient.close()
+
+
 def test_the_standby_audit_repairs_what_replication_missed(
     zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, rpc: kamailio.Rpc, proxy: Proxy, tmp_path: Path
 ) -> None:
