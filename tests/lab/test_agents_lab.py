@@ -76,6 +76,25 @@ def test_cluster_proxy_healthy_by_our_monitor(node_lab: dict[str, Any]) -> None:
         assert rc == 0, f"{node}: {out}"
 
 
+def test_the_vip_is_ours_and_its_monitor_agrees_with_pacemaker(node_lab: dict[str, Any]) -> None:
+    """The cluster's VIP runs on ocf:sipha:vip (not IPaddr2), and the agent's monitor, run in each node as
+    Pacemaker runs it, finds the address exactly where Pacemaker says it is."""
+    import xml.etree.ElementTree as ET
+
+    from ha import model
+
+    rc, out = in_node(node_lab, "node1", ["crm_mon", "-1", "--output-as=xml"], timeout=30)
+    assert rc == 0, out
+    vip = model.load(REPO / "examples" / "lab.yaml").vips[0]
+    (res,) = [r for r in ET.fromstring(out).iter("resource") if r.get("id") == f"vip-{vip.name}"]
+    assert (res.get("resource_agent"), res.get("active")) == ("ocf:sipha:vip", "true"), ET.tostring(res)
+    (holder,) = [n.get("name") for n in res.iter("node")]
+    params = [f"OCF_RESKEY_ip={vip.ip}", f"OCF_RESKEY_nic={vip.interface}", f"OCF_RESKEY_cidr_netmask={vip.prefix}"]
+    for node in ("node1", "node2"):
+        rc, out = in_node(node_lab, node, [*params, f"{OCF}/vip", "monitor"], timeout=30)
+        assert rc == (0 if node == holder else 7), f"{node} (holder {holder}): rc {rc} {out}"
+
+
 def test_fence_agent_speaks_to_the_real_supervisor(node_lab: dict[str, Any]) -> None:
     rc, out = in_node(node_lab, "node1", ["fence_sipha_lab", "-o", "list"], timeout=30)
     assert rc == 0, out
