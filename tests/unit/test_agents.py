@@ -507,6 +507,9 @@ def test_vip_metadata_is_valid() -> None:
 def test_vip_validate_names_the_bad_parameter(params: dict[str, str], why: str) -> None:
     rc, out = run(VIP, "validate-all", **{"ip": "198.51.100.77", "nic": "v0", **params})
     assert (rc, out.strip()) == (6, f"ocf-exit-reason:{why}")
+    assert run(VIP, "start", **{"ip": "198.51.100.77", "nic": "v0", **params})[0] == 6
+    # a failed stop gets the node fenced: an address the parameters cannot describe was never added
+    assert run(VIP, "stop", **{"ip": "198.51.100.77", "nic": "v0", **params}) == (0, "")
 
 
 @needs_root
