@@ -13,45 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
 from conftest_zk import connect, contact  # noqa: E402
-from kazoo.protocol.serialization import int_struct, multiheader_struct  # noqa: E402
 
 from ha.coordinator.store import _GET_CHILDREN, _GET_DATA, ContactRecord, ZkStore, _decode, _MultiRead  # noqa: E402
 from ha.zk_testing import Ensemble  # noqa: E402
-
-_MZXID = struct.Struct(">q")
-STAT_SIZE = 68  # jute Stat: czxid, mzxid, ctime, mtime (8 each), version, cversion, aversion (4), owner (8), ...
-
-
-class LeanRead(_MultiRead):
-    """The same multiRead request; its reply parsed into (data bytes, mzxid) only."""
-
-    def deserialize(self, buf: bytes, offset: int) -> list[Any]:
-        out: list[Any] = []
-        while True:
-            op, done, _err = multiheader_struct.unpack_from(buf, offset)
-            offset += multiheader_struct.size
-            if done:
-                return out
-            if op != _GET_DATA:
-                raise ValueError(f"lean multiRead: op {op} in the reply")
-            n = int_struct.unpack_from(buf, offset)[0]
-            offset += 4
-            data = buf[offset : offset + n]
-            offset += n
-            out.append((data, _MZXID.unpack_from(buf, offset + 8)[0]))
-            offset += STAT_SIZE
 
 
 def main() -> int:
@@ -85,7 +59,7 @@ def main() -> int:
             asyncs = []
             for i in range(0, len(paths), 200):
                 a = c.handler.async_result()
-                c._call(LeanRead([(_GET_DATA, p) for p in paths[i : i + 200]]), a)
+                c._call(_MultiRead([(_GET_DATA, p) for p in paths[i : i + 200]], lean=True), a)
                 asyncs.append(a)
             lean = [x for a in asyncs for x in a.get(timeout=60)]
             t4 = time.monotonic()

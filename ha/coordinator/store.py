@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -360,6 +361,7 @@ class Store(ABC):
 
 
 _GET_DATA, _GET_CHILDREN = 4, 8  # ZooKeeper opcodes
+_MZXID = struct.Struct(">q")
 _DELETED_EVENT = 2  # ZooKeeper watch event type NodeDeleted
 SLOW_PASS_S = 1.0  # a watch pass longer than this is logged with its split (read / apply)
 
@@ -374,8 +376,11 @@ class _MultiRead:
 
     type = 22
 
-    def __init__(self, ops: Sequence[tuple[int, str]]) -> None:
+    def __init__(self, ops: Sequence[tuple[int, str]], lean: bool = False) -> None:
         self.ops = ops
+        # getData results as (data, mzxid) instead of (data, ZnodeStat): 0.33-0.43 s instead of 0.56-0.89 s for
+        # 100k bindings (bench/coordinator_read_profile.py), for a reader that only compares mzxids
+        self.lean = lean
 
     def serialize(self) -> bytearray:
         b = bytearray()
@@ -394,7 +399,10 @@ class _MultiRead:
                 return results
             if op == _GET_DATA:
                 data, offset = read_buffer(buf, offset)
-                results.append((data, ZnodeStat._make(stat_struct.unpack_from(buf, offset))))
+                if self.lean:
+                    results.append((data, _MZXID.unpack_from(buf, offset + 8)[0]))  # czxid, then mzxid
+                else:
+                    results.append((data, ZnodeStat._make(stat_struct.unpack_from(buf, offset))))
                 offset += stat_struct.size
             elif op == _GET_CHILDREN:
                 count = int_struct.unpack_from(buf, offset)[0]

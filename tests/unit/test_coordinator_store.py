@@ -506,3 +506,18 @@ def test_the_watch_marks_this_nodes_own_deletes_one_per_delete_sent(
         assert store._own_deletes == {} and not store.own_delete_pending(path)
     finally:
         w.stop()
+
+
+def test_a_lean_multiread_gives_each_binding_its_data_and_mzxid(store: ZkStore) -> None:
+    """The lean parse (data and mzxid only, for a reader that compares mzxids) reads what the full one reads."""
+    from ha.coordinator.store import _GET_DATA, _MultiRead
+
+    store.write([contact(i, f"lean{i}") for i in range(1, 6)])
+    store.write([contact(9, "lean3", kind="update")])  # one binding changed since: a newer mzxid
+    paths = [store.contact_path(f"lean{i}", f"sip:lean{i}@198.51.100.50:5062") for i in range(1, 6)]
+    full = store._multi_read([(_GET_DATA, p) for p in paths])
+    a = store.client.handler.async_result()
+    store.client._call(_MultiRead([(_GET_DATA, p) for p in paths], lean=True), a)
+    lean = a.get(timeout=10)
+    assert [(d, st.mzxid) for d, st in full] == lean
+    assert lean[2][1] == max(z for _, z in lean) and len({z for _, z in lean}) == 2  # lean3's write is newer
