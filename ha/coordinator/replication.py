@@ -27,7 +27,6 @@ the sentence to log (or None when there is nothing worth a line), the Patroni ha
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -160,6 +159,7 @@ class Replication:
         self.audit_runs = 0
         self._applied: deque[tuple[float, int]] = deque()  # (monotonic, changes applied so far), per tick
         self._audit_deferred_since: float | None = None
+        self._audit_urgent = False  # changes failed to apply: the next audit runs even while busy
         self.late_written = 0
         self._repair_read_s = 0.0
         self._touched: set[tuple[str, str]] | None = None  # bindings events changed while it is in flight
@@ -754,19 +754,19 @@ class Replication:
             return None
         if rep.audit_soon:  # set on the watch thread; taken here once, as an earlier due time
             rep.audit_soon = False
-            rep.audit_soon_due = True  # changes were not applied: this audit does not wait for a calmer minute
+            self._audit_urgent = True  # changes were not applied: this audit does not wait for a calmer minute
             self._next_audit = min(self._next_audit, now + AUDIT_SOON_S)
         busy = self._applying_per_s(now)  # sampled every tick, so a due audit knows the recent rate
         if now < self._next_audit:
             return None
-        if busy > AUDIT_BUSY_PER_S and not rep.audit_soon_due:
+        if busy > AUDIT_BUSY_PER_S and not self._audit_urgent:
             if self._audit_deferred_since is None:
                 self._audit_deferred_since = now
                 return f"standby audit deferred: applying {busy:.0f} changes/s (up to {AUDIT_MAX_DEFER_S:.0f} s)"
             if now - self._audit_deferred_since < AUDIT_MAX_DEFER_S:
                 return None
         self._audit_deferred_since = None
-        rep.audit_soon_due = False
+        self._audit_urgent = False
         size = rep.last_audit.proxy if rep.last_audit else 0
         self._next_audit = now + max(AUDIT_INTERVAL_S, size / 2000)
         dump_table, lookup_table, store = self.dump_table, self.lookup_table, self.store
@@ -787,12 +787,8 @@ class Replication:
                 rep.full_audit_due = True  # the AoRs noted for this audit are forgotten: read the whole table
                 raise
             t2 = time.monotonic()
-            res = rep.audit(table, started, lambda: not self.active, in_store=in_store, scope=scope)
-            if res is None:
-                return None
-            res = dataclasses.replace(res, read_ms=int((t1 - t0) * 1000), dump_ms=int((t2 - t1) * 1000))
-            rep.last_audit = res
-            return res
+            return rep.audit(table, started, lambda: not self.active, in_store=in_store, scope=scope,
+                             read_ms=int((t1 - t0) * 1000), dump_ms=int((t2 - t1) * 1000))
 
         self._audit = self._worker().submit(run)
         return None

@@ -78,7 +78,6 @@ class Replicator:
         # pushes the view as it is, never a state the watch thread is about to replace.
         self._apply_lock = threading.Lock()
         self.audit_soon = False  # changes could not be applied: an audit should find out what the proxy lacks
-        self.audit_soon_due = False  # the loop took audit_soon: the next audit runs even while busy
         self.last_audit: AuditResult | None = None
         self._suspects: set[str] = set()  # bindings the last check_view found the view disagreeing on
         # What the next audit must look at (see audit_scope): the AoRs of every delete since the last audit, and
@@ -327,7 +326,7 @@ class Replicator:
 
     def audit(self, table: Mapping[tuple[str, str], ProxyBinding], started_ms: int,
               standby: Callable[[], bool], in_store: Set[tuple[str, str]] | None = None,
-              scope: Set[str] | None = None) -> AuditResult | None:
+              scope: Set[str] | None = None, read_ms: int = 0, dump_ms: int = 0) -> AuditResult | None:
         """Make the local (standby) proxy hold exactly the watch's view: what it lacks or holds with another expiry
         is added again, what the store no longer has is removed. None when there is no complete view.
 
@@ -341,7 +340,8 @@ class Replicator:
         the store under load, and this node's own bindings, written unfenced after a demotion, were removed from
         its proxy before the view had them (the watch then skips them as this node's own). Runs under the apply
         lock, so what it pushes is the view as it is now. ``scope``: the AoRs ``table`` was looked up for (see
-        audit_scope); None when it is the whole table.
+        audit_scope); None when it is the whole table. ``read_ms``/``dump_ms``: how long the caller's reads took,
+        for the result.
         """
         with self._apply_lock:
             view = self.view()
@@ -372,7 +372,8 @@ class Replicator:
             self.full_audit_due = True  # something was off where we looked: look everywhere next time
         out = AuditResult(proxy=len(table), view=len(want), added=len(adds) - refreshed, refreshed=refreshed,
                           removed=len(removes), errors=len(res.errors),
-                          looked_up=None if scope is None else len(scope))  # fmt: skip
+                          looked_up=None if scope is None else len(scope), read_ms=read_ms,
+                          dump_ms=dump_ms)  # fmt: skip
         self.last_audit = out
         return out
 
@@ -391,7 +392,7 @@ class AuditResult:
     refreshed: int
     removed: int
     errors: int
-    read_ms: int = 0  # the store read before it (check_view's half), filled in by the caller
+    read_ms: int = 0  # the store read before it (check_view's half)
     dump_ms: int = 0  # the proxy's table read
     looked_up: int | None = None  # AoRs looked up; None: the whole table was read
 
