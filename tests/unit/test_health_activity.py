@@ -262,11 +262,12 @@ def test_a_killed_group_still_tearing_down_its_memory_is_not_busy(tmp_path: Path
 
 
 def _pgrp(d: Path) -> int:
+    from ha.health.activity import process_group
+
     try:
-        raw = (d / "stat").read_bytes()
-    except OSError:
+        return process_group(int(d.name))
+    except OSError:  # gone meanwhile
         return -1
-    return int(raw[raw.rfind(b")") + 2 :].split()[2])
 
 
 def _state(d: Path) -> tuple[str, int] | None:
