@@ -132,6 +132,21 @@ def ask_table(sock: Path, limit_s: float = 120.0) -> dict[str, object]:
         time.sleep(0.2)
 
 
+def churn(writer: ZkStore, n: int, k: int) -> None:
+    """What changes in the store while a node is away: k bindings re-registered (new mzxid), k new ones (so the
+    total stays n), k deleted."""
+    if k <= 0:
+        return
+    step = max(n // k, 1)
+    changed = [contact(i, f"u{i}", f"sip:u{i}@198.51.100.80:5060", node="node2", kind="update")
+               for i in range(1, n + 1, step)][:k]
+    gone = [contact(i, f"u{i}", f"sip:u{i}@198.51.100.80:5060", node="node2", kind="delete")
+            for i in range(2, n + 1, step)][:k]
+    new = [contact(n + i, f"v{i}", f"sip:v{i}@198.51.100.81:5060", node="node2") for i in range(1, len(gone) + 1)]
+    for batch in (changed, gone, new):
+        writer.write(batch)
+
+
 def contacts_in(sock: Path) -> int:
     for s in kamailio.rpc("stats.get_statistics", "usrloc:", sock=sock, timeout=5):
         if s.startswith("usrloc:location_contacts = "):
@@ -160,7 +175,19 @@ def main() -> int:
     ap.add_argument("n", type=int, nargs="?", default=100_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-rpc-baseline", action="store_true", help="skip the ul.add comparison")
+    ap.add_argument("--away-changes", type=int, default=1000,
+                    help="bindings changed (and as many created, half as many deleted) between the node starts")
+    ap.add_argument("--log", action="store_true", help="the coordinator's log lines on stderr (where time goes)")
+    ap.add_argument("--no-fallback", action="store_true", help="skip the no-coordinator fallback")
     args = ap.parse_args()
+    if args.log:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s")
+        logging.getLogger("kazoo").setLevel(logging.WARNING)
+    from ha.coordinator.service import GIL_SWITCH_S
+
+    sys.setswitchinterval(GIL_SWITCH_S)  # as the coordinator's main() does: its loop must not wait for the GIL
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -185,7 +212,8 @@ def main() -> int:
         ycfg = tmp / "cluster.yaml"
         ycfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {cluster.name}", 1))
         reader = ZkStore(client, cluster.name, "node1")
-        rows = []
+        rows: list[dict[str, object]] = []
+        node_starts: list[dict[str, object]] = []
         with namespace(cluster) as ns:
             crun = tmp / "crun"
             crun.mkdir()
@@ -230,33 +258,46 @@ def main() -> int:
                 svc.stop()
                 th.join(30)
             # A node start: coordinator and proxy start together (Pacemaker's order: coordinator first). The
-            # agent asks for the table until the coordinator has read the store and built it.
-            ready.unlink(missing_ok=True)
-            (crun / materialize.DB_NAME).unlink(missing_ok=True)
-            t0 = time.monotonic()
-            repl = Replication.from_model(cluster, "node1", journal_path=tmp / "journal2", hosts=ens.hosts,
-                                          rpc_socket=kamailio.rpc_socket(crun))
-            svc = Service("127.0.0.1", 0, str(tmp / "c2.pid"), str(tmp / "c2.sock"), repl, ready_file=ready,
-                          role=None)
-            th = threading.Thread(target=svc.run, daemon=True)
-            th.start()
-            try:
-                reply = ask_table(tmp / "c2.sock")
-                t_mat = time.monotonic() - t0
-                with kamailio_up(ns, cfg, cluster, crun, crun / materialize.DB_NAME, args.n) as (t_kam, sock):
-                    while not ready.exists():
-                        if time.monotonic() - t0 > 120:
-                            raise RuntimeError(f"not ready: {repl.replicator.last_status}")
-                        time.sleep(0.005)
-                    t_ready = time.monotonic() - t0
-                    assert contacts_in(sock) == args.n
-                print(f"node start: the coordinator gave the table {t_mat:.2f} s after its start ({reply['ms']} ms, "
-                      f"{reply['from']}), kamailio start+preload {t_kam:.2f} s, proxy holds {args.n} after "
-                      f"{t_mat + t_kam:.2f} s, ready after {t_ready:.2f} s; load {os.getloadavg()[0]:.2f}", flush=True)
-            finally:
-                svc.stop()
-                th.join(30)
-            for run in range(1):
+            # agent asks for the table until the coordinator can give one: cold (no node cache: it reads the
+            # store and builds the table first), then warm (the cache the cold run saved at its stop, with
+            # --away-changes bindings changed, created and deleted in the store meanwhile).
+            for label in ("cold", "warm"):
+                if label == "cold":
+                    shutil.rmtree(tmp / "node-cache", ignore_errors=True)
+                else:
+                    churn(writer, args.n, args.away_changes)
+                ready.unlink(missing_ok=True)
+                (crun / materialize.DB_NAME).unlink(missing_ok=True)
+                t0 = time.monotonic()
+                repl = Replication.from_model(cluster, "node1", journal_path=tmp / f"journal-{label}",
+                                              hosts=ens.hosts, rpc_socket=kamailio.rpc_socket(crun))
+                svc = Service("127.0.0.1", 0, str(tmp / "c2.pid"), str(tmp / "c2.sock"), repl, ready_file=ready,
+                              role=None)
+                th = threading.Thread(target=svc.run, daemon=True)
+                th.start()
+                try:
+                    reply = ask_table(tmp / "c2.sock")
+                    t_mat = time.monotonic() - t0
+                    with kamailio_up(ns, cfg, cluster, crun, crun / materialize.DB_NAME, args.n) as (t_kam, sock):
+                        while not ready.exists():
+                            if time.monotonic() - t0 > 120:
+                                raise RuntimeError(f"not ready: {repl.replicator.last_status}")
+                            time.sleep(0.005)
+                        t_ready = time.monotonic() - t0
+                        assert contacts_in(sock) == args.n
+                        st = repl.replicator.stats
+                    print(f"node start ({label}): the coordinator gave the table {t_mat:.2f} s after its start "
+                          f"({reply['ms']} ms, {reply['from']}), kamailio start+preload {t_kam:.2f} s, proxy holds "
+                          f"{args.n} after {t_mat + t_kam:.2f} s, ready after {t_ready:.2f} s (pushed {st.added}, "
+                          f"removed {st.removed}, {st.preloaded} preloaded); load {os.getloadavg()[0]:.2f}",
+                          flush=True)
+                    node_starts.append({"cache": label, "table_s": t_mat, "kamailio_s": t_kam,
+                                        "holds_s": t_mat + t_kam, "ready_s": t_ready, "pushed": st.added,
+                                        "removed": st.removed, "from": reply["from"]})
+                finally:
+                    svc.stop()
+                    th.join(30)
+            for run in range(0 if args.no_fallback else 1):
                 run_dir = tmp / f"run{run}"
                 db = run_dir / materialize.DB_NAME
                 t0 = time.monotonic()
@@ -306,8 +347,10 @@ def main() -> int:
                       f"{t_rep:.2f} s, ready after {t_kam + t_rep:.2f} s; proxy RSS {mem0} MB empty, {mem} MB full")
         for key in ("materialize_s", "kamailio_s", "holds_s", "resync_s", "ready_s"):
             vals = [r[key] for r in rows]
+            if not vals:
+                continue
             print(f"{key}: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, max {max(vals):.2f})")
-        print(json.dumps({"n": args.n, "runs": rows}))
+        print(json.dumps({"n": args.n, "runs": rows, "node_starts": node_starts}))
         client.stop()
         client.close()
     finally:

@@ -63,7 +63,7 @@ def main() -> int:
                 asyncs.append(a)
             lean = [x for a in asyncs for x in a.get(timeout=60)]
             t4 = time.monotonic()
-            _ = [json.loads(d) for d, _z in lean]
+            _ = [json.loads(d) for d, _v, _z in lean]
             t5 = time.monotonic()
             assert len(recs) == len(lean) == args.n
             print(f"read {k + 1}: list {t1 - t0:.2f} s ({len(paths)} znodes), multiRead + parse {t2 - t1:.2f} s, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import marshal
 import sqlite3
 import threading
 import time
@@ -75,8 +76,12 @@ class LiveTable:
         """The view it follows is no longer complete (a lost connection): no copies until the next resync."""
         self.complete = False
 
-    def copy_to(self, path: str | Path, meta: dict[str, Any]) -> Written:
-        """Write the current table to ``path`` (atomically), without expired rows; raises MaterializeError."""
+    def copy_to(self, path: str | Path, meta: dict[str, Any], with_keys: bool = False) -> Written:
+        """Write the current table to ``path`` (atomically), without expired rows; raises MaterializeError.
+
+        ``with_keys``: also store {(aor, contact): (mzxid, expires_at)} of the rows, taken with them, as one
+        marshal blob in ``sipha_keys`` (:func:`read_keys`), so whoever hands the file to a proxy later has its
+        manifest without reading 100k rows back (the node cache)."""
         t0 = time.monotonic()
         now = time.time()
         path = Path(path)
@@ -85,12 +90,28 @@ class LiveTable:
                 if not self.complete:
                     raise MaterializeError("no complete view of the store yet")
                 self._db.backup(dst)
+                keys = dict(self._keys) if with_keys else None
                 loaded = {k: z for k, (z, exp) in self._keys.items() if exp > now}
                 total = len(self._keys)
             dst.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),))
             m = {**meta, "written_at": now, "bindings": len(loaded)}
             dst.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
+            if keys is not None:
+                dst.execute("CREATE TABLE sipha_keys (blob BLOB NOT NULL)")
+                dst.execute("INSERT INTO sipha_keys VALUES (?)", (marshal.dumps(keys),))
         return Written(str(path), len(loaded), total - len(loaded), time.monotonic() - t0, Manifest(loaded, m))
 
 
-__all__ = ["LiveTable"]
+def read_keys(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, int]] | None:
+    """What :meth:`LiveTable.copy_to` stored with ``with_keys``; None when the file has none."""
+    try:
+        row = db.execute("SELECT blob FROM sipha_keys").fetchone()
+    except sqlite3.OperationalError:  # no such table: written without keys
+        return None
+    if row is None:
+        return None
+    keys = marshal.loads(row[0])  # noqa: S302 - our own root-only file; never run
+    return keys if isinstance(keys, dict) else None
+
+
+__all__ = ["LiveTable", "read_keys"]

@@ -430,9 +430,9 @@ def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read
     w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), lambda _c: None)
     real = w._read
 
-    def racing(paths: list[str]) -> dict[str, object]:
+    def racing(paths: list[str], known: object = None) -> dict[str, object]:
         store.write([contact(3, "flip", kind="delete")])  # the un-REGISTER lands between listing and reading
-        return real(paths)  # type: ignore[return-value]
+        return real(paths, known)  # type: ignore[arg-type,return-value]
 
     w._read = racing  # type: ignore[assignment,method-assign]
     assert {c.record.aor for c in w._process([("resync", "")])} == {"other"}
@@ -509,7 +509,7 @@ def test_the_watch_marks_this_nodes_own_deletes_one_per_delete_sent(
 
 
 def test_a_lean_multiread_gives_each_binding_its_data_and_mzxid(store: ZkStore) -> None:
-    """The lean parse (data and mzxid only, for a reader that compares mzxids) reads what the full one reads."""
+    """The lean parse (data, version and mzxid, for a reader that compares mzxids) reads what the full one reads."""
     from ha.coordinator.store import _GET_DATA, _MultiRead
 
     store.write([contact(i, f"lean{i}") for i in range(1, 6)])
@@ -519,5 +519,6 @@ def test_a_lean_multiread_gives_each_binding_its_data_and_mzxid(store: ZkStore) 
     a = store.client.handler.async_result()
     store.client._call(_MultiRead([(_GET_DATA, p) for p in paths], lean=True), a)
     lean = a.get(timeout=10)
-    assert [(d, st.mzxid) for d, st in full] == lean
-    assert lean[2][1] == max(z for _, z in lean) and len({z for _, z in lean}) == 2  # lean3's write is newer
+    assert [(d, st.version, st.mzxid) for d, st in full] == lean
+    assert lean[2][2] == max(z for *_, z in lean) and len({z for *_, z in lean}) == 2  # lean3's write is newer
+    assert [v for _, v, _ in lean] == [0, 0, 1, 0, 0]

@@ -1,0 +1,204 @@
+"""The node cache (ha/coordinator/nodecache.py) and what it feeds: the watch's first read reuses cached records
+whose mzxid is the znode's, and a node start hands the proxy the cached table at once.
+
+Real parts where they matter: the 3-member ZooKeeper ensemble for the read; a real Kamailio (the rendered lab
+config) for the node start. The file-level tests need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import conftest_zk
+import pytest
+from conftest_zk import contact
+from kazoo.client import KazooClient
+from test_coordinator_preload import HAS_DB_SQLITE, kamailio_in, netns
+from test_coordinator_service import keys_in_store, unique_cluster, wait_for
+
+from ha.coordinator import materialize, proxytable
+from ha.coordinator.livetable import LiveTable
+from ha.coordinator.nodecache import NodeCache
+from ha.coordinator.replication import Replication
+from ha.coordinator.service import Service
+from ha.coordinator.store import ContactRecord, ZkStore, _decode, _encode, _ZkContactWatch
+from ha.proxy import kamailio
+from ha.unixline import exchange
+
+zk_ensemble = conftest_zk.zk_ensemble
+zk_client = conftest_zk.zk_client
+__all__ = ["netns"]  # the fixture, imported for the node-start test
+
+
+def _rec(i: int, ttl: int = 600, **kw: object) -> ContactRecord:
+    return ContactRecord(aor=f"a{i}", contact=f"sip:a{i}@198.51.100.7", expires_at=int(time.time()) + ttl,
+                         received="udp:198.51.100.7:5060", callid=f"c{i}", cseq=i, mzxid=100 + i, version=i,
+                         **kw)  # type: ignore[arg-type]
+
+
+def test_decode_takes_the_writers_layout_positionally_and_anything_else_by_name() -> None:
+    r = _rec(1, node="node2", epoch=3)
+    assert _decode(ContactRecord, _encode(r), 5, 77) == r
+    got = _decode(ContactRecord, _encode(r), 5, 77)
+    assert (got.version, got.mzxid) == (5, 77)
+    d = json.loads(_encode(r))
+    del d["ts_ms"]  # an older writer's record: one field fewer
+    d["future_field"] = 1  # a newer writer's: one more
+    old = _decode(ContactRecord, json.dumps(d).encode(), 2, 9)
+    assert (old.aor, old.node, old.ts_ms, old.version, old.mzxid) == ("a1", "node2", 0, 2, 9)
+    with pytest.raises(TypeError):
+        _decode(ContactRecord, b"[1, 2]", 0, 0)
+
+
+def test_view_round_trips_and_a_foreign_or_broken_file_is_ignored(tmp_path: Path) -> None:
+    view = {f"/p/{i}": _rec(i) for i in range(50)}
+    cache = NodeCache(tmp_path / "nc", "c1")
+    assert cache.load_view() == {}  # nothing saved yet
+    cache.save(view, None)
+    got = cache.load_view()
+    assert got == view and all(got[p].mzxid == r.mzxid and got[p].version == r.version for p, r in view.items())
+    assert NodeCache(tmp_path / "nc", "other").load_view() == {}  # another cluster's
+    cache.view_path.write_bytes(b"\x00garbage")
+    assert cache.load_view() == {}
+    assert sorted(p.name for p in (tmp_path / "nc").iterdir()) == ["view.marshal"]  # no temp files left
+
+
+def test_cached_table_goes_to_a_starting_proxy_as_if_written_now(tmp_path: Path) -> None:
+    live = LiveTable()
+    live.apply([_rec(1), _rec(2), _rec(3, ttl=2)], [], resync=True)
+    cache = NodeCache(tmp_path / "nc", "c1")
+    cache.save({}, live)
+    dst = tmp_path / "run" / "usrloc.sqlite"
+    time.sleep(2.1)  # a3 expires while the node is away
+    w = cache.to_preload(dst, {"cluster": "c1", "node": "node1"})
+    assert (w.bindings, w.expired) == (2, 1)
+    m = materialize.read_manifest(dst)
+    assert m.loaded == {("a1", "sip:a1@198.51.100.7"): 101, ("a2", "sip:a2@198.51.100.7"): 102}
+    assert w.manifest is not None and w.manifest.loaded == m.loaded  # kept with the table: nothing read back
+    assert abs(m.written_at - time.time()) < 5 and m.meta["cached_at"] < m.written_at  # the agent's boot check
+    with sqlite3.connect(dst) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "sipha_keys" not in tables and "location" in tables
+    with pytest.raises(materialize.MaterializeError, match="cluster"):
+        NodeCache(tmp_path / "nc", "c2").to_preload(tmp_path / "x.sqlite", {})
+    cache.save({}, None)  # no live table: the cached one would be older than the view, so it goes
+    with pytest.raises(materialize.MaterializeError, match="no cached table"):
+        cache.to_preload(dst, {})
+
+
+def test_first_read_decodes_only_what_changed_since_the_cached_view(zk_client: KazooClient, cluster: str) -> None:
+    peer = ZkStore(zk_client, cluster, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    peer.write([contact(i, f"s{i}", node="node2") for i in range(1, 21)])
+    first = _ZkContactWatch(ZkStore(zk_client, cluster, "node1"), lambda _c: None)
+    first._resync()
+    cached = dict(first._records)
+    assert len(cached) == 20
+    peer.write([contact(30, "s1", node="node2", ttl=900), contact(31, "s2", kind="delete", node="node2"),
+                contact(32, "s99", node="node2")])  # while the node was away: a refresh, a delete, a new one
+    store = ZkStore(zk_client, cluster, "node1")
+    store.view_seed = lambda: cached
+    w = _ZkContactWatch(store, lambda _c: None)
+    changes = w._resync()
+    assert w.seed_reused == 18  # s1 (new mzxid) and s99 (new) decoded; s2 gone
+    got = {c.record.aor: c.record for c in changes}
+    assert set(got) == {f"s{i}" for i in range(1, 21) if i != 2} | {"s99"}
+    assert got["s3"] is cached[store.contact_path("s3", "sip:s3@198.51.100.50:5062")]
+    assert (got["s1"].seq, cached[store.contact_path("s1", "sip:s1@198.51.100.50:5062")].seq) == (30, 1)
+    assert store.view_seed is None  # asked for once
+    # A cache that lies (same path, another mzxid) is not trusted: decoded from the store instead.
+    p = store.contact_path("s4", "sip:s4@198.51.100.50:5062")
+    store.view_seed = lambda: {p: ContactRecord(aor="s4", contact="bogus", expires_at=1, mzxid=cached[p].mzxid + 1)}
+    w2 = _ZkContactWatch(store, lambda _c: None)
+    recs = {c.record.aor: c.record for c in w2._resync()}
+    assert recs["s4"] == cached[p] and w2.seed_reused == 0
+
+
+@pytest.fixture
+def cluster() -> str:
+    return unique_cluster("nc").name
+
+
+@pytest.mark.validators
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
+@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_while_away(
+    netns: str, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """A whole node restart: the coordinator saved its cache at its clean stop; while the node is away the store
+    changes; at the next start the proxy agent gets the cached table before the coordinator has read anything,
+    Kamailio preloads it, and readiness comes only once the proxy holds exactly what ZooKeeper holds."""
+    from ha import render
+
+    cl = unique_cluster("ncs")
+    peer = ZkStore(zk_client, cl.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    n = 200
+    uri = "sip:n{}@198.51.100.77:5060"
+    peer.write([contact(i, f"n{i}", uri.format(i), node="node2") for i in range(1, n + 1)])
+    reader = ZkStore(zk_client, cl.name, "node1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tmp_path / "kamailio.cfg"
+    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cl, host=cl.nodes[0], is_node=True))
+    ready = tmp_path / "ready"
+
+    def service() -> tuple[Replication, Service, threading.Thread]:
+        repl = Replication.from_model(cl, "node1", journal_path=tmp_path / "state" / "j.jsonl",
+                                      rpc_socket=kamailio.rpc_socket(run_dir), hosts=zk_ensemble.hosts)
+        svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=ready,
+                      role=None)
+        t = threading.Thread(target=svc.run, daemon=True)
+        t.start()
+        return repl, svc, t
+
+    repl, svc, t = service()
+    try:
+        wait_for(lambda: repl.replicator is not None and repl.replicator.live is not None
+                 and repl.replicator.live.complete, 20, "a complete view and live table")
+    finally:
+        svc.stop()
+        t.join(30)
+    cache_dir = tmp_path / "state" / "node-cache"
+    assert (cache_dir / "view.marshal").is_file() and (cache_dir / "usrloc.sqlite").is_file()  # saved at the stop
+    # Away: one binding refreshed (new mzxid), one un-registered, one new phone.
+    peer.write([contact(n + 1, "n1", uri.format(1), node="node2", ttl=900),
+                contact(n + 2, "n2", uri.format(2), kind="delete", node="node2"),
+                contact(n + 3, "new1", "sip:new1@198.51.100.77:5060", node="node2")])
+    ready.unlink(missing_ok=True)
+    repl, svc, t = service()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reply = json.loads(exchange(tmp_path / "c.sock", b"materialize\n", 10.0))
+            except OSError:
+                reply = {"ok": False, "pending": True}  # the socket is not there yet
+            if reply["ok"]:
+                break
+            assert reply["pending"] and time.monotonic() < deadline, reply
+            time.sleep(0.05)
+        assert reply["from"] == "node cache" and reply["bindings"] == n  # as it was at the stop
+        with kamailio_in(netns, cfg, cl, run_dir, run_dir / materialize.DB_NAME) as sock:
+            wait_for(ready.exists, 30, "readiness")
+            have = proxytable.dump(sock)
+            assert set(have) == keys_in_store(reader)
+            assert ("n2", uri.format(2)) not in have and have[("new1", "sip:new1@198.51.100.77:5060")].pushed
+            assert have[("n1", uri.format(1))].pushed  # changed while away: pushed over the preloaded row
+            assert not have[("n10", uri.format(10))].pushed  # from the cached table, received/socket kept
+            assert have[("n10", uri.format(10))].record.received == "udp:198.51.100.50:5062"
+            rep = repl.replicator
+            assert rep is not None and rep.stats.preloaded == n - 2, rep.stats
+            w = rep._watch
+            assert isinstance(w, _ZkContactWatch) and w.seed_reused == n - 2  # decoded: n1 and new1 only
+    finally:
+        svc.stop()
+        t.join(30)
