@@ -177,6 +177,7 @@ def main() -> int:
     ap.add_argument("--no-rpc-baseline", action="store_true", help="skip the ul.add comparison")
     ap.add_argument("--away-changes", type=int, default=1000,
                     help="bindings changed (and as many created, half as many deleted) between the node starts")
+    ap.add_argument("--warm-runs", type=int, default=3, help="node starts from the node cache (after one cold)")
     ap.add_argument("--log", action="store_true", help="the coordinator's log lines on stderr (where time goes)")
     ap.add_argument("--no-fallback", action="store_true", help="skip the no-coordinator fallback")
     args = ap.parse_args()
@@ -261,7 +262,7 @@ def main() -> int:
             # agent asks for the table until the coordinator can give one: cold (no node cache: it reads the
             # store and builds the table first), then warm (the cache the cold run saved at its stop, with
             # --away-changes bindings changed, created and deleted in the store meanwhile).
-            for label in ("cold", "warm"):
+            for label in ("cold", *["warm"] * args.warm_runs):
                 if label == "cold":
                     shutil.rmtree(tmp / "node-cache", ignore_errors=True)
                 else:
@@ -350,6 +351,11 @@ def main() -> int:
             if not vals:
                 continue
             print(f"{key}: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, max {max(vals):.2f})")
+        for label in ("cold", "warm"):
+            vals = [float(r["ready_s"]) for r in node_starts if r["cache"] == label]  # type: ignore[arg-type]
+            if vals:
+                print(f"node start ({label}) ready_s: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
+                      f"max {max(vals):.2f}, {len(vals)} runs)")
         print(json.dumps({"n": args.n, "runs": rows, "node_starts": node_starts}))
         client.stop()
         client.close()

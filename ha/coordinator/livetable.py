@@ -102,16 +102,21 @@ class LiveTable:
         return Written(str(path), len(loaded), total - len(loaded), time.monotonic() - t0, Manifest(loaded, m))
 
 
-def read_keys(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, int]] | None:
-    """What :meth:`LiveTable.copy_to` stored with ``with_keys``; None when the file has none."""
+def keys_blob(db: sqlite3.Connection) -> bytes | None:
+    """The keys :meth:`LiveTable.copy_to` stored with ``with_keys`` (for :func:`read_keys`); None: none stored."""
     try:
         row = db.execute("SELECT blob FROM sipha_keys").fetchone()
     except sqlite3.OperationalError:  # no such table: written without keys
         return None
-    if row is None:
+    return None if row is None else bytes(row[0])
+
+
+def read_keys(blob: bytes | None) -> dict[tuple[str, str], tuple[int, int]] | None:
+    """{(aor, contact): (mzxid, expires_at)} from :func:`keys_blob`'s bytes; None when there are none."""
+    if blob is None:
         return None
-    keys = marshal.loads(row[0])  # noqa: S302 - our own root-only file; never run
+    keys = marshal.loads(blob)  # noqa: S302 - our own root-only file; never run
     return keys if isinstance(keys, dict) else None
 
 
-__all__ = ["LiveTable", "read_keys"]
+__all__ = ["LiveTable", "keys_blob", "read_keys"]

@@ -289,12 +289,13 @@ class Replication:
             # A node start (or a proxy start during a resync): the table this node saved last, at once; the
             # resync then pushes what changed since (every row carries its mzxid).
             try:
-                w = self.node_cache.to_preload(self.preload_db, {**meta, "source": "node cache"})
+                w, stored = self.node_cache.to_preload(self.preload_db, {**meta, "source": "node cache"})
             except materialize.MaterializeError as exc:
                 log.info("no cached preload table (%s)", exc)
             else:
-                # Stored with the table; else read back from the file while the proxy loads it (~0.15 s for 100k).
-                self.written_manifest = w.manifest or _in_thread(lambda: materialize.read_manifest(w.path))
+                # From the keys stored with the table, else from the rows: either while the proxy loads it.
+                path = w.path
+                self.written_manifest = _in_thread(lambda: stored() or materialize.read_manifest(path))
                 ms = round((time.monotonic() - t0) * 1000)
                 log.info("preload table for the starting proxy: %d bindings from the node cache (%d expired left "
                          "out) in %d ms", w.bindings, w.expired, ms)

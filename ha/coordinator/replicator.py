@@ -173,9 +173,17 @@ class Replicator:
     ) -> tuple[list[ContactRecord], list[ContactRecord], int]:
         """A resync's adds/removes minus what the proxy loaded at start; plus removals of what it loaded
         that the store no longer has (deleted between the snapshot and now)."""
-        in_store = {(c.record.aor, c.record.contact) for c in changes if c.kind == "put"}
-        todo = [r for r in adds if preloaded.get((r.aor, r.contact)) != r.mzxid or not r.mzxid]
-        gone = [ContactRecord(aor=a, contact=c, expires_at=0) for (a, c) in preloaded if (a, c) not in in_store]
+        left = dict(preloaded)  # what the proxy loaded that the store no longer has, once the puts are taken out
+        pop = left.pop
+        todo = []
+        for r in adds:  # one pass, one key each: 100k at a node start (three passes took ~0.2 s under load)
+            if pop((r.aor, r.contact), None) != r.mzxid or not r.mzxid:
+                todo.append(r)
+        if len(adds) != sum(c.kind == "put" for c in changes):  # some puts not wanted: still in the store
+            for c in changes:
+                if c.kind == "put":
+                    pop((c.record.aor, c.record.contact), None)
+        gone = [ContactRecord(aor=a, contact=c, expires_at=0) for (a, c) in left]
         return todo, removes + gone, len(adds) - len(todo)
 
     def on_changes(self, changes: list[Change]) -> None:
@@ -213,15 +221,21 @@ class Replicator:
         removes: list[ContactRecord] = []
         resync = not changes or any(c.resync for c in changes)  # an empty batch is an empty store's resync
         skipped = 0
-        for c in changes:
-            if c.kind == "delete":
-                self._note_gone(c.record.aor)
-            if not self._wanted(c):
-                skipped += 1
-            elif c.kind == "put":
-                adds.append(c.record)
-            else:
-                removes.append(c.record)
+        if resync and self.include_own:  # a new proxy's table: every change is wanted (100k at a node start)
+            adds = [c.record for c in changes if c.kind == "put"]
+            removes = [c.record for c in changes if c.kind != "put"]
+            for r in removes:
+                self._note_gone(r.aor)
+        else:
+            for c in changes:
+                if c.kind == "delete":
+                    self._note_gone(c.record.aor)
+                if not self._wanted(c):
+                    skipped += 1
+                elif c.kind == "put":
+                    adds.append(c.record)
+                else:
+                    removes.append(c.record)
         if resync:
             self.full_audit_due = True  # a new table, or a replayed view: the proxy may hold anything
         wanted = len(adds)

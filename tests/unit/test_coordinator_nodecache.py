@@ -75,11 +75,12 @@ def test_cached_table_goes_to_a_starting_proxy_as_if_written_now(tmp_path: Path)
     cache.save({}, live)
     dst = tmp_path / "run" / "usrloc.sqlite"
     time.sleep(2.1)  # a3 expires while the node is away
-    w = cache.to_preload(dst, {"cluster": "c1", "node": "node1"})
+    w, stored = cache.to_preload(dst, {"cluster": "c1", "node": "node1"})
     assert (w.bindings, w.expired) == (2, 1)
     m = materialize.read_manifest(dst)
     assert m.loaded == {("a1", "sip:a1@198.51.100.7"): 101, ("a2", "sip:a2@198.51.100.7"): 102}
-    assert w.manifest is not None and w.manifest.loaded == m.loaded  # kept with the table: nothing read back
+    kept = stored()  # kept with the table: nothing read back
+    assert kept is not None and kept.loaded == m.loaded and materialize.read_manifest(dst, known=kept) is kept
     assert abs(m.written_at - time.time()) < 5 and m.meta["cached_at"] < m.written_at  # the agent's boot check
     with sqlite3.connect(dst) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -151,9 +152,20 @@ def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_wh
     cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cl, host=cl.nodes[0], is_node=True))
     ready = tmp_path / "ready"
 
-    def service() -> tuple[Replication, Service, threading.Thread]:
+    def service(hold: threading.Event | None = None) -> tuple[Replication, Service, threading.Thread]:
         repl = Replication.from_model(cl, "node1", journal_path=tmp_path / "state" / "j.jsonl",
                                       rpc_socket=kamailio.rpc_socket(run_dir), hosts=zk_ensemble.hosts)
+        load = repl.store.view_seed
+        if hold is not None and isinstance(repl.store, ZkStore) and load is not None:
+
+            def held_seed() -> object:
+                # The first read waits here until the agent has its table: with 200 bindings the read would
+                # otherwise be done, and the live table built, before the agent asks (then a fresher table is
+                # given, rightly).
+                hold.wait(20)
+                return load()
+
+            repl.store.view_seed = held_seed  # type: ignore[assignment]
         svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=ready,
                       role=None)
         t = threading.Thread(target=svc.run, daemon=True)
@@ -174,7 +186,8 @@ def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_wh
                 contact(n + 2, "n2", uri.format(2), kind="delete", node="node2"),
                 contact(n + 3, "new1", "sip:new1@198.51.100.77:5060", node="node2")])
     ready.unlink(missing_ok=True)
-    repl, svc, t = service()
+    asked = threading.Event()
+    repl, svc, t = service(hold=asked)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -187,6 +200,7 @@ def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_wh
             assert reply["pending"] and time.monotonic() < deadline, reply
             time.sleep(0.05)
         assert reply["from"] == "node cache" and reply["bindings"] == n  # as it was at the stop
+        asked.set()
         with kamailio_in(netns, cfg, cl, run_dir, run_dir / materialize.DB_NAME) as sock:
             wait_for(ready.exists, 30, "readiness")
             have = proxytable.dump(sock)
