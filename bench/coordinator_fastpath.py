@@ -177,6 +177,7 @@ def main() -> int:
     ap.add_argument("--no-rpc-baseline", action="store_true", help="skip the ul.add comparison")
     ap.add_argument("--away-changes", type=int, default=1000,
                     help="bindings changed (and as many created, half as many deleted) between the node starts")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--warm-runs", type=int, default=3, help="node starts from the node cache (after one cold)")
     ap.add_argument("--log", action="store_true", help="the coordinator's log lines on stderr (where time goes)")
     ap.add_argument("--no-fallback", action="store_true", help="skip the no-coordinator fallback")
@@ -356,7 +357,12 @@ def main() -> int:
             if vals:
                 print(f"node start ({label}) ready_s: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
                       f"max {max(vals):.2f}, {len(vals)} runs)")
-        print(json.dumps({"n": args.n, "runs": rows, "node_starts": node_starts}))
+        out = {"n": args.n, "away_changes": args.away_changes, "runs": rows, "node_starts": node_starts,
+               "load": os.getloadavg()[0], "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        print(json.dumps(out))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
         client.stop()
         client.close()
     finally:
