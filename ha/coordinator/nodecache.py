@@ -41,7 +41,7 @@ from ha.coordinator.store import ContactRecord
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the header names the store (its identity: see ZkStore.identity)
 SAVE_EVERY_S = 60.0
 VIEW_NAME = "view.marshal"
 TABLE_NAME = "usrloc.sqlite"
@@ -50,9 +50,13 @@ TABLE_NAME = "usrloc.sqlite"
 class NodeCache:
     """One node's cache directory (beside the coordinator's journal, on disk: it must outlive a reboot)."""
 
-    def __init__(self, directory: str | Path, cluster: str) -> None:
+    def __init__(self, directory: str | Path, cluster: str, store_id: Callable[[], str | None]) -> None:
         self.dir = Path(directory)
         self.cluster = cluster
+        # The store's identity now (ZkStore.identity; None until known): what the cache was taken from, and what
+        # it may be used with. zxids start again in a rebuilt ensemble, so the same path and mzxid in another
+        # store can be another write.
+        self.store_id = store_id
         self.view_path = self.dir / VIEW_NAME
         self.table_path = self.dir / TABLE_NAME
         self._saving: threading.Thread | None = None
@@ -76,9 +80,13 @@ class NodeCache:
         gc_was = gc.isenabled()
         gc.disable()  # 100k new objects: the cyclic collector would scan the growing heap again and again
         try:
-            fmt, cluster, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file; never run
+            fmt, cluster, store, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file; never run
             if (fmt, cluster, tuple(fields)) != (FORMAT, self.cluster, _FIELDS):
                 log.info("node cache: %s is for another cluster or format: ignored", self.view_path)
+                return {}
+            if store is None or store != self.store_id():
+                log.warning("node cache: %s was taken from another ZooKeeper store (%s, this one is %s): ignored",
+                            self.view_path, store, self.store_id())
                 return {}
             make = _record_maker()
             out = {row[0]: make(row) for row in rows}
@@ -91,9 +99,9 @@ class NodeCache:
         log.info("node cache: %d cached records loaded in %.0f ms", len(out), (time.monotonic() - t0) * 1000)
         return out
 
-    def _save_view(self, view: Mapping[str, ContactRecord]) -> None:
+    def _save_view(self, view: Mapping[str, ContactRecord], store: str) -> None:
         rows = [(p, *(getattr(r, f) for f in _FIELDS)) for p, r in view.items()]
-        _atomic_write(self.view_path, marshal.dumps((FORMAT, self.cluster, _FIELDS, rows)))
+        _atomic_write(self.view_path, marshal.dumps((FORMAT, self.cluster, store, _FIELDS, rows)))
 
     # -- the proxy's preload table ------------------------------------------------------------------------
 
@@ -117,7 +125,8 @@ class NodeCache:
             blob = keys_blob(out)
             expired = out.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),)).rowcount
             n = out.execute("SELECT count(*) FROM location").fetchone()[0]
-            m = {**meta, "written_at": now, "bindings": n, "cached_at": old.get("written_at")}
+            m = {**meta, "written_at": now, "bindings": n, "cached_at": old.get("written_at"),
+                 "store": old.get("store")}
             out.execute("DELETE FROM sipha_meta")
             out.execute("DROP TABLE IF EXISTS sipha_keys")
             out.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
@@ -140,16 +149,20 @@ class NodeCache:
         """Write both files now (the caller's thread); returns the seconds it took. ``live``: the LiveTable, or
         None (then only the view is written and an older table is removed: it would be older than the view)."""
         t0 = time.monotonic()
+        store = self.store_id()
+        if store is None:
+            raise ValueError("the store's identity is not known yet")
         self.dir.mkdir(parents=True, exist_ok=True)
         gc_was = gc.isenabled()
         gc.disable()
         try:
-            self._save_view(view)
+            self._save_view(view, store)
         finally:
             if gc_was:
                 gc.enable()
         if live is not None and live.complete:
-            live.copy_to(self.table_path, {"cluster": self.cluster, "source": "node cache"}, with_keys=True)
+            live.copy_to(self.table_path, {"cluster": self.cluster, "source": "node cache", "store": store},
+                         with_keys=True)
         else:
             self.table_path.unlink(missing_ok=True)
         self._saved_mark = mark
@@ -202,6 +215,18 @@ class NodeCache:
 _FIELDS = tuple(ContactRecord.__dataclass_fields__)  # all of them, positional: version and mzxid included
 
 
+def preloaded_from(m: Manifest, store: str | None) -> dict[tuple[str, str], int]:
+    """What a proxy that booted from ``m`` holds, as the resync may trust it in the store ``store``: a table
+    taken from another store (a node cache from before the ensemble was rebuilt) holds the same keys, but its
+    mzxids say nothing here, so none of them matches (every binding is pushed, every extra one removed)."""
+    taken = m.meta.get("store")
+    if taken is None or taken == store:  # None: written from this coordinator's view of the store it watches
+        return m.loaded
+    log.warning("the proxy preloaded a table taken from another ZooKeeper store (%s, this one is %s): every "
+                "binding is pushed again", taken, store)
+    return dict.fromkeys(m.loaded, -1)
+
+
 def _record_maker() -> Callable[[tuple[Any, ...]], ContactRecord]:
     """``row -> ContactRecord(*row[1:])`` that sets the slots through their descriptors. Why: the frozen
     dataclass's ``__init__`` goes through ``object.__setattr__`` for each of 19 fields, 0.29 s for 100k
@@ -226,4 +251,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-__all__ = ["SAVE_EVERY_S", "NodeCache"]
+__all__ = ["SAVE_EVERY_S", "NodeCache", "preloaded_from"]

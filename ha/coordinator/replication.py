@@ -225,6 +225,7 @@ class Replication:
 
         apply_rpc = Rpc(sock, timeout=2.0)
         from ha.coordinator import materialize
+        from ha.coordinator.nodecache import NodeCache, preloaded_from
         from ha.proxy.kamailio import rpc
 
         preload_db = sock.parent / materialize.DB_NAME
@@ -245,19 +246,18 @@ class Replication:
                 except Exception:  # the read below says why, or gives up on the fast path
                     known = None
             m = materialize.manifest_for_boot(preload_db, boot, cluster.name, known=known)
-            if m is not None:
-                log.info("the proxy (boot %s) preloaded %d bindings: the resync pushes only what changed since",
-                         boot, len(m.loaded))
-            return None if m is None else m.loaded
+            if m is None:
+                return None
+            log.info("the proxy (boot %s) preloaded %d bindings: the resync pushes only what changed since",
+                     boot, len(m.loaded))
+            return preloaded_from(m, store.identity)
 
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload,
                    lookup_table=lambda aors: proxytable.lookup(sock, aors))
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
-        from ha.coordinator.nodecache import NodeCache
-
-        repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name)
+        repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name, lambda: store.identity)
         # Loaded by the first read, while the servers answer it (loaded at once, it slowed the proxy's table down)
         store.view_seed = repl.node_cache.load_view
         if repl.replicator is not None:

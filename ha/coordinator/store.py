@@ -500,6 +500,10 @@ class ZkStore(Store):
         # Records decoded by an earlier run of this node (ha.coordinator.nodecache), asked for once by the
         # contact watch's first full read, so a node start decodes only what changed while it was away.
         self.view_seed: Callable[[], Mapping[str, ContactRecord]] | None = None
+        # Which store this is, beyond its name: the root znode's creation (czxid, ctime), known after
+        # ensure_layout. A rebuilt ensemble numbers its zxids from the start again, so an mzxid read from another
+        # store can name another write: caches keyed by mzxid must come from this one (ha.coordinator.nodecache).
+        self.identity: str | None = None
 
     # -- layout and epoch --------------------------------------------------------------------------------
 
@@ -519,6 +523,9 @@ class ZkStore(Store):
         try:
             for p in (f"{self.root}/contacts", f"{self.root}/dialogs", f"{self.root}/cdrs"):
                 self.client.ensure_path(p)
+            root = self.client.exists(self.root)
+            if root is not None:  # created just above if it was not there
+                self.identity = f"{root.czxid:x}-{root.ctime}"
             if not self.client.exists(self.epoch_path):
                 with contextlib.suppress(NodeExistsError):
                     self.client.create(self.epoch_path, json.dumps({"epoch": 0, "node": "", "ts_ms": 0}).encode())

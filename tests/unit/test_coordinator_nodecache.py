@@ -23,7 +23,7 @@ from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 
 from ha.coordinator import materialize, proxytable
 from ha.coordinator.livetable import LiveTable
-from ha.coordinator.nodecache import NodeCache
+from ha.coordinator.nodecache import NodeCache, preloaded_from
 from ha.coordinator.replication import Replication
 from ha.coordinator.service import Service
 from ha.coordinator.store import ContactRecord, ZkStore, _decode, _encode, _ZkContactWatch
@@ -57,12 +57,18 @@ def test_decode_takes_the_writers_layout_positionally_and_anything_else_by_name(
 
 def test_view_round_trips_and_a_foreign_or_broken_file_is_ignored(tmp_path: Path) -> None:
     view = {f"/p/{i}": _rec(i) for i in range(50)}
-    cache = NodeCache(tmp_path / "nc", "c1")
+    store = ["s1"]
+    cache = NodeCache(tmp_path / "nc", "c1", lambda: store[0])
     assert cache.load_view() == {}  # nothing saved yet
     cache.save(view, None)
     got = cache.load_view()
     assert got == view and all(got[p].mzxid == r.mzxid and got[p].version == r.version for p, r in view.items())
-    assert NodeCache(tmp_path / "nc", "other").load_view() == {}  # another cluster's
+    assert NodeCache(tmp_path / "nc", "other", lambda: "s1").load_view() == {}  # another cluster's
+    store[0] = "s2"  # the ensemble was rebuilt: its zxids start again, the same mzxid may be another write
+    assert cache.load_view() == {}
+    with pytest.raises(ValueError, match="identity"):
+        NodeCache(tmp_path / "nc", "c1", lambda: None).save(view, None)  # never a cache of an unknown store
+    store[0] = "s1"
     cache.view_path.write_bytes(b"\x00garbage")
     assert cache.load_view() == {}
     assert sorted(p.name for p in (tmp_path / "nc").iterdir()) == ["view.marshal"]  # no temp files left
@@ -71,7 +77,7 @@ def test_view_round_trips_and_a_foreign_or_broken_file_is_ignored(tmp_path: Path
 def test_cached_table_goes_to_a_starting_proxy_as_if_written_now(tmp_path: Path) -> None:
     live = LiveTable()
     live.apply([_rec(1), _rec(2), _rec(3, ttl=2)], [], resync=True)
-    cache = NodeCache(tmp_path / "nc", "c1")
+    cache = NodeCache(tmp_path / "nc", "c1", lambda: "s1")
     cache.save({}, live)
     dst = tmp_path / "run" / "usrloc.sqlite"
     time.sleep(2.1)  # a3 expires while the node is away
@@ -81,12 +87,15 @@ def test_cached_table_goes_to_a_starting_proxy_as_if_written_now(tmp_path: Path)
     assert m.loaded == {("a1", "sip:a1@198.51.100.7"): 101, ("a2", "sip:a2@198.51.100.7"): 102}
     kept = stored()  # kept with the table: nothing read back
     assert kept is not None and kept.loaded == m.loaded and materialize.read_manifest(dst, known=kept) is kept
+    assert preloaded_from(kept, "s1") == kept.loaded
+    # Booted from a table of another store (before the ensemble was rebuilt): no mzxid of it may match here.
+    assert preloaded_from(kept, "s2") == dict.fromkeys(kept.loaded, -1)
     assert abs(m.written_at - time.time()) < 5 and m.meta["cached_at"] < m.written_at  # the agent's boot check
     with sqlite3.connect(dst) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "sipha_keys" not in tables and "location" in tables
     with pytest.raises(materialize.MaterializeError, match="cluster"):
-        NodeCache(tmp_path / "nc", "c2").to_preload(tmp_path / "x.sqlite", {})
+        NodeCache(tmp_path / "nc", "c2", lambda: "s1").to_preload(tmp_path / "x.sqlite", {})
     cache.save({}, None)  # no live table: the cached one would be older than the view, so it goes
     with pytest.raises(materialize.MaterializeError, match="no cached table"):
         cache.to_preload(dst, {})
