@@ -101,7 +101,9 @@ def _lab_namespaces(cluster: model.Cluster) -> list[str]:
 LAB_SUBNET = ipaddress.IPv4Network("198.51.100.0/24")  # TEST-NET-2: documentation only, never routed
 
 
-def preflight(cluster: model.Cluster) -> None:
+def preflight(cluster: model.Cluster, host_agents: bool = True) -> None:
+    """Refuse, with the cause, a lab that cannot come up. ``host_agents``: the hosts run the machine's installed
+    OCF agents (not the bare variant: its hosts get empty private copies that the playbook fills)."""
     addrs = {h.name: h.ip for h in cluster.hosts} | {"lab.client": cluster.lab.client_ip}
     addrs |= {f"VIP {v.name}": v.ip for v in cluster.vips}
     outside = [f"{k} {ip}" for k, ip in addrs.items() if ipaddress.IPv4Address(ip) not in LAB_SUBNET]
@@ -112,7 +114,8 @@ def preflight(cluster: model.Cluster) -> None:
     missing = sorted({pkg for path, pkg in REQUIRED.items() if not Path(path).exists()})
     if missing:
         raise LabError(f"missing package(s): {' '.join(missing)}; install with: apt-get install {' '.join(missing)}")
-    stale = [str(h) for h in _agents_homes() if not (h / "resource_agents" / "ocfagent.py").exists()]
+    homes = _agents_homes() if host_agents else []
+    stale = [str(h) for h in homes if not (h / "resource_agents" / "ocfagent.py").exists()]
     if stale:  # else every probe fails with an ImportError and `lab up` waits 60 s for a VIP that never starts
         raise LabError(f"the installed OCF agents import sipha from {', '.join(sorted(set(stale)))}, which is "
                        "gone: run `make install-agents` in this checkout")  # fmt: skip
@@ -439,7 +442,7 @@ def up(cluster_yaml: str | Path, echo: Callable[[str], None] = print, variant: s
         cluster = model.load(yaml_path)
     except model.ModelError as exc:
         raise LabError(str(exc)) from None
-    preflight(cluster)
+    preflight(cluster, host_agents=variant != "bare")
     CONTROL_DIR.mkdir(parents=True, exist_ok=True)
     try:  # claims the lab atomically: a second (even concurrent) `lab up` now refuses
         with open(SPEC_FILE, "x") as f:
