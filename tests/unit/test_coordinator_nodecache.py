@@ -8,7 +8,6 @@ config) for the node start. The file-level tests need neither.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -18,7 +17,7 @@ import conftest_zk
 import pytest
 from conftest_zk import contact
 from kazoo.client import KazooClient
-from test_coordinator_preload import HAS_DB_SQLITE, kamailio_in, netns
+from test_coordinator_preload import kamailio_in, netns, real_proxy, stored_cluster
 from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 
 from ha.coordinator import materialize, proxytable
@@ -135,30 +134,16 @@ def cluster() -> str:
     return unique_cluster("nc").name
 
 
-@pytest.mark.validators
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
-@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+@real_proxy
 def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_while_away(
     netns: str, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
     """A whole node restart: the coordinator saved its cache at its clean stop; while the node is away the store
     changes; at the next start the proxy agent gets the cached table before the coordinator has read anything,
     Kamailio preloads it, and readiness comes only once the proxy holds exactly what ZooKeeper holds."""
-    from ha import render
-
-    cl = unique_cluster("ncs")
-    peer = ZkStore(zk_client, cl.name, "node2")
-    peer.ensure_layout()
-    peer.bump_epoch()
     n = 200
     uri = "sip:n{}@198.51.100.77:5060"
-    peer.write([contact(i, f"n{i}", uri.format(i), node="node2") for i in range(1, n + 1)])
-    reader = ZkStore(zk_client, cl.name, "node1")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = tmp_path / "kamailio.cfg"
-    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cl, host=cl.nodes[0], is_node=True))
+    cl, peer, reader, run_dir, cfg = stored_cluster("ncs", zk_client, tmp_path, n, uri)
     ready = tmp_path / "ready"
 
     def service(hold: threading.Event | None = None) -> tuple[Replication, Service, threading.Thread]:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import conftest_zk
 import pytest
@@ -44,6 +45,19 @@ zk_ensemble = conftest_zk.zk_ensemble
 zk_client = conftest_zk.zk_client
 
 HAS_DB_SQLITE = bool(list(Path("/usr/lib").glob("*/kamailio/modules/db_sqlite.so")))
+_REAL_PROXY = (
+    pytest.mark.validators,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed"),
+    pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)"),
+)
+
+
+def real_proxy(fn: Any) -> Any:
+    """For a test that starts a real Kamailio with the preload (root, kamailio, db_sqlite)."""
+    for mark in _REAL_PROXY:
+        fn = mark(fn)
+    return fn
 
 
 # ------------------------------------------------------------------------------------------ the file alone
@@ -128,6 +142,26 @@ def test_manifest_only_for_the_proxy_that_booted_from_it(tmp_path: Path) -> None
 # --------------------------------------------------------------------------------------------- real parts
 
 
+def stored_cluster(prefix: str, zk_client: KazooClient, tmp_path: Path, n: int, uri: str,
+                   ) -> tuple[model.Cluster, ZkStore, ZkStore, Path, Path]:
+    """A new cluster whose store holds n bindings written by node2 (``uri`` with ``{}`` for the index, its user
+    part the AoR): the cluster, node2's store, node1's reader, node1's proxy run dir and its kamailio.cfg."""
+    from ha import render
+
+    cluster = unique_cluster(prefix)
+    peer = ZkStore(zk_client, cluster.name, "node2")
+    peer.ensure_layout()
+    peer.bump_epoch()
+    user = [uri.format(i).split(":")[1].split("@")[0] for i in range(1, n + 1)]  # the AoR: the URI's user part
+    peer.write([contact(i, user[i - 1], uri.format(i), node="node2") for i in range(1, n + 1)])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tmp_path / "kamailio.cfg"
+    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=cluster.nodes[0],
+                                                                        is_node=True))
+    return cluster, peer, ZkStore(zk_client, cluster.name, "node1"), run_dir, cfg
+
+
 def _cluster_yaml(tmp: Path, name: str) -> Path:
     cfg = tmp / "cluster.yaml"
     cfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {name}", 1))
@@ -155,10 +189,7 @@ def test_materialize_command_line_reads_the_ensemble(zk_ensemble: conftest_zk.En
     assert json.loads(p.stdout.splitlines()[-1])["bindings"] == 0 and materialize.read_manifest(out).loaded == {}
 
 
-@pytest.mark.validators
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
-@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+@real_proxy
 def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
     zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
@@ -270,10 +301,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.validators
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
-@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+@real_proxy
 def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_view(
     netns: str, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
@@ -281,21 +309,9 @@ def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_v
     (``materialize`` on its status socket: written from its watched view, no store read) and withdraws
     readiness; Kamailio preloads the table; the coordinator pushes only what changed since, then gives
     readiness. Twice: the second start is a restart of a proxy that was ready."""
-    from ha import render
-
-    cluster = unique_cluster("prc")
-    peer = ZkStore(zk_client, cluster.name, "node2")
-    peer.ensure_layout()
-    peer.bump_epoch()
     n = 300
     uri = "sip:q{}@198.51.100.76:5060"
-    peer.write([contact(i, f"q{i}", uri.format(i), node="node2") for i in range(1, n + 1)])
-    reader = ZkStore(zk_client, cluster.name, "node1")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = tmp_path / "kamailio.cfg"
-    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=cluster.nodes[0],
-                                                                        is_node=True))
+    cluster, peer, reader, run_dir, cfg = stored_cluster("prc", zk_client, tmp_path, n, uri)
     ready = tmp_path / "ready"
     repl = Replication.from_model(cluster, "node1", journal_path=tmp_path / "j.jsonl",
                                   rpc_socket=kamailio.rpc_socket(run_dir), hosts=zk_ensemble.hosts)
@@ -345,10 +361,7 @@ def test_coordinator_writes_the_table_and_a_proxy_restart_is_resynced_from_its_v
 netns = test_agents.netns
 
 
-@pytest.mark.validators
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-@pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed")
-@pytest.mark.skipif(not HAS_DB_SQLITE, reason="kamailio-sqlite-modules is not installed (make apt)")
+@real_proxy
 def test_agent_start_preloads_or_falls_back(netns: str, tmp_path: Path) -> None:
     """ZooKeeper out of reach from the node: the agent still starts the proxy, with an empty preload table
     (Kamailio needs one once the define is given) within its budget; preload=false: no table, no define."""
