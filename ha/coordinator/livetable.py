@@ -12,7 +12,6 @@ dropped from the copy, not from the live table (they go when the store's GC dele
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import marshal
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ha.coordinator import materialize
+from ha.coordinator.gcpause import gc_paused
 from ha.coordinator.materialize import Manifest, MaterializeError, Written
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ class LiveTable:
         now = time.time()
         rows: list[tuple[Any, ...]] = []
         with self._lock:
-            gc_was = gc.isenabled()
-            gc.disable()
-            try:
+            with gc_paused():
                 if resync:
                     self._db.execute("DELETE FROM location")
                     self._keys.clear()
@@ -66,9 +64,6 @@ class LiveTable:
                     self._db.executemany(_DELETE, gone)
                 self._db.executemany(_UPSERT, rows)
                 self._db.execute("COMMIT")
-            finally:
-                if gc_was:
-                    gc.enable()
             if resync:
                 self.complete = True
 

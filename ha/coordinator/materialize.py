@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ha.coordinator.gcpause import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +180,8 @@ def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | No
     t0 = time.monotonic()
     now = time.time() if now is None else now
     path = Path(path)
-    gc_was = gc.isenabled()
-    gc.disable()  # 100k row tuples beside a big live heap: the cyclic collector alone cost ~30 % here
-    try:
+    with gc_paused():  # 100k row tuples beside a big live heap: the cyclic collector alone cost ~30 % here
         return _write(path, records, meta, now, t0)
-    finally:
-        if gc_was:
-            gc.enable()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ not match them is ignored (an upgrade that changes the record only costs the dec
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import marshal
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ha.coordinator import materialize
+from ha.coordinator.gcpause import gc_paused
 from ha.coordinator.livetable import keys_blob, read_keys
 from ha.coordinator.materialize import Manifest, MaterializeError, Written
 from ha.coordinator.store import ContactRecord
@@ -77,25 +77,21 @@ class NodeCache:
         except OSError as exc:
             log.warning("node cache: %s unreadable (%s): decoding everything", self.view_path, exc)
             return {}
-        gc_was = gc.isenabled()
-        gc.disable()  # 100k new objects: the cyclic collector would scan the growing heap again and again
         try:
-            fmt, cluster, store, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file; never run
-            if (fmt, cluster, tuple(fields)) != (FORMAT, self.cluster, _FIELDS):
-                log.info("node cache: %s is for another cluster or format: ignored", self.view_path)
-                return {}
-            if store is None or store != self.store_id():
-                log.warning("node cache: %s was taken from another ZooKeeper store (%s, this one is %s): ignored",
-                            self.view_path, store, self.store_id())
-                return {}
-            make = _record_maker()
-            out = {row[0]: make(row) for row in rows}
+            with gc_paused():  # 100k new objects: the collector would walk the growing heap again and again
+                fmt, cluster, store, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file
+                if (fmt, cluster, tuple(fields)) != (FORMAT, self.cluster, _FIELDS):
+                    log.info("node cache: %s is for another cluster or format: ignored", self.view_path)
+                    return {}
+                if store is None or store != self.store_id():
+                    log.warning("node cache: %s was taken from another ZooKeeper store (%s, this one is %s): "
+                                "ignored", self.view_path, store, self.store_id())
+                    return {}
+                make = _record_maker()
+                out = {row[0]: make(row) for row in rows}
         except (ValueError, TypeError, EOFError, IndexError) as exc:
             log.warning("node cache: %s is not a usable cache (%s): decoding everything", self.view_path, exc)
             return {}
-        finally:
-            if gc_was:
-                gc.enable()
         log.info("node cache: %d cached records loaded in %.0f ms", len(out), (time.monotonic() - t0) * 1000)
         return out
 
@@ -153,13 +149,8 @@ class NodeCache:
         if store is None:
             raise ValueError("the store's identity is not known yet")
         self.dir.mkdir(parents=True, exist_ok=True)
-        gc_was = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             self._save_view(view, store)
-        finally:
-            if gc_was:
-                gc.enable()
         if live is not None and live.complete:
             live.copy_to(self.table_path, {"cluster": self.cluster, "source": "node cache", "store": store},
                          with_keys=True)

@@ -21,7 +21,6 @@ Every pass ends in one sentence (``last_status``) for the service's log, Patroni
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
 from ha.coordinator.apply import ApplyResult, ProxyApplier
+from ha.coordinator.gcpause import gc_paused
 from ha.coordinator.livetable import LiveTable
 from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.store import Change, ContactRecord, Store, Watch
@@ -187,29 +187,25 @@ class Replicator:
         return todo, removes + gone, len(adds) - len(todo)
 
     def on_changes(self, changes: list[Change]) -> None:
-        gc_was = gc.isenabled()
-        if len(changes) > BIG_BATCH:
-            # A resync's 100k changes, sets and lists of them: no cycles, but each of the collector's passes over
-            # the whole heap (the view's records and these) cost more than the diff itself (0.39 s -> 0.06 s).
-            gc.disable()
-        try:
-            with self._apply_lock:
-                self._on_changes(changes)
-        finally:
-            # After the proxy was served (a full rebuild of 100k rows takes ~1 s); a replay's records are
-            # already there (only the changes delivered with it are new).
-            if self.live is not None:
-                real = [c for c in changes if not c.replay]
-                try:
-                    if real or not changes:
-                        self.live.apply((c.record for c in real if c.kind == "put"),
-                                        (c.record for c in real if c.kind == "delete"),
-                                        resync=not changes or any(c.resync for c in real))
-                except Exception:  # only the fast path suffers: the next proxy start writes from the view
-                    log.exception("replicator: the live preload table could not follow; dropped")
-                    self.live = None
-            if gc_was:
-                gc.enable()
+        # A resync's 100k changes, sets and lists of them: no cycles, but each of the collector's passes over the
+        # whole heap (the view's records and these) cost more than the diff itself (0.39 s -> 0.06 s).
+        with gc_paused(len(changes) > BIG_BATCH):
+            try:
+                with self._apply_lock:
+                    self._on_changes(changes)
+            finally:
+                # After the proxy was served (a full rebuild of 100k rows takes ~1 s); a replay's records are
+                # already there (only the changes delivered with it are new).
+                if self.live is not None:
+                    real = [c for c in changes if not c.replay]
+                    try:
+                        if real or not changes:
+                            self.live.apply((c.record for c in real if c.kind == "put"),
+                                            (c.record for c in real if c.kind == "delete"),
+                                            resync=not changes or any(c.resync for c in real))
+                    except Exception:  # only the fast path suffers: the next proxy start writes from the view
+                        log.exception("replicator: the live preload table could not follow; dropped")
+                        self.live = None
 
     @property
     def view_complete(self) -> bool:

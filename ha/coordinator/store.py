@@ -33,7 +33,6 @@ makes the journal's replay safe.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -66,6 +65,7 @@ from kazoo.protocol.serialization import int_struct, multiheader_struct, read_bu
 from kazoo.protocol.states import KazooState, ZnodeStat
 
 from ha.coordinator.events import ContactEvent, DialogEvent, Event
+from ha.coordinator.gcpause import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -1317,13 +1317,8 @@ class _ZkContactWatch(Watch):
         a.get(timeout=self.store.op_timeout_s)
 
     def _resync(self) -> list[Change]:
-        gc_was = gc.isenabled()
-        gc.disable()  # ~300k new objects, no cycles: the collector's passes over the whole heap cost ~20 %
-        try:
+        with gc_paused():  # ~300k new objects, no cycles: the collector's passes over the whole heap cost ~20 %
             return self._resync_read()
-        finally:
-            if gc_was:
-                gc.enable()
 
     def _resync_read(self) -> list[Change]:
         self._add_watch()  # first: whatever changes from now on is an event, read after this full read

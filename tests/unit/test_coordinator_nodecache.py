@@ -210,3 +210,22 @@ def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_wh
     finally:
         svc.stop()
         t.join(30)
+
+
+def test_gc_pause_restores_the_collector_as_it_found_it() -> None:
+    import gc
+
+    from ha.coordinator.gcpause import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # a pause inside a pause (another step, another thread) leaves it off
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with gc_paused(False):  # a small batch: nothing paused
+        assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a failed step")
+    assert gc.isenabled()
