@@ -1011,15 +1011,13 @@ class ZkStore(Store):
         or a reconnect mostly reads what it had.
         """
         out: dict[str, ContactRecord | None] = {}
-        prior_of: list[Mapping[str, ContactRecord]] = [{}]
+        known_map: Mapping[str, ContactRecord] = {}
 
-        def resolve() -> None:
-            prior_of[0] = (known() if callable(known) else known) or {}
+        def resolve() -> None:  # _multi_read runs it exactly once, also for no paths
+            nonlocal known_map
+            known_map = (known() if callable(known) else known) or {}
 
         got = self._multi_read([(_GET_DATA, p) for p in paths], client, lean=True, meanwhile=resolve)
-        if not paths:
-            resolve()
-        known_map = prior_of[0]
         for p, res in zip(paths, got, strict=True):
             if isinstance(res, NoNodeError):
                 out[p] = None

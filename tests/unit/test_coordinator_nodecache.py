@@ -229,3 +229,12 @@ def test_gc_pause_restores_the_collector_as_it_found_it() -> None:
     with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError("a failed step")
     assert gc.isenabled()
+
+
+def test_first_read_of_an_empty_store_asks_for_the_cached_view_once(zk_client: KazooClient, cluster: str) -> None:
+    store = ZkStore(zk_client, cluster, "node1")
+    store.ensure_layout()
+    asked: list[int] = []
+    store.view_seed = lambda: asked.append(1) or {}  # type: ignore[func-returns-value]
+    w = _ZkContactWatch(store, lambda _c: None)
+    assert w._resync() == [] and asked == [1] and w.seed_reused == 0
