@@ -263,11 +263,21 @@ class Fencing(_Frozen):
 class Failover(_Frozen):
     """Opt-in paths beside Pacemaker's (see ha/health/fastclaim.py and docs/node-crash-path.md)."""
 
-    # EXPERIMENTAL. The health service claims the VIPs as soon as Corosync's quorum shows the holder gone (after
-    # a hold), instead of waiting for Pacemaker's scheduler. Needs a witness: without one, both halves of a split
-    # stay quorate (two_node). Measured in the lab (docs/node-crash-path.md): node crash p50 1.30 s against
-    # 1.92 s, but 2 of 4 partition drills showed split-brain samples; not for production yet.
+    # The health service claims the VIPs as soon as Corosync's membership shows the holder gone and the witness
+    # grants it the VIP lease, instead of waiting for Pacemaker's scheduler (which often sleeps 1-2 s on that
+    # path). Needs a witness: it runs the lease's arbiter (`sipha health arbiter`), and without one both halves
+    # of a split stay quorate. Measured in docs/node-crash-path.md and BENCHMARKS.md.
     fast_claim: bool = False
+    arbiter_port: Port = 5409  # UDP, on the witness
+    # How long the witness's lease outlives the holder's last renewal (renewed every quarter of it). Below
+    # token + consensus, a survivor is granted the lease the moment it sees the holder gone.
+    lease_ms: Annotated[int, Field(ge=100, le=10000)] = 400
+    # The least time from the membership change to a claim: the cut-off holder sees the same change within a few
+    # ms of the survivor and drops its VIPs then; this keeps the claim from overlapping that drop.
+    claim_hold_ms: Annotated[int, Field(ge=0, le=5000)] = 100
+    # The HMAC key of the lease's datagrams, on the nodes and the witness: the lab and the playbook write the
+    # cluster's Corosync authkey there, readable by the health service's group (the authkey itself is root's).
+    lease_key_file: str = "/etc/sipha/lease.key"
 
 
 class Lab(_Frozen):
@@ -431,6 +441,11 @@ def _cross_check(c: Cluster, base: Path, src: str) -> None:
         fail("fencing.delay_node", f"{f.delay_node!r} is not a node")
     if c.failover.fast_claim and c.witness is None:
         fail("failover.fast_claim", "needs a witness: without one both halves of a split stay quorate")
+    t, fo = c.timings, c.failover
+    if fo.fast_claim and fo.lease_ms > t.token_ms + t.consensus_ms - 100:
+        fail("failover.lease_ms", f"{fo.lease_ms} must be at most token_ms + consensus_ms - 100 "
+             f"({t.token_ms + t.consensus_ms - 100}): a cut-off holder's lease must have lapsed when it sees its "
+             "peer leave, which is when the survivor asks for it")  # fmt: skip
 
 
 def parse(data: Any, source: str = "<cluster.yaml>", base: Path | None = None) -> Cluster:

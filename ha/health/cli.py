@@ -47,19 +47,65 @@ def health() -> None:
 
 
 def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
-    """The quorum-guarded fast claim (ha.health.fastclaim), fed by this service's health and VIP view."""
+    """The lease-guarded fast claim (ha.health.fastclaim), fed by this service's health."""
+    from ha.health.arbiter import LeaseClient, load_key, local_addresses
     from ha.health.fastclaim import FastClaim, VipAddr, located_here
     from ha.health.probe import Health
 
-    by_name = {v.name: v.ip for v in cluster.vips}
-    return FastClaim(
+    f = cluster.failover
+    ips = {v.ip for v in cluster.vips}
+    me = _node(cluster, node)
+    try:
+        key = load_key(f.lease_key_file)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"failover.lease_key_file: {exc}") from None
+    claim: FastClaim | None = None
+    lease = LeaseClient(node, me.ip, (cluster.witness.ip, f.arbiter_port), key, f.lease_ms / 1000,
+                        has_vips=lambda: bool(ips & local_addresses()),
+                        on_tick=lambda: claim.check_lease() if claim else None)  # fmt: skip
+    claim = FastClaim(
         node, [n.name for n in cluster.nodes if n.name != node],
         [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
         healthy=lambda: service.state.health is Health.HEALTHY,
-        held=lambda: {by_name[n] for n in service.vip_check.held()},
-        located_here=located_here(node), event=service.event,
-        hold_s=cluster.timings.qdevice_timeout_ms / 1000 + 0.1,
+        held=lambda: ips & local_addresses(),
+        located_here=located_here(node), event=service.event, lease=lease,
+        hold_s=f.claim_hold_ms / 1000, distrust_s=cluster.timings.qdevice_timeout_ms / 1000 + 0.1,
+        node_ids={i: n.name for i, n in enumerate(cluster.nodes, 1)},  # corosync.conf.j2 numbers them so
     )
+    return claim
+
+
+@health.command("arbiter")
+@click.argument("cluster_yaml", type=click.Path(dir_okay=False, exists=True))
+@click.option("--bind", default=None, help="address to listen on (default: the witness's address)")
+def arbiter_cmd(cluster_yaml: str, bind: str | None) -> None:
+    """Serve the VIP lease the fast claim asks for (on the witness; runs until SIGTERM/SIGINT)."""
+    import threading
+
+    from ha.health.arbiter import ArbiterServer, load_key
+
+    cluster = _load(cluster_yaml)
+    if cluster.witness is None:
+        raise click.ClickException(f"{cluster_yaml}: witness: the arbiter runs on the witness, and there is none")
+    f = cluster.failover
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        key = load_key(f.lease_key_file)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"failover.lease_key_file: {exc}") from None
+    addr = (bind or cluster.witness.ip, f.arbiter_port)
+    try:
+        server = ArbiterServer(addr, key, f.lease_ms / 1000, {n.name for n in cluster.nodes})
+    except OSError as exc:
+        raise click.ClickException(f"the arbiter cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("sipha.health.arbiter").info("arbiter_listening address=%s:%d lease_ms=%d", *addr, f.lease_ms)
+    try:
+        server.serve(stop)
+    finally:
+        server.close()
 
 
 @health.command("run")

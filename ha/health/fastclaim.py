@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from ha.health.arbiter import LeaseClient
+
 log = logging.getLogger("sipha.health.fastclaim")
 
 SEND_ARP = "/usr/libexec/heartbeat/send_arp"  # resource-agents' GARP sender, the one IPaddr2 uses
@@ -91,6 +93,16 @@ def parse_views(lines: Iterable[str]) -> Iterator[QuorumView]:
         yield view
 
 
+_MEMBER_STATUS = re.compile(r"runtime\.members\.(\d+)\.status \(str\) = (\w+)")
+
+
+def parse_member_status(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(node id, "joined"|"left") from ``corosync-cmapctl runtime.members.`` and its ``-T`` tracking output."""
+    for line in lines:
+        if m := _MEMBER_STATUS.search(line):
+            yield int(m[1]), m[2]
+
+
 @dataclass(frozen=True)
 class VipAddr:
     name: str  # the model's VIP name; Pacemaker's resource is vip-<name>
@@ -126,61 +138,167 @@ def _garp(vip: VipAddr) -> None:
 
 
 class FastClaim:
-    """Follows ``corosync-quorumtool -m`` in a thread and claims/releases VIPs by :func:`decide`.
+    """Follows ``corosync-quorumtool -m`` in a thread and claims/releases VIPs by :func:`decide` and the lease.
 
-    ``stdbuf -oL``: into a pipe, the tool's stdio would hold each status block in its buffer.
+    ``stdbuf -oL``: into a pipe, the tool's stdio would hold each status block in its buffer. ``hold_s`` is the
+    least time from the membership change to a claim: the cut-off holder sees the same change within a few ms
+    and drops its VIPs then (its lease has lapsed), so the claim must not beat it. ``distrust_s`` is how long
+    after its peers left a holder keeps its VIPs only with a valid lease (the qdevice timeout plus a margin:
+    after that, quorum alone is trustworthy again, and a restarting witness no longer takes the VIPs away).
     """
 
     def __init__(self, me: str, peers: Iterable[str], vips: Iterable[VipAddr], healthy: Callable[[], bool],
                  held: Callable[[], set[str]], located_here: Callable[[str], bool | None],
-                 event: Callable[..., None], run: Runner = _run, confirm_s: float = 20.0, hold_s: float = 0.6,
-                 garp: Callable[[VipAddr], None] = _garp,
-                 monitor_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-quorumtool", "-m")) -> None:  # fmt: skip
+                 event: Callable[..., None], lease: LeaseClient, run: Runner = _run, confirm_s: float = 20.0,
+                 hold_s: float = 0.1, distrust_s: float = 0.6, garp: Callable[[VipAddr], None] = _garp,
+                 monitor_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-quorumtool", "-m"),
+                 node_ids: dict[int, str] | None = None,
+                 members_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-cmapctl", "-T", "runtime.members."),
+                 ) -> None:  # fmt: skip
         self.me, self.peers, self.vips = me, frozenset(peers), tuple(vips)
+        self.node_ids, self.members_argv = dict(node_ids or {}), members_argv
         self.healthy, self.held, self.located_here, self.event = healthy, held, located_here, event
         self.run, self.confirm_s, self.monitor_argv, self.hold_s, self.garp = run, confirm_s, monitor_argv, hold_s, garp
+        self.lease, self.distrust_s = lease, distrust_s
+        self.acquire_s = 2 * lease.lease_s + 0.5  # a holder that still renews keeps it: Pacemaker decides then
         self._prev: QuorumView | None = None  # the view before the departure a pending claim answers
         self._latest: QuorumView | None = None
-        self._pending: threading.Timer | None = None
+        self._left_at: float | None = None  # when the last view without any peer arrived (None: peers present)
+        self._pending = False
+        self._watching = False
+        self._mu = threading.Lock()
+        self._apply_mu = threading.Lock()
         self.claims = 0
         self.releases = 0
         self._stop = threading.Event()
         self._proc: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._loop, name="fastclaim", daemon=True)
+        self._members_thread = threading.Thread(target=self._loop_members, name="fastclaim-members", daemon=True)
+        self._members_proc: subprocess.Popen[str] | None = None
+        self._totem: frozenset[str] | None = None  # the membership from cmap (None: not read yet)
+        self._quorum: QuorumView | None = None  # the latest votequorum notification
+        self._combined: QuorumView | None = None
 
     def start(self) -> None:
+        self.lease.start()
         self._thread.start()
+        self._members_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._pending is not None:
-            self._pending.cancel()
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
+        self.lease.stop()
+        for proc in (self._proc, self._members_proc):
+            if proc and proc.poll() is None:
+                proc.terminate()
+
+    def on_quorum(self, view: QuorumView) -> None:
+        """A votequorum notification: its quorate flag and ring; its member list only until cmap's is read."""
+        with self._apply_mu:
+            self._quorum = view
+            self._combine()
+
+    def on_members(self, members: frozenset[str]) -> None:
+        """Corosync's membership as cmap shows it: at the new ring, ~0.3-0.9 s before votequorum's notification
+        (which waits for the qdevice's poll, the longest on the cut-off side). Both sides see it within ms."""
+        with self._apply_mu:
+            self._totem = members
+            self._combine()
+
+    def _combine(self) -> None:
+        """Apply the view made of the latest quorum flag and the latest membership (caller holds ``_apply_mu``,
+        so the two monitors' changes are applied one at a time, in the order they came)."""
+        q = self._quorum
+        if q is None:
+            return
+        view = QuorumView(q.quorate, q.ring, self._totem if self._totem is not None else q.members)
+        prev, self._combined = self._combined, view
+        if prev == view:
+            return
+        try:
+            self.apply(prev, view)
+        except Exception as exc:  # an action that failed must not end the monitors
+            self.event("fast_claim_error", logging.ERROR, error=repr(exc))
 
     def apply(self, prev: QuorumView | None, view: QuorumView) -> None:
         self._latest = view
+        if view.members & self.peers:
+            self._left_at = None
+        elif prev is not None and prev.members & self.peers:
+            self._left_at = time.monotonic()
         actions = decide(prev, view, self.me, self.peers, self.healthy(), self.held(), self.vips)
         for _action, vip in [a for a in actions if a[0] == "release"]:
             self._release(vip, view)
-        if any(a[0] == "claim" for a in actions) and self._pending is None:
+        self.check_lease()
+        with self._mu:
+            start = any(a[0] == "claim" for a in actions) and not self._pending
+            self._pending = self._pending or start
+        if start:
             self._prev = prev
-            self._pending = threading.Timer(self.hold_s, self._claim_after_hold, args=(view,))
-            self._pending.daemon = True
-            self._pending.start()
+            threading.Thread(target=self._claim_when_granted, args=(view, self._left_at or time.monotonic()),
+                             name="fastclaim-claim", daemon=True).start()  # fmt: skip
             self.event("fast_claim_pending", ring=view.ring, hold_ms=round(self.hold_s * 1000))
 
-    def _claim_after_hold(self, view: QuorumView) -> None:
-        """The hold is over: claim what the latest view still calls for (same departure, still quorate)."""
-        self._pending = None
-        latest = self._latest
-        if latest is None or latest.members & self.peers or not latest.quorate:
-            self.event("fast_claim_dropped", ring=view.ring, why="the membership or quorum changed during the hold")
+    def distrusted(self) -> bool:
+        """Within ``distrust_s`` of every peer leaving: the VIPs stay here only with the lease."""
+        left = self._left_at
+        return left is not None and time.monotonic() - left < self.distrust_s
+
+    def check_lease(self) -> None:
+        """Drop the VIPs when the peers just left and the lease is not ours: we may be the cut-off side.
+
+        Called on every view and every lease renewal; while distrusted and holding, a watcher also checks every
+        10 ms, so that a lease lapsing during the window is acted on at once, not a renewal period later.
+        """
+        if not self.distrusted():
             return
-        for action, vip in decide(self._prev, latest, self.me, self.peers, self.healthy(), self.held(),
-                                  self.vips):  # fmt: skip
-            if action == "claim":
-                self._claim(vip, latest)
+        held = self.held()
+        if held and not self.lease.valid():
+            latest = self._latest
+            for vip in [v for v in self.vips if v.ip in held]:
+                self._release(vip, latest, why=f"the peers left and the witness's lease is not ours "
+                                                f"(holder: {self.lease.holder or 'unknown'})")  # fmt: skip
+        elif held:
+            with self._mu:
+                start, self._watching = not self._watching, True
+            if start:
+                threading.Thread(target=self._watch_lease, name="fastclaim-lease", daemon=True).start()
+
+    def _watch_lease(self) -> None:
+        try:
+            for _ in range(int(self.distrust_s / 0.01) + 2):  # bounded by the window
+                if self._stop.wait(0.01) or not self.distrusted() or not self.held():
+                    return
+                if not self.lease.valid():
+                    self.check_lease()
+                    return
+        finally:
+            self._watching = False
+
+    def _still_wanted(self) -> bool:
+        latest = self._latest
+        return latest is not None and latest.quorate and not (latest.members & self.peers) and not self._stop.is_set()
+
+    def _claim_when_granted(self, view: QuorumView, left_at: float) -> None:
+        """Ask the witness for the lease, wait out the hold, then claim what the latest view still calls for."""
+        try:
+            granted = self.lease.acquire(left_at + self.acquire_s, self._still_wanted)
+            wait = left_at + self.hold_s - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+            latest = self._latest
+            if not self._still_wanted() or latest is None:
+                self.event("fast_claim_dropped", ring=view.ring, why="the membership or quorum changed")
+                return
+            if not granted:
+                self.event("fast_claim_dropped", ring=view.ring,
+                           why=f"the witness did not grant the lease (holder: {self.lease.holder or 'no answer'})")
+                return
+            for action, vip in decide(self._prev, latest, self.me, self.peers, self.healthy(), self.held(),
+                                      self.vips):  # fmt: skip
+                if action == "claim":
+                    self._claim(vip, latest)
+        finally:
+            self._pending = False
 
     def _claim(self, vip: VipAddr, view: QuorumView) -> None:
         rc = self.run(["ip", "addr", "add", f"{vip.ip}/{vip.prefix}", "dev", vip.interface])
@@ -193,10 +311,10 @@ class FastClaim:
         threading.Thread(target=self._confirm, args=(vip,), name=f"fastclaim-confirm-{vip.name}",
                          daemon=True).start()  # fmt: skip
 
-    def _release(self, vip: VipAddr, view: QuorumView) -> None:
+    def _release(self, vip: VipAddr, view: QuorumView | None, why: str = "quorum lost") -> None:
         rc = self.run(["ip", "addr", "del", f"{vip.ip}/{vip.prefix}", "dev", vip.interface])
         self.releases += rc == 0
-        self.event("fast_release", vip=vip.ip, ring=view.ring, rc=rc)
+        self.event("fast_release", logging.WARNING, vip=vip.ip, ring=view.ring if view else "", rc=rc, why=why)
 
     def _confirm(self, vip: VipAddr) -> None:
         """Undo a claim Pacemaker does not confirm: the VIP must be started here within ``confirm_s``."""
@@ -225,17 +343,39 @@ class FastClaim:
                 self.event("fast_claim_monitor_error", logging.WARNING, error=str(exc))
                 self._stop.wait(backoff)
                 continue
-            prev: QuorumView | None = None
             assert self._proc.stdout is not None
             for view in parse_views(self._proc.stdout):
-                if prev is None or view != prev:
-                    try:
-                        self.apply(prev, view)
-                    except Exception as exc:  # an action that failed must not end the monitor
-                        self.event("fast_claim_error", logging.ERROR, error=repr(exc))
-                prev = view
+                self.on_quorum(view)
             self._proc.wait()
             self._stop.wait(backoff)  # corosync not up yet or restarted: follow it again
+
+    def _loop_members(self) -> None:
+        """Follow ``runtime.members.<id>.status`` in cmap: tracking first, then a snapshot, then the changes."""
+        for _ in range(1_000_000):  # bounded; a restart only follows the tracker's exit
+            if self._stop.is_set():
+                return
+            try:
+                self._members_proc = proc = subprocess.Popen(
+                    list(self.members_argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True, bufsize=1)  # fmt: skip (stdin: it ends on "q" or EOF)
+                snap = subprocess.run(["corosync-cmapctl", "runtime.members."], capture_output=True, text=True,
+                                      timeout=10, check=False)  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as exc:
+                self.event("fast_claim_monitor_error", logging.WARNING, error=str(exc))
+                self._stop.wait(0.5)
+                continue
+            status = dict(parse_member_status(snap.stdout.splitlines())) if snap.returncode == 0 else {}
+            self.on_members(self._joined(status))
+            assert proc.stdout is not None
+            for node_id, st in parse_member_status(proc.stdout):
+                status[node_id] = st
+                self.on_members(self._joined(status))
+            proc.wait()
+            self._stop.wait(0.5)
+
+    def _joined(self, status: dict[int, str]) -> frozenset[str]:
+        return frozenset({self.me} | {self.node_ids[i] for i, st in status.items() if st == "joined"
+                                      and i in self.node_ids})  # fmt: skip
 
 
 def located_here(node: str) -> Callable[[str], bool | None]:

@@ -310,6 +310,11 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     token.write_text(cfg["api_token"] + "\n")
     os.chmod(token, 0o600)
     (sipha / "zoo.cfg").write_text(rendered["zoo.cfg"])
+    if cluster.failover.fast_claim:
+        key = root / cluster.failover.lease_key_file.lstrip("/")
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(cfg["authkey"])  # the fast claim's lease key (ha.health.arbiter), as the playbook writes it
+        os.chmod(key, 0o600)
     myid = rendered.get(f"{h['name']}/zookeeper-myid")
     if myid is not None:
         (root / cluster.zookeeper.data_dir.lstrip("/") / "myid").write_text(myid)
@@ -327,6 +332,10 @@ def _services(cluster: model.Cluster, h: dict[str, Any], cfg: dict[str, Any]) ->
     svcs: list[dict[str, Any]] = []
     if h["role"] == "witness":
         svcs.append({"name": "corosync-qnetd", "argv": ["corosync-qnetd", "-f", "-s", "off", *QNETD_S]})
+        if cluster.failover.fast_claim and cfg["variant"] != "stock":
+            # the VIP lease the nodes' fast claim asks for (ha.health.arbiter)
+            svcs.append({"name": "sipha-arbiter", "argv": [sys.executable, "-m", "ha.cli", "health", "arbiter",
+                         "/etc/sipha/cluster.yaml"], "env": {"PYTHONPATH": str(REPO)}})  # fmt: skip
     else:
         svcs.append({"name": "corosync", "argv": ["corosync", "-f"]})
         corosync_up = ["corosync-cfgtool", "-s"]

@@ -6,6 +6,10 @@ it); the lab's drills cross the real boundary (a real corosync, qnetd and power 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+
 from ha.health.fastclaim import QuorumView, VipAddr, decide, parse_views
 
 BLOCK = """Quorum information
@@ -83,18 +87,44 @@ def test_no_claim_without_quorum_and_release_on_losing_it() -> None:
     assert decide(both(), alone(False), "node2", peers, True, {VIP.ip}, [VIP]) == [("release", VIP)]
 
 
-class Rig:
-    """A FastClaim whose commands are recorded, not run: no address or ARP leaves this test."""
+KEY = b"test-lease-key-0123456789abcdef"
 
-    def __init__(self, located: bool | None = True) -> None:
+
+class Rig:
+    """A FastClaim whose address commands are recorded, not run (no address or ARP leaves this test), with a
+    real arbiter and lease on loopback; ``peer`` is node1's lease client, renewing while ``peer_has`` says so."""
+
+    def __init__(self, located: bool | None = True, held: bool = False, peer_has: bool = False,
+                 lease_s: float = 0.2, distrust_s: float = 0.6) -> None:  # fmt: skip
+        import threading
+
+        from ha.health.arbiter import ArbiterServer, LeaseClient
         from ha.health.fastclaim import FastClaim
 
-        self.cmds: list[list[str]] = []
-        self.events: list[str] = []
+        self.cmds: list[list[str]] = [["ip", "addr", "add", "held at start"]] if held else []
+        self.events: list[tuple[str, dict[str, object]]] = []
         self.garps: list[str] = []
+        self.server = ArbiterServer(("127.0.0.1", 0), KEY, lease_s, {"node1", "node2"})
+        self.server.lease.grace_until = 0.0  # not a restarted arbiter
+        self.stop = threading.Event()
+        threading.Thread(target=self.server.serve, args=(self.stop,), daemon=True).start()
+        self.peer_has = peer_has
+        self.peer = LeaseClient("node1", "127.0.0.1", self.server.address, KEY, lease_s,
+                                has_vips=lambda: self.peer_has)  # fmt: skip
+        lease = LeaseClient("node2", "127.0.0.1", self.server.address, KEY, lease_s,
+                            has_vips=lambda: bool(self.held()), on_tick=lambda: self.fc.check_lease())  # fmt: skip
         self.fc = FastClaim("node2", ["node1"], [VIP], healthy=lambda: True, held=self.held,
-                            located_here=lambda _r: located, event=lambda e, *_a, **_k: self.events.append(e),
-                            run=self.run, hold_s=0.05, confirm_s=0.2, garp=lambda v: self.garps.append(v.ip))
+                            located_here=lambda _r: located, event=self.event, lease=lease, run=self.run,
+                            hold_s=0.05, distrust_s=distrust_s, confirm_s=0.2,
+                            garp=lambda v: self.garps.append(v.ip))  # fmt: skip
+        self.peer.start()
+        lease.start()  # what FastClaim.start does, without the quorum monitor
+
+    def event(self, name: str, *_a: object, **kw: object) -> None:
+        self.events.append((name, kw))
+
+    def named(self, name: str) -> list[dict[str, object]]:
+        return [kw for e, kw in self.events if e == name]
 
     def held(self) -> set[str]:
         up = [c for c in self.cmds if c[:3] == ["ip", "addr", "add"]]
@@ -105,8 +135,13 @@ class Rig:
         self.cmds.append(argv)
         return 0
 
+    def close(self) -> None:
+        self.fc.stop()
+        self.peer.stop()
+        self.stop.set()
 
-def wait_until(pred: object, timeout: float = 2.0) -> bool:
+
+def wait_until(pred: object, timeout: float = 3.0) -> bool:
     import time
 
     deadline = time.monotonic() + timeout
@@ -117,37 +152,120 @@ def wait_until(pred: object, timeout: float = 2.0) -> bool:
     return False
 
 
-def test_a_claim_waits_the_hold_then_adds_the_address_and_sends_garps() -> None:
+@pytest.fixture
+def rigs() -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+def test_a_claim_is_granted_by_the_witness_then_adds_the_address_and_sends_garps(rigs: list[Rig]) -> None:
     rig = Rig()
+    rigs.append(rig)
     rig.fc.apply(both(), alone(True))
-    assert rig.cmds == []  # nothing during the hold
     assert wait_until(lambda: rig.cmds)
     assert rig.cmds[0] == ["ip", "addr", "add", "198.51.100.10/24", "dev", "eth0"]
     assert rig.garps == ["198.51.100.10"]
-    assert wait_until(lambda: "fast_claim_confirmed" in rig.events)
+    assert rig.server.lease.holder == "node2"
+    assert wait_until(lambda: rig.named("fast_claim_confirmed"))
 
 
-def test_a_claim_is_dropped_when_the_peer_returns_or_quorum_goes_during_the_hold() -> None:
+def test_no_claim_while_the_holder_still_renews_its_lease(rigs: list[Rig]) -> None:
+    """The old holder reaches the witness (only the link between the nodes is cut): Pacemaker decides."""
+    rig = Rig(peer_has=True)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.server.lease.holder == "node1")
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: rig.named("fast_claim_dropped"), timeout=3.0)
+    assert "holder: node1" in str(rig.named("fast_claim_dropped")[0]["why"])
+    assert [c for c in rig.cmds if c[:3] == ["ip", "addr", "add"]] == []
+
+
+def test_a_claim_waits_until_the_old_holders_lease_lapses(rigs: list[Rig]) -> None:
+    rig = Rig(peer_has=True)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.server.lease.holder == "node1")
+    rig.peer.stop()  # node1 dies: its renewals stop
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: rig.cmds)
+    assert rig.server.lease.holder == "node2" and rig.named("fast_claim_dropped") == []
+
+
+def test_a_claim_is_dropped_when_the_peer_returns_or_quorum_goes(rigs: list[Rig]) -> None:
     for later in (both(), alone(False)):
-        rig = Rig()
+        rig = Rig(peer_has=True)  # refused until the peer's lease lapses: time for the change to arrive
+        rigs.append(rig)
         rig.fc.apply(both(), alone(True))
         rig.fc.apply(alone(True), later)
-        assert wait_until(lambda r=rig: "fast_claim_dropped" in r.events)
+        assert wait_until(lambda r=rig: r.named("fast_claim_dropped"))
         assert [c for c in rig.cmds if c[:3] == ["ip", "addr", "add"]] == []
 
 
-def test_an_unconfirmed_claim_is_undone() -> None:
-    rig = Rig(located=False)
+def test_the_cut_off_holder_drops_its_vips_when_its_peer_leaves(rigs: list[Rig]) -> None:
+    """The holder's renewals go unanswered (it is cut off) and node1 took the lease: drop at the change."""
+    rig = Rig(held=True)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.server.lease.holder == "node2")
+    rig.server.lease.holder, rig.server.lease.expires = "node1", 1e12  # node1 was granted it meanwhile
+    assert wait_until(lambda: not rig.fc.lease.valid())
+    rig.fc.apply(both(), alone(True))  # still "quorate": its qdevice has not given up yet
+    assert rig.held() == set()
+    (rel,) = rig.named("fast_release")
+    assert "lease is not ours (holder: node1)" in str(rel["why"])
+
+
+def test_a_holder_whose_peer_crashed_keeps_its_vips(rigs: list[Rig]) -> None:
+    rig = Rig(held=True)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.fc.lease.valid())
     rig.fc.apply(both(), alone(True))
-    assert wait_until(lambda: "fast_claim_undone" in rig.events)
+    import time
+
+    time.sleep(0.8)  # past the distrust window, renewing all along
+    assert rig.held() == {VIP.ip} and rig.named("fast_release") == []
+
+
+def test_a_lease_lapsing_inside_the_window_drops_the_vips_at_once(rigs: list[Rig]) -> None:
+    rig = Rig(held=True, lease_s=0.3, distrust_s=1.0)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.fc.lease.valid())
+    rig.fc.apply(both(), alone(True))
+    rig.stop.set()  # the witness goes silent
+    assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+    assert rig.held() == set()
+
+
+def test_after_the_window_only_quorum_takes_the_vips_away(rigs: list[Rig]) -> None:
+    """A restarting witness must not empty a node that has been running alone for a while."""
+    import time
+
+    rig = Rig(held=True, distrust_s=0.2)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.fc.lease.valid())
+    rig.fc.apply(both(), alone(True))
+    time.sleep(0.3)
+    rig.stop.set()
+    time.sleep(0.5)  # the lease lapsed, the renewal ticks ran
+    assert rig.held() == {VIP.ip} and rig.named("fast_release") == []
+    rig.fc.apply(alone(True), alone(False))
+    assert rig.held() == set()
+
+
+def test_an_unconfirmed_claim_is_undone(rigs: list[Rig]) -> None:
+    rig = Rig(located=False)
+    rigs.append(rig)
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: rig.named("fast_claim_undone"))
     assert rig.cmds[-1] == ["ip", "addr", "del", "198.51.100.10/24", "dev", "eth0"]
 
 
-def test_a_claim_pacemaker_cannot_be_asked_about_is_kept() -> None:
+def test_a_claim_pacemaker_cannot_be_asked_about_is_kept(rigs: list[Rig]) -> None:
     import time
 
     rig = Rig(located=None)
+    rigs.append(rig)
     rig.fc.apply(both(), alone(True))
     assert wait_until(lambda: rig.cmds)
     time.sleep(0.4)  # past confirm_s
-    assert "fast_claim_undone" not in rig.events and rig.held() == {VIP.ip}
+    assert rig.named("fast_claim_undone") == [] and rig.held() == {VIP.ip}

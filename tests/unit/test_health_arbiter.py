@@ -1,0 +1,146 @@
+"""The witness's VIP lease (ha.health.arbiter): its rule, its wire format, and a real exchange on loopback.
+
+The lab's partition and node-crash drills cross the real boundary (the arbiter on the witness's namespace, the
+nodes' health services asking it across the lab's bridge).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ha.health.arbiter import ArbiterServer, BadMessage, Lease, LeaseClient, local_addresses, pack, unpack
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def test_the_rule_one_holder_until_its_lease_lapses() -> None:
+    lease = Lease(0.4, started=0.0)
+    assert lease.hold("node1", True, 0.1).granted  # in the grace period, a node that has the VIPs may
+    refused = lease.hold("node2", False, 0.3)
+    assert not refused.granted and refused.holder == "node1" and refused.remaining_ms == 200
+    assert lease.hold("node1", True, 0.45).granted  # a renewal
+    assert not lease.hold("node2", False, 0.80).granted
+    took = lease.hold("node2", False, 0.86)  # node1's last renewal was at 0.45: lapsed at 0.85
+    assert took.granted and took.holder == "node2"
+    assert not lease.release("node1") and lease.release("node2") and lease.holder is None
+
+
+def test_a_restarted_arbiter_grants_only_to_a_node_with_the_vips_for_one_lease_time() -> None:
+    lease = Lease(0.4, started=10.0)
+    assert not lease.hold("node2", False, 10.1).granted  # node1 may still hold the VIPs: it renews soon
+    assert lease.hold("node1", True, 10.2).granted
+    lease2 = Lease(0.4, started=10.0)
+    assert lease2.hold("node2", False, 10.41).granted  # nobody claimed it within the grace: free
+
+
+def test_the_wire_format_refuses_forgeries_and_junk() -> None:
+    msg = {"op": "hold", "node": "node1", "id": 7}
+    assert unpack(KEY, pack(KEY, msg)) == msg
+    for bad, why in [
+        (pack(b"another-cluster-key-0123456789ab", msg), "bad MAC"),
+        (b"{}", "no MAC"),
+        (b"x" * 2000, "oversized"),
+        (pack(KEY, msg).replace(b'"node1"', b'"node2"'), "bad MAC"),
+    ]:
+        with pytest.raises(BadMessage, match=why):
+            unpack(KEY, bad)
+
+
+@pytest.fixture
+def server() -> Iterator[ArbiterServer]:
+    srv = ArbiterServer(("127.0.0.1", 0), KEY, 0.3, {"node1", "node2"})
+    srv.lease.grace_until = 0.0
+    stop = threading.Event()
+    t = threading.Thread(target=srv.serve, args=(stop,), daemon=True)
+    t.start()
+    yield srv
+    stop.set()
+    t.join(2)
+    srv.close()
+
+
+def _ask(srv: ArbiterServer, raw: bytes) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.3)
+        s.sendto(raw, srv.address)
+        try:
+            return s.recv(2048)
+        except TimeoutError:
+            return None
+
+
+def test_bad_requests_get_no_answer_and_are_counted(server: ArbiterServer) -> None:
+    now = time.time()
+    bad = [
+        pack(b"another-cluster-key-0123456789ab", {"op": "hold", "node": "node1", "id": 1, "ts": now}),
+        pack(KEY, {"op": "hold", "node": "intruder", "id": 1, "ts": now}),
+        pack(KEY, {"op": "hold", "node": "node1", "id": 1, "ts": now - 3600}),  # a replay
+        pack(KEY, {"op": "hold", "node": "node1", "id": "1", "ts": now}),
+        pack(KEY, {"op": "steal", "node": "node1", "id": 1, "ts": now}),
+        b"not even close",
+    ]
+    assert [_ask(server, b) for b in bad] == [None] * len(bad)
+    assert server.counts["bad"] == len(bad) and server.lease.holder is None
+    ok = _ask(server, pack(KEY, {"op": "hold", "node": "node1", "id": 9, "ts": now, "has_vips": True}))
+    assert ok is not None and json.loads(ok.partition(b" ")[2]) == {
+        "id": 9,
+        "granted": True,
+        "holder": "node1",
+        "remaining_ms": 300,
+    }
+
+
+def test_the_client_lease_ends_before_the_arbiters(server: ArbiterServer) -> None:
+    c = LeaseClient("node1", "127.0.0.1", server.address, KEY, 0.3, has_vips=lambda: True)
+    before = time.monotonic()
+    assert c.request("hold", True)
+    assert c.valid() and c.valid_until <= before + 0.3 - 0.02 + 0.01
+    assert c.valid_until < server.lease.expires
+    other = LeaseClient("node2", "127.0.0.1", server.address, KEY, 0.3, has_vips=lambda: False)
+    assert not other.request("hold", False) and other.holder == "node1" and not other.valid()
+
+
+def test_a_holder_that_lets_go_releases_at_once(server: ArbiterServer) -> None:
+    has = {"v": True}
+    c = LeaseClient("node1", "127.0.0.1", server.address, KEY, 0.2, has_vips=lambda: has["v"])
+    c.start()
+    try:
+        deadline = time.monotonic() + 2
+        while server.lease.holder != "node1" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.lease.holder == "node1"
+        has["v"] = False  # Pacemaker moved the VIPs away (a switchover)
+        while server.lease.holder is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.lease.holder is None and server.counts["released"] == 1 and not c.valid()
+    finally:
+        c.stop()
+
+
+def test_no_arbiter_is_no_lease() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        silent = s.getsockname()  # bound, never answers
+        c = LeaseClient("node1", "127.0.0.1", silent, KEY, 0.3, has_vips=lambda: True)
+        assert not c.request("hold", True) and not c.valid()
+        assert not c.acquire(time.monotonic() + 0.2, lambda: True)
+
+
+def test_local_addresses_reads_the_routing_trie(tmp_path: object) -> None:
+    from pathlib import Path
+
+    trie = Path(str(tmp_path)) / "fib_trie"
+    trie.write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 198.51.100.0\n        /24 link UNICAST\n"
+        "     |-- 198.51.100.10\n        /32 host LOCAL\n     |-- 198.51.100.12\n        /32 host LOCAL\n"
+        "     |-- 198.51.100.255\n        /32 link BROADCAST\n"
+    )
+    assert local_addresses(str(trie)) == {"198.51.100.10", "198.51.100.12"}
+    assert local_addresses(str(trie) + ".missing") == set()
+    assert "127.0.0.1" in local_addresses()
