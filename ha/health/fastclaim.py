@@ -1,25 +1,33 @@
-"""Quorum-guarded fast claim of the VIPs: take them the moment Corosync's quorum says the holder is gone.
+"""Lease-guarded fast claim of the VIPs: take them the moment Corosync's membership shows the holder gone.
 
 Why: Pacemaker moves a VIP only after its scheduler has run on the DC, and on the path after a node loss that
 scheduler often sleeps a whole second (it re-asks for the CIB while its own updates are pending; measured in
-docs/node-crash-path.md: 1.5-2.9 s gaps for a power cut). Corosync knows ~token + consensus after the loss.
-So each node's health service follows votequorum's notifications (``corosync-quorumtool -m``, pushed, not
-polled) and acts on two transitions only:
+docs/node-crash-path.md: 1.5-2.9 s gaps for a power cut). Corosync knows at token + consensus. Each node's
+health service follows two things, both pushed, not polled:
 
-* **claim** -- this node is quorate, healthy (and ready, when the readiness gate is on), every other proxy node
-  has just left the membership, and a VIP is not here: add the address and send gratuitous ARPs, as IPaddr2's
-  start does. Pacemaker's own start of the VIP a moment later finds the address present and succeeds.
-* **release** -- this node is no longer quorate and holds a VIP: remove it at once (Pacemaker's
-  no-quorum-policy=stop would, after its own scheduler run).
+* the membership, from cmap (``corosync-cmapctl -T runtime.members.``): it changes at the new ring on both
+  sides within a few ms, while votequorum's notification (``corosync-quorumtool -m``) waits for the qdevice's
+  poll: 0.3-0.4 s on the survivor, ~0.9 s on a cut-off node;
+* votequorum's quorate flag, to drop the VIPs when quorum is lost.
 
-Safety rests on quorum: with a witness (qdevice), at most one side of a split is quorate -- eventually. Measured
-in the lab's partition drill, the cut-off side still read quorate ~200 ms after the other side had its quorum
-confirmed (its qdevice had not yet given up on qnetd): claiming at once gave 19-20 split-brain samples (10 ms
-apart) per partition. So a claim waits ``hold_s`` (the qdevice timeout plus a margin: the longest the other
-side can keep counting the witness's vote) and is made only if the membership, quorum and health still call
-for it then. A node crash pays the same wait: it cannot be told from a partition in time. A claim that
+And acts on three transitions:
+
+* **claim** -- every other proxy node has just left the membership, this node is healthy (and ready, when the
+  readiness gate is on), not known to be inquorate, and the witness grants it the VIP lease
+  (ha.health.arbiter): add the address and send gratuitous ARPs, as IPaddr2's start does, no earlier than
+  ``hold_s`` after the membership change. Pacemaker's own start a moment later finds the address present.
+* **drop on suspicion** -- this node holds a VIP, its peers just left, and its lease is not valid (it could not
+  renew it: it may be the cut-off side). It sees the change when the survivor does, and the survivor's claim
+  waits ``hold_s`` after it: measured 2-3 ms from drop to the survivor's pending claim, 100 ms before the claim.
+* **release** -- this node is no longer quorate and holds a VIP (Pacemaker's no-quorum-policy=stop would,
+  after its own scheduler run).
+
+The lease is what makes the claim safe without waiting for the qdevice: a holder that still renews it (the
+link between the nodes is cut, not the holder's link to the witness) keeps it, so the other side never
+claims and Pacemaker decides as before; a crashed holder stops renewing and the lease lapses before the
+survivor sees the membership change (``lease_ms`` < token + consensus, checked by the model). A claim that
 Pacemaker does not confirm within ``confirm_s`` (it placed the VIP elsewhere, or nowhere) is undone. Off unless
-``failover.fast_claim`` is set in the model; its split-brain samples are measured by the partition drill.
+``failover.fast_claim`` is set in the model; the lab turns it on, and its drills count split-brain samples.
 """
 
 from __future__ import annotations

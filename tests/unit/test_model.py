@@ -87,7 +87,7 @@ BAD: list[tuple[str, Callable[[dict], None], str, str]] = [
      lambda d: (d.pop("witness"), d.__setitem__("failover", {"fast_claim": True}),
                 d["zookeeper"].__setitem__("members", ["node1"])),
      "failover.fast_claim", "needs a witness"),
-    ("lease-outlives-the-membership-change", _set("failover.lease_ms", 600),
+    ("lease-outlives-the-membership-change", _set("failover", {"fast_claim": True, "lease_ms": 600}),
      "failover.lease_ms", "at most token_ms + consensus_ms - 100 (560)"),
     ("lab-client-clash", _set("lab.client", "198.51.100.13/24"), "lab.client", "already used"),
     ("bool-as-int", _set("timings.failure_threshold", True), "timings.failure_threshold", "wrong type"),

@@ -73,7 +73,7 @@ def test_examples_pass(example: str, tmp_path: Path) -> None:
 
 @needs_root
 def test_two_node_corosync_passes(tmp_path: Path) -> None:
-    cluster = cluster_of("lab", witness=None, zookeeper={"members": ["node1"]})
+    cluster = cluster_of("lab", witness=None, failover={}, zookeeper={"members": ["node1"]})
     r = validate.check_corosync(rendered(cluster, tmp_path) / "corosync.conf")
     assert r.ok, r.detail
 
