@@ -48,7 +48,7 @@ def health() -> None:
 
 def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
     """The lease-guarded fast claim (ha.health.fastclaim), fed by this service's health."""
-    from ha.health.arbiter import LeaseClient, load_key, local_addresses
+    from ha.health.arbiter import LeaseClient, PeerWatch, load_key, local_addresses
     from ha.health.fastclaim import FastClaim, VipAddr, located_here
     from ha.health.probe import Health
 
@@ -63,6 +63,9 @@ def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
     lease = LeaseClient(node, me.ip, (cluster.witness.ip, f.arbiter_port), key, f.lease_ms / 1000,
                         has_vips=lambda: bool(ips & local_addresses()),
                         on_tick=lambda: claim.check_lease() if claim else None)  # fmt: skip
+    peers = [n for n in cluster.nodes if n.name != node]
+    watch = PeerWatch(node, (me.ip, f.arbiter_port), {n.name: (n.ip, f.arbiter_port) for n in peers}, key,
+                      on_tick=lambda: claim.check_lease() if claim else None)  # fmt: skip
     claim = FastClaim(
         node, [n.name for n in cluster.nodes if n.name != node],
         [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
@@ -71,6 +74,7 @@ def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
         located_here=located_here(node), event=service.event, lease=lease,
         hold_s=f.claim_hold_ms / 1000, distrust_s=cluster.timings.qdevice_timeout_ms / 1000 + 0.1,
         node_ids={i: n.name for i, n in enumerate(cluster.nodes, 1)},  # corosync.conf.j2 numbers them so
+        peer_watch=watch,
     )
     return claim
 

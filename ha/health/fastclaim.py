@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ha.health.arbiter import LeaseClient
+from ha.health.arbiter import LeaseClient, PeerWatch
 
 log = logging.getLogger("sipha.health.fastclaim")
 
@@ -162,12 +162,12 @@ class FastClaim:
                  monitor_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-quorumtool", "-m"),
                  node_ids: dict[int, str] | None = None,
                  members_argv: tuple[str, ...] = ("stdbuf", "-oL", "corosync-cmapctl", "-T", "runtime.members."),
-                 ) -> None:  # fmt: skip
+                 peer_watch: PeerWatch | None = None) -> None:  # fmt: skip
         self.me, self.peers, self.vips = me, frozenset(peers), tuple(vips)
         self.node_ids, self.members_argv = dict(node_ids or {}), members_argv
         self.healthy, self.held, self.located_here, self.event = healthy, held, located_here, event
         self.run, self.confirm_s, self.monitor_argv, self.hold_s, self.garp = run, confirm_s, monitor_argv, hold_s, garp
-        self.lease, self.distrust_s = lease, distrust_s
+        self.lease, self.distrust_s, self.peer_watch = lease, distrust_s, peer_watch
         self.acquire_s = 2 * lease.lease_s + 0.5  # a holder that still renews keeps it: Pacemaker decides then
         self._prev: QuorumView | None = None  # the view before the departure a pending claim answers
         self._latest: QuorumView | None = None
@@ -189,12 +189,16 @@ class FastClaim:
 
     def start(self) -> None:
         self.lease.start()
+        if self.peer_watch:
+            self.peer_watch.start()
         self._thread.start()
         self._members_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.lease.stop()
+        if self.peer_watch:
+            self.peer_watch.stop()
         for proc in (self._proc, self._members_proc):
             if proc and proc.poll() is None:
                 proc.terminate()
@@ -209,6 +213,10 @@ class FastClaim:
         """Corosync's membership as cmap shows it: at the new ring, ~0.3-0.9 s before votequorum's notification
         (which waits for the qdevice's poll, the longest on the cut-off side). Both sides see it within ms."""
         with self._apply_mu:
+            if self._totem is None:
+                # The first membership read: until now the members came from votequorum's list. A switch of
+                # source is not a departure (at a start, cmap may not list a peer votequorum already counted).
+                self._combined = None
             self._totem = members
             self._combine()
 
@@ -251,19 +259,27 @@ class FastClaim:
         left = self._left_at
         return left is not None and time.monotonic() - left < self.distrust_s
 
-    def check_lease(self) -> None:
-        """Drop the VIPs when the peers just left and the lease is not ours: we may be the cut-off side.
+    def suspect(self) -> bool:
+        """We may be the cut-off side: the peers just left the membership, or they all fell silent (the peer
+        watch) for at least a lease time and at most a lease time plus ``distrust_s`` ago."""
+        if self.distrusted():
+            return True
+        silent = self.peer_watch.silent_for() if self.peer_watch else None
+        return silent is not None and self.lease.lease_s <= silent < self.lease.lease_s + self.distrust_s
 
-        Called on every view and every lease renewal; while distrusted and holding, a watcher also checks every
-        10 ms, so that a lease lapsing during the window is acted on at once, not a renewal period later.
+    def check_lease(self) -> None:
+        """Drop the VIPs when we may be the cut-off side and the lease is not ours.
+
+        Called on every view, every lease renewal and every peer ping; while suspect and holding, a watcher
+        also checks every 10 ms, so that a lease lapsing meanwhile is acted on at once.
         """
-        if not self.distrusted():
+        if not self.suspect():
             return
         held = self.held()
         if held and not self.lease.valid():
             latest = self._latest
             for vip in [v for v in self.vips if v.ip in held]:
-                self._release(vip, latest, why=f"the peers left and the witness's lease is not ours "
+                self._release(vip, latest, why=f"the peers left or went silent and the witness's lease is not ours "
                                                 f"(holder: {self.lease.holder or 'unknown'})")  # fmt: skip
         elif held:
             with self._mu:
@@ -273,8 +289,8 @@ class FastClaim:
 
     def _watch_lease(self) -> None:
         try:
-            for _ in range(int(self.distrust_s / 0.01) + 2):  # bounded by the window
-                if self._stop.wait(0.01) or not self.distrusted() or not self.held():
+            for _ in range(int((self.distrust_s + self.lease.lease_s) / 0.01) + 2):  # bounded by the window
+                if self._stop.wait(0.01) or not self.suspect() or not self.held():
                     return
                 if not self.lease.valid():
                     self.check_lease()

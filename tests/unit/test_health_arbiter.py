@@ -116,7 +116,8 @@ def test_a_holder_that_lets_go_releases_at_once(server: ArbiterServer) -> None:
             time.sleep(0.01)
         assert server.lease.holder == "node1"
         has["v"] = False  # Pacemaker moved the VIPs away (a switchover)
-        while server.lease.holder is not None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 2
+        while (server.lease.holder is not None or c.valid()) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.lease.holder is None and server.counts["released"] == 1 and not c.valid()
     finally:
@@ -132,15 +133,76 @@ def test_no_arbiter_is_no_lease() -> None:
         assert not c.acquire(time.monotonic() + 0.2, lambda: True)
 
 
-def test_local_addresses_reads_the_routing_trie(tmp_path: object) -> None:
-    from pathlib import Path
+def test_local_addresses_keeps_an_address_whose_link_is_down() -> None:
+    """A real namespace: an address is "held" while it is configured, whatever its link's state."""
+    import os
+    import subprocess
+    import sys
 
-    trie = Path(str(tmp_path)) / "fib_trie"
-    trie.write_text(
-        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 198.51.100.0\n        /24 link UNICAST\n"
-        "     |-- 198.51.100.10\n        /32 host LOCAL\n     |-- 198.51.100.12\n        /32 host LOCAL\n"
-        "     |-- 198.51.100.255\n        /32 link BROADCAST\n"
-    )
-    assert local_addresses(str(trie)) == {"198.51.100.10", "198.51.100.12"}
-    assert local_addresses(str(trie) + ".missing") == set()
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    ns = f"sipha-t-arb-{os.getpid()}"
+    probe = [sys.executable, "-c", "from ha.health.arbiter import local_addresses; print(sorted(local_addresses()))"]
+
+    def sh(*argv: str) -> str:
+        return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=20).stdout
+
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")  # (no dummy module here)
+        sh("ip", "-n", ns, "link", "set", "d1", "up")
+        sh("ip", "-n", ns, "addr", "add", "198.51.100.77/24", "dev", "d0")
+        sh("ip", "-n", ns, "link", "set", "d0", "up")
+        assert sh("ip", "netns", "exec", ns, *probe).strip() == "['198.51.100.77']"
+        sh("ip", "-n", ns, "link", "set", "d0", "down")
+        assert sh("ip", "netns", "exec", ns, *probe).strip() == "['198.51.100.77']"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=20)
     assert "127.0.0.1" in local_addresses()
+
+
+def _free_udp_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def test_peer_watch_hears_a_live_peer_and_notices_its_silence() -> None:
+    from ha.health.arbiter import PeerWatch
+
+    port = _free_udp_port("127.0.0.1")
+    a = PeerWatch("node1", ("127.0.0.1", port), {"node2": ("127.0.0.2", port)}, KEY, period_s=0.02)
+    b = PeerWatch("node2", ("127.0.0.2", port), {"node1": ("127.0.0.1", port)}, KEY, period_s=0.02)
+    assert a.silent_for() is None  # never heard: nothing to compare with
+    a.start()
+    b.start()
+    try:
+        deadline = time.monotonic() + 2
+        while (a.silent_for() is None or b.silent_for() is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.silent_for() is not None and a.silent_for() < 0.2 and b.silent_for() is not None
+        b.stop()
+        time.sleep(0.3)
+        assert a.silent_for() >= 0.2  # type: ignore[operator]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_peer_watch_ignores_forged_and_unsolicited_pongs() -> None:
+    from ha.health.arbiter import PeerWatch
+
+    port = _free_udp_port("127.0.0.1")
+    a = PeerWatch("node1", ("127.0.0.1", port), {"node2": ("127.0.0.2", port)}, KEY, period_s=0.02)
+    a.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.2", 0))
+            for _ in range(20):
+                s.sendto(pack(KEY, {"op": "pong", "node": "node2", "re": 999_999}), ("127.0.0.1", port))  # not ours
+                s.sendto(pack(b"another-cluster-key-0123456789ab", {"op": "pong", "node": "node2", "re": 1}),
+                         ("127.0.0.1", port))  # fmt: skip
+                time.sleep(0.01)
+        assert a.silent_for() is None
+    finally:
+        a.stop()

@@ -269,3 +269,61 @@ def test_a_claim_pacemaker_cannot_be_asked_about_is_kept(rigs: list[Rig]) -> Non
     assert wait_until(lambda: rig.cmds)
     time.sleep(0.4)  # past confirm_s
     assert rig.named("fast_claim_undone") == [] and rig.held() == {VIP.ip}
+
+
+def test_the_first_membership_read_is_not_a_departure(rigs: list[Rig]) -> None:
+    """At a start votequorum may list a peer that cmap does not yet: only a change seen in cmap is a departure."""
+    import time
+
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.on_quorum(both())
+    rig.fc.on_members(frozenset({"node2"}))  # cmap read for the first time
+    time.sleep(0.3)
+    assert rig.cmds == [] and rig.named("fast_claim_pending") == []
+    rig.fc.on_members(frozenset({"node1", "node2"}))
+    rig.fc.on_members(frozenset({"node2"}))  # a departure seen in cmap; votequorum has not spoken yet
+    assert wait_until(lambda: rig.cmds)
+    assert rig.cmds[0][:3] == ["ip", "addr", "add"]
+
+
+def test_parse_member_status_reads_the_snapshot_and_the_tracking_lines() -> None:
+    from ha.health.fastclaim import parse_member_status
+
+    lines = ["runtime.members.1.status (str) = joined", "runtime.members.1.ip (str) = r(0) ip(198.51.100.11)",
+             'Type "q" to finish', "modify> runtime.members.2.status (str) = left",
+             "modify> runtime.members.2.join_count (u32) = 2"]
+    assert list(parse_member_status(lines)) == [(1, "joined"), (2, "left")]
+
+
+def test_a_holder_that_hears_neither_witness_nor_peer_drops_before_any_membership_change(rigs: list[Rig]) -> None:
+    """A flapping link: the rings may form hundreds of ms apart, so silence alone must make the holder let go."""
+    import socket
+
+    from ha.health.arbiter import PeerWatch
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rig = Rig(held=True, lease_s=0.2, distrust_s=1.0)
+    rigs.append(rig)
+    peer = PeerWatch("node1", ("127.0.0.2", port), {"node2": ("127.0.0.1", port)}, KEY, period_s=0.02)
+    mine = PeerWatch("node2", ("127.0.0.1", port), {"node1": ("127.0.0.2", port)}, KEY, period_s=0.02,
+                     on_tick=rig.fc.check_lease)  # fmt: skip
+    rig.fc.peer_watch = mine
+    peer.start()
+    mine.start()
+    try:
+        assert wait_until(lambda: mine.silent_for() is not None and rig.fc.lease.valid())
+        rig.fc.apply(None, both())
+        rig.stop.set()  # the witness goes silent...
+        import time
+
+        time.sleep(0.4)
+        assert rig.held() == {VIP.ip}  # ...but the peer still answers: keep the VIPs
+        peer.stop()  # and now the peer too
+        assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+        assert rig.held() == set() and "went silent" in str(rig.named("fast_release")[0]["why"])
+    finally:
+        mine.stop()
+        peer.stop()
