@@ -327,3 +327,57 @@ def test_a_holder_that_hears_neither_witness_nor_peer_drops_before_any_membershi
     finally:
         mine.stop()
         peer.stop()
+
+
+def test_vips_dropped_on_a_false_suspicion_are_taken_back(rigs: list[Rig]) -> None:
+    """The flap ended before any ring changed: nobody claimed, so the holder takes its VIPs back."""
+    import socket
+    import time
+
+    from ha.health.arbiter import PeerWatch
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rig = Rig(held=True, lease_s=0.2, distrust_s=1.0)
+    rigs.append(rig)
+
+    def watch(me: str, ip: str, other: str, other_ip: str, tick: object = lambda: None) -> PeerWatch:
+        return PeerWatch(me, (ip, port), {other: (other_ip, port)}, KEY, period_s=0.02, on_tick=tick)  # type: ignore[arg-type]
+
+    peer = watch("node1", "127.0.0.2", "node2", "127.0.0.1")
+    mine = watch("node2", "127.0.0.1", "node1", "127.0.0.2", rig.fc.check_lease)
+    rig.fc.peer_watch = mine
+    peer.start()
+    mine.start()
+    try:
+        assert wait_until(lambda: mine.silent_for() is not None and rig.fc.lease.valid())
+        rig.fc.apply(None, both())
+        rig.server.lease.holder, rig.server.lease.expires = "nobody", 1e12  # the witness is "unreachable"
+        peer.stop()
+        assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+        time.sleep(0.2)
+        assert rig.held() == set() and rig.named("fast_reclaim") == []  # still silent: no reclaim
+        rig.server.lease.holder = None  # the witness answers again...
+        peer = watch("node1", "127.0.0.2", "node2", "127.0.0.1")
+        peer.start()  # ...and so does the peer; the membership never changed
+        assert wait_until(lambda: rig.named("fast_reclaim"), timeout=2.0)
+        assert rig.held() == {VIP.ip} and rig.server.lease.holder == "node2"
+    finally:
+        mine.stop()
+        peer.stop()
+
+
+def test_no_reclaim_when_the_peer_claimed_meanwhile(rigs: list[Rig]) -> None:
+    rig = Rig(held=True, lease_s=0.2, distrust_s=0.3)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.fc.lease.valid())
+    rig.fc.apply(None, both())
+    rig.fc.apply(both(), alone(True))
+    rig.server.lease.holder, rig.server.lease.expires = "node1", 1e12  # node1 was granted it and claimed
+    assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+    rig.fc.apply(alone(True), both())  # the rings merge again
+    import time
+
+    time.sleep(0.6)
+    assert rig.held() == set() and rig.named("fast_reclaim") == []
