@@ -178,6 +178,7 @@ class FastClaim:
         self.reclaim_s = 5.0
         self._mu = threading.Lock()
         self._apply_mu = threading.Lock()
+        self._drop_mu = threading.Lock()
         self.claims = 0
         self.releases = 0
         self._stop = threading.Event()
@@ -282,11 +283,13 @@ class FastClaim:
         # One more ask before letting go: VIPs Pacemaker just started here have no lease yet (the renewal comes
         # within lease/4), and a node that reaches the witness is not the cut-off side.
         if held and not self.lease.valid() and not self.lease.request("hold", True):
-            latest = self._latest
-            self._dropped_at = time.monotonic()
-            for vip in [v for v in self.vips if v.ip in held]:
-                self._release(vip, latest, why=f"the peers left or went silent and the witness's lease is not ours "
-                                                f"(holder: {self.lease.holder or 'unknown'})")  # fmt: skip
+            with self._drop_mu:  # the watcher, the peer pings and the renewals may all get here at once
+                held = self.held()
+                if held:
+                    self._dropped_at = time.monotonic()
+                for vip in [v for v in self.vips if v.ip in held]:
+                    self._release(vip, self._latest, why="the peers left or went silent and the witness's lease "
+                                  f"is not ours (holder: {self.lease.holder or 'unknown'})")  # fmt: skip
         elif held:
             with self._mu:
                 start, self._watching = not self._watching, True
