@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ha.health.arbiter import PeerWatch
 from ha.health.fastclaim import QuorumView, VipAddr, decide, parse_views
 
 BLOCK = """Quorum information
@@ -109,6 +110,7 @@ class Rig:
         self.stop = threading.Event()
         threading.Thread(target=self.server.serve, args=(self.stop,), daemon=True).start()
         self.peer_has = peer_has
+        self.watches: list[PeerWatch] = []  # stopped by close()
         self.peer = LeaseClient("node1", "127.0.0.1", self.server.address, KEY, lease_s,
                                 has_vips=lambda: self.peer_has)  # fmt: skip
         lease = LeaseClient("node2", "127.0.0.1", self.server.address, KEY, lease_s,
@@ -136,6 +138,8 @@ class Rig:
         return 0
 
     def close(self) -> None:
+        for w in self.watches:
+            w.stop()
         self.fc.stop()
         self.peer.stop()
         self.stop.set()
@@ -296,76 +300,65 @@ def test_parse_member_status_reads_the_snapshot_and_the_tracking_lines() -> None
     assert list(parse_member_status(lines)) == [(1, "joined"), (2, "left")]
 
 
-def test_a_holder_that_hears_neither_witness_nor_peer_drops_before_any_membership_change(rigs: list[Rig]) -> None:
-    """A flapping link: the rings may form hundreds of ms apart, so silence alone must make the holder let go."""
+def _free_port() -> int:
     import socket
-
-    from ha.health.arbiter import PeerWatch
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def _watch(rig: Rig, me: str, port: int) -> PeerWatch:
+    """A started peer watch: node2 (the rig's node, feeding its checks) on 127.0.0.1, node1 on 127.0.0.2."""
+    ips = {"node2": "127.0.0.1", "node1": "127.0.0.2"}
+    other = "node1" if me == "node2" else "node2"
+    w = PeerWatch(me, (ips[me], port), {other: (ips[other], port)}, KEY, period_s=0.02,
+                  on_tick=rig.fc.check_lease if me == "node2" else lambda: None)  # fmt: skip
+    if me == "node2":
+        rig.fc.peer_watch = w
+    rig.watches.append(w)
+    w.start()
+    return w
+
+
+def _holder_hearing_its_peer(rigs: list[Rig]) -> tuple[Rig, int, PeerWatch]:
+    """node2 holds the VIP with a valid lease and hears node1's pings; both are members."""
     rig = Rig(held=True, lease_s=0.2, distrust_s=1.0)
     rigs.append(rig)
-    peer = PeerWatch("node1", ("127.0.0.2", port), {"node2": ("127.0.0.1", port)}, KEY, period_s=0.02)
-    mine = PeerWatch("node2", ("127.0.0.1", port), {"node1": ("127.0.0.2", port)}, KEY, period_s=0.02,
-                     on_tick=rig.fc.check_lease)  # fmt: skip
-    rig.fc.peer_watch = mine
-    peer.start()
-    mine.start()
-    try:
-        assert wait_until(lambda: mine.silent_for() is not None and rig.fc.lease.valid())
-        rig.fc.apply(None, both())
-        rig.stop.set()  # the witness goes silent...
-        import time
+    port = _free_port()
+    peer, mine = _watch(rig, "node1", port), _watch(rig, "node2", port)
+    assert wait_until(lambda: mine.silent_for() is not None and rig.fc.lease.valid())
+    rig.fc.apply(None, both())
+    return rig, port, peer
 
-        time.sleep(0.4)
-        assert rig.held() == {VIP.ip}  # ...but the peer still answers: keep the VIPs
-        peer.stop()  # and now the peer too
-        assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
-        assert rig.held() == set() and "went silent" in str(rig.named("fast_release")[0]["why"])
-    finally:
-        mine.stop()
-        peer.stop()
+
+def test_a_holder_that_hears_neither_witness_nor_peer_drops_before_any_membership_change(rigs: list[Rig]) -> None:
+    """A flapping link: the rings may form hundreds of ms apart, so silence alone must make the holder let go."""
+    rig, _port, peer = _holder_hearing_its_peer(rigs)
+    rig.stop.set()  # the witness goes silent...
+    import time
+
+    time.sleep(0.4)
+    assert rig.held() == {VIP.ip}  # ...but the peer still answers: keep the VIPs
+    peer.stop()  # and now the peer too
+    assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+    assert rig.held() == set() and "went silent" in str(rig.named("fast_release")[0]["why"])
 
 
 def test_vips_dropped_on_a_false_suspicion_are_taken_back(rigs: list[Rig]) -> None:
     """The flap ended before any ring changed: nobody claimed, so the holder takes its VIPs back."""
-    import socket
     import time
 
-    from ha.health.arbiter import PeerWatch
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rig = Rig(held=True, lease_s=0.2, distrust_s=1.0)
-    rigs.append(rig)
-
-    def watch(me: str, ip: str, other: str, other_ip: str, tick: object = lambda: None) -> PeerWatch:
-        return PeerWatch(me, (ip, port), {other: (other_ip, port)}, KEY, period_s=0.02, on_tick=tick)  # type: ignore[arg-type]
-
-    peer = watch("node1", "127.0.0.2", "node2", "127.0.0.1")
-    mine = watch("node2", "127.0.0.1", "node1", "127.0.0.2", rig.fc.check_lease)
-    rig.fc.peer_watch = mine
-    peer.start()
-    mine.start()
-    try:
-        assert wait_until(lambda: mine.silent_for() is not None and rig.fc.lease.valid())
-        rig.fc.apply(None, both())
-        rig.server.lease.holder, rig.server.lease.expires = "nobody", 1e12  # the witness is "unreachable"
-        peer.stop()
-        assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
-        time.sleep(0.2)
-        assert rig.held() == set() and rig.named("fast_reclaim") == []  # still silent: no reclaim
-        rig.server.lease.holder = None  # the witness answers again...
-        peer = watch("node1", "127.0.0.2", "node2", "127.0.0.1")
-        peer.start()  # ...and so does the peer; the membership never changed
-        assert wait_until(lambda: rig.named("fast_reclaim"), timeout=2.0)
-        assert rig.held() == {VIP.ip} and rig.server.lease.holder == "node2"
-    finally:
-        mine.stop()
-        peer.stop()
+    rig, port, peer = _holder_hearing_its_peer(rigs)
+    rig.server.lease.holder, rig.server.lease.expires = "nobody", 1e12  # the witness is "unreachable"
+    peer.stop()
+    assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
+    time.sleep(0.2)
+    assert rig.held() == set() and rig.named("fast_reclaim") == []  # still silent: no reclaim
+    rig.server.lease.holder = None  # the witness answers again...
+    peer = _watch(rig, "node1", port)  # ...and so does the peer; the membership never changed
+    assert wait_until(lambda: rig.named("fast_reclaim"), timeout=2.0)
+    assert rig.held() == {VIP.ip} and rig.server.lease.holder == "node2"
 
 
 def test_no_reclaim_when_the_peer_claimed_meanwhile(rigs: list[Rig]) -> None:
