@@ -244,13 +244,20 @@ class FastClaim:
             self._left_at = None
         elif prev is not None and prev.members & self.peers:
             self._left_at = time.monotonic()
-        actions = decide(prev, view, self.me, self.peers, self.healthy(), self.held(), self.vips)
+        healthy, held = self.healthy(), self.held()
+        actions = decide(prev, view, self.me, self.peers, healthy, held, self.vips)
         for _action, vip in [a for a in actions if a[0] == "release"]:
             self._release(vip, view)
         self.check_lease()
         with self._mu:
-            start = any(a[0] == "claim" for a in actions) and not self._pending
-            self._pending = self._pending or start
+            pending = self._pending
+            start = any(a[0] == "claim" for a in actions) and not pending
+            self._pending = pending or start
+        left = prev is not None and bool(prev.members & self.peers) and not (view.members & self.peers)
+        if left and not start and not held:
+            # Why no claim follows a departure: one node-crash run in 60 fell back to Pacemaker unexplained.
+            self.event("fast_claim_skipped", logging.WARNING, ring=view.ring, quorate=view.quorate,
+                       healthy=healthy, member=self.me in view.members, pending=pending)  # fmt: skip
         if start:
             self._prev = prev
             threading.Thread(target=self._claim_when_granted, args=(view, self._left_at or time.monotonic()),

@@ -374,3 +374,12 @@ def test_no_reclaim_when_the_peer_claimed_meanwhile(rigs: list[Rig]) -> None:
 
     time.sleep(0.6)
     assert rig.held() == set() and rig.named("fast_reclaim") == []
+
+
+def test_a_departure_that_starts_no_claim_says_why(rigs: list[Rig]) -> None:
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.healthy = lambda: False  # e.g. its proxy is overloaded at that moment
+    rig.fc.apply(both(), alone(True))
+    (skipped,) = rig.named("fast_claim_skipped")
+    assert skipped["healthy"] is False and skipped["quorate"] is True and rig.named("fast_claim_pending") == []
