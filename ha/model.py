@@ -275,8 +275,8 @@ class Failover(_Frozen):
     # The least time from the membership change to a claim: the cut-off holder sees the same change within a few
     # ms of the survivor and drops its VIPs then; this keeps the claim from overlapping that drop.
     claim_hold_ms: Annotated[int, Field(ge=0, le=5000)] = 100
-    # The HMAC key of the lease's datagrams, on the nodes and the witness: the lab and the playbook write the
-    # cluster's Corosync authkey there, readable by the health service's group (the authkey itself is root's).
+    # The HMAC key of the lease's datagrams, on the nodes and the witness: the lab and the playbook write a hash
+    # of the Corosync authkey there (ha.health.arbiter.lease_key_of), readable by the health service's group.
     lease_key_file: str = "/etc/sipha/lease.key"
 
 

@@ -8,19 +8,21 @@ tells the two cases apart at once, by reachability:
 
 * the holder of a VIP renews the lease every quarter of ``lease_s``; the node that wants to claim must be
   granted it, which happens only once the holder has stopped renewing for ``lease_s``;
-* a holder whose peers just left the membership keeps its VIPs only while its lease is valid, counted from
-  when it *sent* the granted request (so it always lapses before the witness's copy does). A crashed peer
-  leaves the lease with the holder: no gap on a standby's crash. A holder cut off from the witness loses it:
-  it drops its VIPs when it sees its peer go, which is when the survivor can first ask.
+* a holder whose peers just left the membership, or fell silent (:class:`PeerWatch`), keeps its VIPs only
+  while its lease is valid, counted from when it *sent* the granted request (so it always lapses before the
+  witness's copy does). A crashed peer leaves the lease with the holder: no gap on a standby's crash. A
+  holder cut off from the witness loses it and drops its VIPs before the survivor can first ask.
 
 The lease is one for all VIPs (they fail over together). The wire format is one UDP datagram each way: 32 hex
-digits of HMAC-SHA256 over the JSON body, a space, the body; the key is the cluster's Corosync authkey, so
-only the cluster's hosts can take or hold the lease. A restarted arbiter grants, for one lease time, only to
+digits of HMAC-SHA256 over the JSON body, a space, the body; the key (``failover.lease_key_file``) is derived
+from the cluster's Corosync authkey (:func:`lease_key_of`), so only the cluster's hosts can take or hold the
+lease. A restarted arbiter grants, for one lease time, only to
 a node that already has the VIPs (it forgot who held them; the holder re-takes it within a renewal period).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -41,12 +43,24 @@ MAX_SKEW_S = 30.0  # a request stamped further from the arbiter's clock is a rep
 MAX_DATAGRAM = 1024
 
 
+def fresh(ts: object) -> bool:
+    """A request's timestamp is close enough to this clock (a replayed datagram is not)."""
+    return isinstance(ts, (int, float)) and not isinstance(ts, bool) and abs(ts - time.time()) <= MAX_SKEW_S
+
+
 class BadMessage(ValueError):
     """A datagram that is not a well-formed, authenticated lease message."""
 
 
+def lease_key_of(authkey: bytes) -> bytes:
+    """The lease key written from the cluster's Corosync authkey: SHA-256 (hex) of its base64 text, which is
+    what the playbook's ``hash('sha256')`` of the slurped authkey gives. Text, and it reveals nothing of the
+    authkey, so it may be readable by the health service's group."""
+    return hashlib.sha256(base64.b64encode(authkey)).hexdigest().encode() + b"\n"
+
+
 def load_key(path: str | Path) -> bytes:
-    """The shared secret: the Corosync authkey every cluster host has (read once, at start)."""
+    """The shared secret every cluster host has (``failover.lease_key_file``; read once, at start)."""
     data = Path(path).read_bytes()
     if len(data) < 16:
         raise ValueError(f"{path}: the lease key must be at least 16 bytes, got {len(data)}")
@@ -131,9 +145,8 @@ class ArbiterServer:
                 raise BadMessage(f"unknown node {node!r}")
             if not isinstance(rid, int) or isinstance(rid, bool):
                 raise BadMessage("id must be an integer")
-            ts = msg.get("ts")
-            if not isinstance(ts, (int, float)) or abs(ts - time.time()) > MAX_SKEW_S:
-                raise BadMessage(f"ts {ts!r} is more than {MAX_SKEW_S:g} s from this clock (a replay?)")
+            if not fresh(msg.get("ts")):
+                raise BadMessage(f"ts {msg.get('ts')!r} is more than {MAX_SKEW_S:g} s from this clock (a replay?)")
         except BadMessage as exc:
             self.counts["bad"] += 1
             log.warning("arbiter_bad_request why=%r", str(exc))
@@ -192,7 +205,6 @@ class LeaseClient:
         self.period_s = lease_s / 4
         self.valid_until = 0.0
         self.holder: str | None = None  # the last holder the arbiter named
-        self.answered_at = 0.0  # when the arbiter last answered at all
         self._ids = 0
         self._lock = threading.Lock()
         self._had_vips = False
@@ -225,7 +237,6 @@ class LeaseClient:
                     return False
                 if reply.get("id") != rid:
                     continue  # a late answer to an earlier request
-                self.answered_at = time.monotonic()
                 self.holder = reply.get("holder")
                 if op == "hold" and reply.get("granted") is True:
                     self.valid_until = sent + self.lease_s - max(0.02, self.lease_s * 0.05)
@@ -342,8 +353,7 @@ class PeerWatch:
         if peer is None or msg.get("node") != peer:
             return
         if msg.get("op") == "ping":
-            ts = msg.get("ts")
-            if isinstance(ts, (int, float)) and abs(ts - time.time()) < MAX_SKEW_S:
+            if fresh(msg.get("ts")):
                 with contextlib.suppress(OSError):
                     self.sock.sendto(pack(self.key, {"op": "pong", "node": self.node, "re": msg.get("id")}), src)
         elif msg.get("op") == "pong" and isinstance(msg.get("re"), int) and msg["re"] in self._sent:
@@ -399,5 +409,5 @@ def _addr_attrs(attrs: bytes) -> set[str]:
     return {local} if local else set()
 
 
-__all__ = ["ArbiterServer", "BadMessage", "Lease", "LeaseClient", "PeerWatch", "load_key", "local_addresses", "pack",
-           "unpack"]
+__all__ = ["ArbiterServer", "BadMessage", "Lease", "LeaseClient", "PeerWatch", "fresh", "lease_key_of", "load_key",
+           "local_addresses", "pack", "unpack"]

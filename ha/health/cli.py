@@ -60,17 +60,24 @@ def _fast_claim(cluster: Any, node: str, service: Any) -> Any:
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"failover.lease_key_file: {exc}") from None
     claim: FastClaim | None = None
-    lease = LeaseClient(node, me.ip, (cluster.witness.ip, f.arbiter_port), key, f.lease_ms / 1000,
-                        has_vips=lambda: bool(ips & local_addresses()),
-                        on_tick=lambda: claim.check_lease() if claim else None)  # fmt: skip
+
+    def held() -> set[str]:
+        return ips & local_addresses()
+
+    def tick() -> None:  # the lease's renewals and the peer pings both re-check the lease
+        if claim:
+            claim.check_lease()
+
     peers = [n for n in cluster.nodes if n.name != node]
+    lease = LeaseClient(node, me.ip, (cluster.witness.ip, f.arbiter_port), key, f.lease_ms / 1000,
+                        has_vips=lambda: bool(held()), on_tick=tick)  # fmt: skip
     watch = PeerWatch(node, (me.ip, f.arbiter_port), {n.name: (n.ip, f.arbiter_port) for n in peers}, key,
-                      on_tick=lambda: claim.check_lease() if claim else None)  # fmt: skip
+                      on_tick=tick)  # fmt: skip
     claim = FastClaim(
-        node, [n.name for n in cluster.nodes if n.name != node],
+        node, [n.name for n in peers],
         [VipAddr(v.name, v.ip, v.prefix, v.interface) for v in cluster.vips],
         healthy=lambda: service.state.health is Health.HEALTHY,
-        held=lambda: ips & local_addresses(),
+        held=held,
         located_here=located_here(node), event=service.event, lease=lease,
         hold_s=f.claim_hold_ms / 1000, distrust_s=cluster.timings.qdevice_timeout_ms / 1000 + 0.1,
         node_ids={i: n.name for i, n in enumerate(cluster.nodes, 1)},  # corosync.conf.j2 numbers them so

@@ -240,9 +240,10 @@ class FastClaim:
 
     def apply(self, prev: QuorumView | None, view: QuorumView) -> None:
         self._latest = view
+        left = prev is not None and bool(prev.members & self.peers) and not (view.members & self.peers)
         if view.members & self.peers:
             self._left_at = None
-        elif prev is not None and prev.members & self.peers:
+        elif left:
             self._left_at = time.monotonic()
         healthy, held = self.healthy(), self.held()
         actions = decide(prev, view, self.me, self.peers, healthy, held, self.vips)
@@ -253,7 +254,6 @@ class FastClaim:
             pending = self._pending
             start = any(a[0] == "claim" for a in actions) and not pending
             self._pending = pending or start
-        left = prev is not None and bool(prev.members & self.peers) and not (view.members & self.peers)
         if left and not start and not held:
             # Why no claim follows a departure: one node-crash run in 60 fell back to Pacemaker unexplained.
             self.event("fast_claim_skipped", logging.WARNING, ring=view.ring, quorate=view.quorate,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ha import model, render
+from ha.health.arbiter import lease_key_of
 from ha.lab import bare as labbare
 from ha.lab import node as labnode
 from ha.lab.node import LabError, run
@@ -313,7 +314,7 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     if cluster.failover.fast_claim:
         key = root / cluster.failover.lease_key_file.lstrip("/")
         key.parent.mkdir(parents=True, exist_ok=True)
-        key.write_bytes(cfg["authkey"])  # the fast claim's lease key (ha.health.arbiter), as the playbook writes it
+        key.write_bytes(lease_key_of(cfg["authkey"]))  # the fast claim's, derived as the playbook derives it
         os.chmod(key, 0o600)
     myid = rendered.get(f"{h['name']}/zookeeper-myid")
     if myid is not None:

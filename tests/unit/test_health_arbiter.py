@@ -206,3 +206,11 @@ def test_peer_watch_ignores_forged_and_unsolicited_pongs() -> None:
         assert a.silent_for() is None
     finally:
         a.stop()
+
+
+def test_the_lab_derives_the_lease_key_as_the_playbook_does() -> None:
+    """roles/sipha/tasks/lease_key.yml writes ``slurp(authkey).content | hash('sha256')`` and a newline; this
+    digest is what ansible 2.14 printed for the base64 of bytes 0..31 (so a lab and a deployed host agree)."""
+    from ha.health.arbiter import lease_key_of
+
+    assert lease_key_of(bytes(range(32))) == b"905f28def18eaac05ae6f12b2c3452744afaf626da1343d57b395b544e0519b6\n"
