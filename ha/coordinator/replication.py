@@ -82,7 +82,30 @@ STANDBY_DIALOG_WINDOW_S = 60.0
 
 FIRST_CONNECT_S = 5.0  # how long after its start ZooKeeper's absence still means "connecting" (materialize_pending)
 VERIFY_AFTER_S = 2.0  # when the bindings events changed during a reconciliation are compared again (_reconciled)
+# How long a resync for a starting proxy waits for it to answer while its RPC socket is there but silent (see
+# uptime_once_loaded).
+PROXY_LOAD_WAIT_S = 15.0
 SECOND_LOOK_WAIT_S = 10.0  # how long reconciliation's second look waits for the replicator (see _second_look)
+
+
+def uptime_once_loaded(sock: Path, wait_s: float) -> Any:
+    """``core.uptime`` of the local proxy, waiting up to ``wait_s`` while its socket is there but silent.
+
+    Why: with ``wait_worker1_mode`` a starting Kamailio takes requests on its socket and answers them only once
+    its preload table is loaded (0.6-1.5 s for 100k). A resync that gave up after one 0.5 s timeout was retried
+    from the service's tick, behind the live table's rebuild on the watch thread: readiness came 1.2 s after the
+    proxy held everything (a node start, BENCHMARKS.md "Restart resync"). A socket nobody reads (a dead proxy:
+    refused at once) or no socket at all still fails at once."""
+    from ha.proxy.kamailio import Rpc
+
+    deadline = time.monotonic() + wait_s
+    with Rpc(sock, timeout=0.5) as client:
+        while True:
+            try:
+                return client.call("core.uptime")  # a late reply to an earlier try is skipped by its id
+            except RpcError as exc:
+                if "no answer" not in str(exc) or time.monotonic() >= deadline:
+                    raise
 
 
 @dataclass(frozen=True)
@@ -226,14 +249,13 @@ class Replication:
         apply_rpc = Rpc(sock, timeout=2.0)
         from ha.coordinator import materialize
         from ha.coordinator.nodecache import NodeCache, preloaded_from
-        from ha.proxy.kamailio import rpc
 
         preload_db = sock.parent / materialize.DB_NAME
 
         def preload() -> dict[tuple[str, str], int] | None:
             """What the proxy answering now loaded at its start (runs on the watch thread: its own socket)."""
             try:
-                up = rpc("core.uptime", sock=sock, timeout=0.5)
+                up = uptime_once_loaded(sock, PROXY_LOAD_WAIT_S)
                 boot = int(time.time() - float(up["uptime"]))
             except (RpcError, OSError) as exc:
                 raise ProxyNotAnswering(f"the local proxy does not answer ({exc})") from None

@@ -1319,6 +1319,7 @@ class _ZkContactWatch(Watch):
             return self._resync_read()
 
     def _resync_read(self) -> list[Change]:
+        t0 = time.monotonic()
         self._add_watch()  # first: whatever changes from now on is an event, read after this full read
         buckets = self.store._buckets("contacts")
         paths: list[str] = []
@@ -1327,26 +1328,35 @@ class _ZkContactWatch(Watch):
                 paths.extend(f"{b}/{n}" for n in names)
         seed, self.store.view_seed = self.store.view_seed, None
         merged: dict[str, ContactRecord] = {}
+        t_list = time.monotonic()
+        seed_s = 0.0
 
         def known() -> Mapping[str, ContactRecord]:
+            nonlocal seed_s
             if seed is None:
                 return self._records
+            ts = time.monotonic()
             try:
                 merged.update(seed())  # loaded while the servers answer the read
             except Exception:  # a cache only saves decoding: without it, everything is decoded
                 log.exception("contact watch: the cached view could not be loaded; decoding everything")
             merged.update(self._records)
+            seed_s = time.monotonic() - ts
             return merged
 
         fresh = {p: r for p, r in self._read(paths, known).items() if r is not None}
-        if seed is not None:
-            reused = self.seed_reused = sum(merged.get(p) is r for p, r in fresh.items())
-            log.info("contact watch: first read: %d bindings, %d of them unchanged since the cached view (%d "
-                     "cached), %d decoded", len(fresh), reused, len(merged), len(fresh) - reused)
-            merged.clear()
+        t_read = time.monotonic()
         changes = [Change("delete", r, resync=True, by_self=self.store.own_delete_pending(p))
                    for p, r in self._records.items() if p not in fresh]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
+        if seed is not None:
+            reused = self.seed_reused = sum(merged.get(p) is r for p, r in fresh.items())
+            log.info("contact watch: first read: %d bindings, %d of them unchanged since the cached view (%d "
+                     "cached), %d decoded; listed in %.0f ms, read in %.0f ms (the cached view loaded meanwhile "
+                     "in %.0f ms), changes made in %.0f ms", len(fresh), reused, len(merged), len(fresh) - reused,
+                     (t_list - t0) * 1000, (t_read - t_list) * 1000, seed_s * 1000,
+                     (time.monotonic() - t_read) * 1000)
+            merged.clear()
         self._records = fresh
         self._complete = not self._session_lost
         return changes

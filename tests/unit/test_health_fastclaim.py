@@ -383,3 +383,48 @@ def test_a_departure_that_starts_no_claim_says_why(rigs: list[Rig]) -> None:
     rig.fc.apply(both(), alone(True))
     (skipped,) = rig.named("fast_claim_skipped")
     assert skipped["healthy"] is False and skipped["quorate"] is True and rig.named("fast_claim_pending") == []
+
+
+def _status_cmd(tmp_path: object, text: str, delay_s: float = 0.0) -> tuple[str, ...]:
+    """A stand-in for ``corosync-quorumtool -s``: prints ``text`` (after ``delay_s``)."""
+    from pathlib import Path
+
+    f = Path(str(tmp_path)) / "status.txt"
+    f.write_text(text)
+    return ("sh", "-c", f"sleep {delay_s}; cat {f}")
+
+
+def test_a_missed_quorum_notification_is_repaired_and_the_next_departure_claims(rigs: list[Rig],
+                                                                                tmp_path: object) -> None:
+    rig = Rig()
+    rigs.append(rig)
+    # The monitor's last word: the ring before the peer joined, not quorate (the drill's case); then cmap shows
+    # both members. A departure now would be skipped.
+    rig.fc.on_quorum(QuorumView(False, "1.3b", frozenset({"node2"})))
+    rig.fc.on_members(frozenset({"node1", "node2"}))
+    rig.fc.status_argv = _status_cmd(tmp_path, BLOCK.format(n=2, ring="1.3f", q="Yes", rows=f"{ROW1}\n{ROW2}"))
+    view = rig.fc.refresh_quorum()
+    assert view is not None and view.quorate and view.ring == "1.3f"
+    (repaired,) = rig.named("quorum_view_repaired")
+    assert repaired["was_quorate"] is False and repaired["quorate"] is True
+    assert rig.fc.refresh_quorum() is None  # nothing missed any more: nothing taken, nothing said
+    rig.fc.on_members(frozenset({"node2"}))  # the peer crashed
+    assert wait_until(lambda: rig.held() == {VIP.ip}), rig.events
+    assert rig.named("fast_claim_skipped") == []
+
+
+def test_a_notification_during_the_read_wins_over_it(rigs: list[Rig], tmp_path: object) -> None:
+    import threading
+
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.on_quorum(QuorumView(True, "1.5", frozenset({"node1", "node2"})))
+    # The read says quorate on an old ring; meanwhile votequorum notifies the loss of quorum: the read is older.
+    rig.fc.status_argv = _status_cmd(tmp_path, BLOCK.format(n=2, ring="1.4", q="Yes", rows=f"{ROW1}\n{ROW2}"),
+                                     delay_s=0.3)
+    later = threading.Timer(0.1, rig.fc.on_quorum, args=(QuorumView(False, "1.6", frozenset({"node2"})),))
+    later.start()
+    assert rig.fc.refresh_quorum() is None
+    later.join()
+    assert rig.fc._quorum == QuorumView(False, "1.6", frozenset({"node2"}))
+    assert rig.named("quorum_view_repaired") == []
