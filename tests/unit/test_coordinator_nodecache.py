@@ -100,6 +100,48 @@ def test_cached_table_goes_to_a_starting_proxy_as_if_written_now(tmp_path: Path)
         cache.to_preload(dst, {})
 
 
+def test_a_node_start_prepares_the_cached_table_and_the_proxy_start_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy for the proxy is made at the coordinator's first tick, beside the preload table (a running
+    proxy's manifest is that file), and the agent's materialize() renames it into place; an old one is not used."""
+    from test_coordinator_service import unique_cluster
+
+    from ha.coordinator import replication
+
+    cl = unique_cluster("prep")
+    # No ZooKeeper member answers on this port: the prepared table must not wait for the store.
+    repl = Replication.from_model(cl, "node1", journal_path=tmp_path / "state" / "j.jsonl",
+                                  rpc_socket=tmp_path / "run" / kamailio.RPC_SOCKET_NAME, hosts="127.0.0.1:1")
+    try:
+        live = LiveTable()
+        live.apply([_rec(1), _rec(2)], [], resync=True)
+        live.copy_to(repl.node_cache.table_path, {"cluster": cl.name, "store": "s1"}, with_keys=True)
+        assert repl.preload_db is not None
+        prepared = repl.preload_db.with_name(f".{repl.preload_db.name}.prepared")
+        said = repl.tick() or ""
+        assert "prepared from the node cache: 2 bindings" in said and prepared.is_file()
+        assert not repl.preload_db.exists()  # nothing over a running proxy's file before a start asks
+        assert "prepared" not in (repl.tick() or "")  # once only
+        reply = repl.materialize()
+        assert reply["from"] == "node cache" and reply["bindings"] == 2 and reply["ms"] == 0
+        assert repl.preload_db.is_file() and not prepared.exists()
+        m = repl.written_manifest.result(5)
+        assert m.loaded == {("a1", "sip:a1@198.51.100.7"): 101, ("a2", "sip:a2@198.51.100.7"): 102}
+        assert m.meta["cluster"] == cl.name and m.meta["source"] == "node cache"
+        # Prepared too long before the proxy starts: copied again at the ask, and the old copy removed by the tick.
+        repl._prepare_tried = False
+        repl.preload_db.unlink()
+        repl.tick()
+        monkeypatch.setattr(replication, "PREPARED_MAX_AGE_S", 0.0)
+        repl.tick()
+        assert not prepared.exists()
+        reply = repl.materialize()
+        assert reply["from"] == "node cache" and reply["bindings"] == 2 and repl.preload_db.is_file()
+    finally:
+        repl.close()
+
+
 def test_first_read_decodes_only_what_changed_since_the_cached_view(zk_client: KazooClient, cluster: str) -> None:
     peer = ZkStore(zk_client, cluster, "node2")
     peer.ensure_layout()
