@@ -69,55 +69,31 @@ class NodeCache:
 
     def load_view(self) -> dict[str, ContactRecord]:
         """The cached records by znode path; {} when there is no usable file (logged, never raised)."""
-        return self._checked(*self._read_view())
-
-    def load_view_early(self) -> Callable[[], dict[str, ContactRecord]]:
-        """Start :meth:`load_view` on a thread now; the function returned waits for it. The store's identity is
-        checked when the records are taken: at a node start it is not known yet (ZooKeeper not answering).
-
-        Why: taken while the first read's replies arrive (as before), the 100k records competed with the
-        replies' parsing for the GIL, and the read took 1.1-1.7 s instead of ~0.5 s under a node start's load."""
-        out: list[tuple[str | None, dict[str, ContactRecord]]] = []
-        th = threading.Thread(target=lambda: out.append(self._read_view()), name="sipha-node-cache-load",
-                              daemon=True)  # fmt: skip
-        th.start()
-
-        def take() -> dict[str, ContactRecord]:
-            th.join()
-            return self._checked(*out[0]) if out else {}
-
-        return take
-
-    def _checked(self, store: str | None, records: dict[str, ContactRecord]) -> dict[str, ContactRecord]:
-        if records and (store is None or store != self.store_id()):
-            log.warning("node cache: %s was taken from another ZooKeeper store (%s, this one is %s): ignored",
-                        self.view_path, store, self.store_id())
-            return {}
-        return records
-
-    def _read_view(self) -> tuple[str | None, dict[str, ContactRecord]]:
-        """(the store the file was taken from, its records); (None, {}) when there is no usable file."""
         t0 = time.monotonic()
         try:
             raw = self.view_path.read_bytes()
         except FileNotFoundError:
-            return None, {}
+            return {}
         except OSError as exc:
             log.warning("node cache: %s unreadable (%s): decoding everything", self.view_path, exc)
-            return None, {}
+            return {}
         try:
             with gc_paused():  # 100k new objects: the collector would walk the growing heap again and again
                 fmt, cluster, store, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file
                 if (fmt, cluster, tuple(fields)) != (FORMAT, self.cluster, _FIELDS):
                     log.info("node cache: %s is for another cluster or format: ignored", self.view_path)
-                    return None, {}
+                    return {}
+                if store is None or store != self.store_id():
+                    log.warning("node cache: %s was taken from another ZooKeeper store (%s, this one is %s): "
+                                "ignored", self.view_path, store, self.store_id())
+                    return {}
                 make = _record_maker()
                 out = {row[0]: make(row) for row in rows}
         except (ValueError, TypeError, EOFError, IndexError) as exc:
             log.warning("node cache: %s is not a usable cache (%s): decoding everything", self.view_path, exc)
-            return None, {}
+            return {}
         log.info("node cache: %d cached records loaded in %.0f ms", len(out), (time.monotonic() - t0) * 1000)
-        return store, out
+        return out
 
     def _save_view(self, view: Mapping[str, ContactRecord], store: str) -> None:
         rows = [(p, *(getattr(r, f) for f in _FIELDS)) for p, r in view.items()]

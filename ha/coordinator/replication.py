@@ -287,8 +287,7 @@ class Replication:
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name, lambda: store.identity)
-        # For the first read; tick() starts loading it early, once the proxy's table is prepared (loaded at once,
-        # it slowed the table's copy down; loaded while the servers answer the read, it slowed the read down).
+        # Loaded by the first read, while the servers answer it (loaded at once, it slowed the proxy's table down)
         store.view_seed = repl.node_cache.load_view
         if repl.replicator is not None:
             from ha.coordinator.livetable import LiveTable
@@ -715,9 +714,6 @@ class Replication:
             m = self.prepare_preload()  # before the first read, which slowed the copy down 3-8 times
             if m:
                 said.append(m)
-                if isinstance(self.store, ZkStore) and self.store.view_seed == self.node_cache.load_view:
-                    # After the table (its copy must not wait) and before the read (see load_view_early).
-                    self.store.view_seed = self.node_cache.load_view_early()
             if not self.store.available:
                 return "; ".join(said) or None
             said.append(self.start())
