@@ -18,49 +18,56 @@ from ha.coordinator.replication import uptime_once_loaded
 from ha.proxy.kamailio import RpcError
 
 
-def _loading_proxy(path: Path, answer_after_s: float) -> tuple[socket.socket, threading.Thread]:
+class _LoadingProxy:
     """A socket that takes requests at once and answers them all only after ``answer_after_s`` (a Kamailio in
     wait_worker1_mode loading its table)."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    srv.bind(str(path))
 
-    def serve() -> None:
-        time.sleep(answer_after_s)
-        srv.settimeout(0.5)
-        while True:
+    def __init__(self, path: Path, answer_after_s: float) -> None:
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.srv.bind(str(path))
+        self.srv.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(answer_after_s,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, answer_after_s: float) -> None:
+        if self.stop.wait(answer_after_s):
+            return
+        while not self.stop.is_set():
             try:
-                data, peer = srv.recvfrom(65536)
-            except (TimeoutError, OSError):
-                return
+                data, peer = self.srv.recvfrom(65536)
+            except TimeoutError:
+                continue
             req = json.loads(data)
-            srv.sendto(json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": {"uptime": 7}}).encode(), peer)
+            reply = {"jsonrpc": "2.0", "id": req["id"], "result": {"uptime": 7}}
+            self.srv.sendto(json.dumps(reply).encode(), peer)
 
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    return srv, th
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.srv.close()
 
 
 def test_waits_for_a_proxy_that_is_loading(tmp_path: Path) -> None:
-    srv, th = _loading_proxy(tmp_path / "rpc.sock", 1.3)
+    proxy = _LoadingProxy(tmp_path / "rpc.sock", 1.3)
     try:
         t0 = time.monotonic()
         assert uptime_once_loaded(tmp_path / "rpc.sock", 10) == {"uptime": 7}
         took = time.monotonic() - t0
         assert 1.2 < took < 2.0, took  # the answer, not the next 0.5 s try
     finally:
-        th.join(3)
-        srv.close()
+        proxy.close()
 
 
 def test_gives_up_at_the_deadline(tmp_path: Path) -> None:
-    srv, _th = _loading_proxy(tmp_path / "rpc.sock", 30)
+    proxy = _LoadingProxy(tmp_path / "rpc.sock", 30)
     try:
         t0 = time.monotonic()
         with pytest.raises(RpcError, match="no answer"):
             uptime_once_loaded(tmp_path / "rpc.sock", 1.0)
         assert time.monotonic() - t0 < 2.0
     finally:
-        srv.close()
+        proxy.close()
 
 
 def test_no_socket_or_nobody_reading_it_fails_at_once(tmp_path: Path) -> None:
