@@ -441,3 +441,31 @@ def test_a_difference_that_a_notification_catches_up_with_is_not_taken(rigs: lis
     assert rig.fc.refresh_quorum() is None
     rig.fc.on_quorum(QuorumView(True, "2.7e", frozenset({"node2"})))  # ... and here it is
     assert rig.fc.refresh_quorum() is None and rig.named("quorum_view_repaired") == []
+
+
+def test_a_departure_seen_as_not_quorate_asks_votequorum_at_once(rigs: list[Rig], tmp_path: object) -> None:
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.status_argv = _status_cmd(tmp_path, BLOCK.format(n=2, ring="1.6c", q="Yes", rows=f"{ROW1}\n{ROW2}"))
+    rig.fc.on_quorum(QuorumView(False, "1.68", frozenset({"node2"})))  # the start's view; "quorate" was missed
+    rig.fc.on_members(frozenset({"node1", "node2"}))
+    rig.fc.on_members(frozenset({"node2"}))  # the peer crashes before any periodic read repaired it
+    assert wait_until(lambda: rig.held() == {VIP.ip}), rig.events
+    (repaired,) = rig.named("quorum_view_repaired")
+    assert repaired["at"] == "departure" and repaired["was_quorate"] is False
+    assert rig.named("fast_claim_skipped") == []
+
+
+def test_a_departure_without_quorum_stays_without_a_claim(rigs: list[Rig], tmp_path: object) -> None:
+    import time
+
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.status_argv = _status_cmd(tmp_path, BLOCK.format(n=1, ring="1.70", q="No", rows=ROW2))
+    rig.fc.on_quorum(QuorumView(False, "1.68", frozenset({"node2"})))
+    rig.fc.on_members(frozenset({"node1", "node2"}))
+    rig.fc.on_members(frozenset({"node2"}))
+    time.sleep(0.4)
+    assert rig.held() == set() and rig.named("quorum_view_repaired") == []
+    (skipped,) = rig.named("fast_claim_skipped")
+    assert skipped["quorate"] is False
