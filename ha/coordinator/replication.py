@@ -85,6 +85,11 @@ VERIFY_AFTER_S = 2.0  # when the bindings events changed during a reconciliation
 # How old a table prepared at the coordinator's start may be when the proxy's start takes it (prepare_preload):
 # its rows' expiry was checked then, and the manifest check allows a proxy booted up to BOOT_WINDOW_S after it.
 PREPARED_MAX_AGE_S = 30.0
+# The first expired-binding collection waits for the first resync, at most this long after the start. Why: a
+# collection reads and decodes the whole store on its own thread (100k bindings: ~1 s of JSON), and at a node
+# start it ran at once, beside the first read and the pushes that readiness waits for: py-spy on the node-start
+# bench found its thread holding the GIL for ~0.7 s per start, and 2000 ul.add took 111-520 ms instead of 25-57.
+GC_WAITS_FOR_RESYNC_S = 120.0
 # How long a resync for a starting proxy waits for it to answer while its RPC socket is there but silent (see
 # uptime_once_loaded).
 PROXY_LOAD_WAIT_S = 15.0
@@ -820,7 +825,10 @@ class Replication:
             if n:
                 self.gc_deleted += n
                 said.append(f"collected {n} expired bindings")
-        if self._gc is None and self.store.available and time.monotonic() >= self._next_gc:
+        if (
+            self._gc is None and self.store.available and time.monotonic() >= self._next_gc
+            and (self.ready or time.monotonic() - self._born > GC_WAITS_FOR_RESYNC_S)
+        ):  # fmt: skip
             self._next_gc = time.monotonic() + self.gc_interval_s
             if self._gc_pool is None:  # its own thread: a reconciliation's reads must not wait behind it, nor it
                 self._gc_pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-gc")

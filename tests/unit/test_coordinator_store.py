@@ -259,6 +259,50 @@ def _tick_until(r: Replication, text: str, timeout: float = 10.0) -> str:
     return said
 
 
+class _ProxyDown:
+    """The local proxy's RPC, not answering (so the first resync cannot complete)."""
+
+    def call_many(self, calls: list[tuple[str, list[object]]], window: int = 64) -> list[object]:
+        raise RuntimeError("proxy down")
+
+
+def test_the_first_collection_waits_for_the_first_resync(
+    zk_ensemble: Ensemble, tmp_path: Path, cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node start's resync is what readiness waits for; the collection's whole-store read must not compete."""
+    from ha.coordinator import replication
+    from ha.coordinator.apply import ProxyApplier
+
+    client = connect(zk_ensemble)
+    writer = ZkStore(client, cluster, "node2")
+    writer.ensure_layout()
+    writer.bump_epoch()
+    # An expired binding to collect, and a peer's live one for the resync to push (it cannot: the proxy is down).
+    writer.write([contact(1, "dead", expires_at=int(time.time()) - 100), contact(2, "live", node="node2")])
+    r = Replication(ZkStore(client, cluster, "node1"), "node1", Journal(tmp_path / "j.jsonl"),
+                    ProxyApplier(_ProxyDown()), gc_interval_s=0)  # type: ignore[arg-type]
+    try:
+        r.start()
+        assert r.replicator is not None
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            said = r.tick() or ""
+            assert "collected" not in said, (r.ready, r.replicator.last_status, r.replicator.synced.is_set())
+            time.sleep(0.05)
+        assert not r.ready and r.gc_deleted == 0
+        r.replicator.synced.set()  # the resync completed
+        assert "collected 1 expired bindings" in _tick_until(r, "collected")
+        # Without a resync ever completing, only until GC_WAITS_FOR_RESYNC_S after the start.
+        r.replicator.synced.clear()
+        writer.write([contact(3, "dead2", expires_at=int(time.time()) - 100)])
+        monkeypatch.setattr(replication, "GC_WAITS_FOR_RESYNC_S", 0.0)
+        assert "collected 1 expired bindings" in _tick_until(r, "collected")
+    finally:
+        r.close()
+        client.stop()
+        client.close()
+
+
 def test_replication_journals_drops_when_full_replays_on_tick_and_collects(
     zk_ensemble: Ensemble, tmp_path: Path, cluster: str
 ) -> None:
