@@ -832,7 +832,9 @@ class Replication:
             self._next_gc = time.monotonic() + self.gc_interval_s
             if self._gc_pool is None:  # its own thread: a reconciliation's reads must not wait behind it, nor it
                 self._gc_pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-gc")
-            self._gc = self._gc_pool.submit(self.store.gc_expired, grace_s=self.gc_grace_s)
+            rep = self.replicator
+            view = rep.view() if rep is not None else None  # None (no complete view): the store is read instead
+            self._gc = self._gc_pool.submit(self.store.gc_expired, grace_s=self.gc_grace_s, view=view)
         return said
 
     def _applying_per_s(self, now: float) -> float:

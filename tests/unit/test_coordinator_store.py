@@ -114,6 +114,19 @@ def test_dialog_start_then_end_leaves_a_cdr(store: ZkStore) -> None:
     assert cdrs[0].created_ms == 1764014460123 and cdrs[0].start_ts == 1764014461
 
 
+def test_gc_from_the_watchs_view_deletes_only_what_it_saw_expired(store: ZkStore) -> None:
+    now = int(time.time())
+    store.write([contact(1, "live", ttl=3600), contact(2, "dead", expires_at=now - 120),
+                 contact(3, "refreshed", expires_at=now - 120), contact(4, "unseen", expires_at=now - 120)])
+    paths = [store.contact_path(a, f"sip:{a}@198.51.100.50:5062") for a in ("live", "dead", "refreshed")]
+    view = {p: r for p, r in store._read_records(paths).items() if r is not None}
+    assert len(view) == 3, view  # the watch had not seen "unseen" yet
+    store.write([contact(5, "refreshed", kind="update", ttl=3600)])  # the phone re-registered since the view
+    assert store.gc_expired(view=view) == 1  # "dead" only: "refreshed" changed version, "unseen" waits
+    assert {r.aor for r in store.snapshot().contacts} == {"live", "refreshed", "unseen"}
+    assert store.gc_expired() == 1  # without a view the store is read: "unseen" goes
+
+
 def test_gc_removes_expired_only_on_the_lock_holder(zk_ensemble: Ensemble, store: ZkStore, cluster: str) -> None:
     now = int(time.time())
     store.write(
