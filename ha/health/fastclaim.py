@@ -119,14 +119,18 @@ class VipAddr:
     interface: str
 
 
+def peers_left(before: frozenset[str] | None, after: frozenset[str], peers: frozenset[str]) -> bool:
+    """Every peer in the membership ``before`` is gone ``after`` (None: nothing known before, not a departure)."""
+    return before is not None and bool(before & peers) and not (after & peers)
+
+
 def decide(prev: QuorumView | None, view: QuorumView, me: str, peers: frozenset[str], healthy: bool,
            held: set[str], vips: Iterable[VipAddr]) -> list[tuple[str, VipAddr]]:  # fmt: skip
     """The actions one notification calls for: ("claim"|"release", vip). Pure, so the rule is testable."""
     vips = list(vips)
     if not view.quorate:
         return [("release", v) for v in vips if v.ip in held]
-    peers_left = prev is not None and bool(prev.members & peers) and not (view.members & peers)
-    if peers_left and me in view.members and healthy:
+    if peers_left(prev.members if prev else None, view.members, peers) and me in view.members and healthy:
         return [("claim", v) for v in vips if v.ip not in held]
     return []
 
@@ -279,7 +283,7 @@ class FastClaim:
                 # The first membership read: until now the members came from votequorum's list. A switch of
                 # source is not a departure (at a start, cmap may not list a peer votequorum already counted).
                 self._combined = None
-            left = self._totem is not None and bool(self._totem & self.peers) and not (members & self.peers)
+            left = peers_left(self._totem, members, self.peers)
             self._totem = members
             q = self._quorum
             if left and q is not None and not q.quorate:
@@ -312,7 +316,7 @@ class FastClaim:
 
     def apply(self, prev: QuorumView | None, view: QuorumView) -> None:
         self._latest = view
-        left = prev is not None and bool(prev.members & self.peers) and not (view.members & self.peers)
+        left = peers_left(prev.members if prev else None, view.members, self.peers)
         if view.members & self.peers:
             self._left_at = None
         elif left:
@@ -533,4 +537,4 @@ def located_here(node: str) -> Callable[[str], bool | None]:
     return check
 
 
-__all__ = ["FastClaim", "QuorumView", "VipAddr", "decide", "located_here", "parse_views"]
+__all__ = ["FastClaim", "QuorumView", "VipAddr", "decide", "located_here", "parse_views", "peers_left"]
