@@ -117,6 +117,16 @@ def uptime_once_loaded(sock: Path, wait_s: float) -> Any:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    """A preload table copied from the node cache before the proxy's start asked (Replication.prepare_preload)."""
+
+    path: Path
+    written: Any  # materialize.Written
+    manifest: Callable[[], Any]  # its manifest from the keys stored with it (NodeCache.to_preload)
+    at: float  # monotonic
+
+
+@dataclass(frozen=True)
 class _Diffed:
     """What a reconciliation's worker read and diffed (Replication.start_reconcile)."""
 
@@ -218,9 +228,9 @@ class Replication:
         self.cluster_name = ""
         self.node_cache: Any = None  # ha.coordinator.nodecache.NodeCache: what the next node start begins from
         self._born = time.monotonic()
-        # The node cache's table, copied for a proxy start before anyone asked (prepare_preload): (where, what was
-        # written, its manifest, when). Taken by the first materialize() of a node start.
-        self._prepared: tuple[Path, Any, Callable[[], Any], float] | None = None
+        # The node cache's table, copied for a proxy start before anyone asked (prepare_preload); taken by the
+        # first materialize() of a node start.
+        self._prepared: _Prepared | None = None
         self._prepare_tried = False
 
     @classmethod
@@ -320,36 +330,47 @@ class Replication:
         if self._prepare_tried or self.preload_db is None or self.node_cache is None:
             return None
         self._prepare_tried = True
-        meta = {"cluster": self.cluster_name, "node": self.node, "source": "node cache"}
         dst = self.preload_db.with_name(f".{self.preload_db.name}.prepared")
         try:
-            w, stored = self.node_cache.to_preload(dst, meta)
+            w, stored = self.node_cache.to_preload(dst, self._preload_meta("node cache"))
         except materialize.MaterializeError as exc:
             return f"no node cache table to prepare ({exc})"
-        self._prepared = (dst, w, stored, time.monotonic())
+        self._prepared = _Prepared(dst, w, stored, time.monotonic())
         return f"preload table prepared from the node cache: {w.bindings} bindings in {w.write_s * 1000:.0f} ms"
+
+    def _drop_prepared(self, older_than_s: float | None = None) -> None:
+        """Remove the prepared table (25 MB per 100k bindings on /run); with ``older_than_s``, only if older."""
+        p = self._prepared
+        if p is not None and (older_than_s is None or time.monotonic() - p.at > older_than_s):
+            p.path.unlink(missing_ok=True)
+            self._prepared = None
 
     def _take_prepared(self) -> dict[str, Any] | None:
         """The prepared table renamed into place for a starting proxy, or None (none, or too old to be current)."""
-        from ha.coordinator import materialize
-
+        self._drop_prepared(PREPARED_MAX_AGE_S)
         prepared, self._prepared = self._prepared, None
         if prepared is None or self.preload_db is None:
             return None
-        dst, w, stored, at = prepared
-        if time.monotonic() - at > PREPARED_MAX_AGE_S:
-            dst.unlink(missing_ok=True)
-            return None
         try:
-            dst.replace(self.preload_db)
+            prepared.path.replace(self.preload_db)
         except OSError as exc:
             log.warning("the prepared preload table could not be used (%s): copying again", exc)
             return None
-        path = str(self.preload_db)
-        self.written_manifest = _in_thread(lambda: stored() or materialize.read_manifest(path))
+        self._manifest_later(prepared.manifest, str(self.preload_db))
         log.info("preload table for the starting proxy: %d bindings from the node cache, prepared %.1f s ago",
-                 w.bindings, time.monotonic() - at)
-        return {"ok": True, "bindings": w.bindings, "path": path, "ms": 0, "from": "node cache"}
+                 prepared.written.bindings, time.monotonic() - prepared.at)
+        return {"ok": True, "bindings": prepared.written.bindings, "path": str(self.preload_db), "ms": 0,
+                "from": "node cache"}
+
+    def _preload_meta(self, source: str) -> dict[str, Any]:
+        return {"cluster": self.cluster_name, "node": self.node, "source": source}
+
+    def _manifest_later(self, stored: Callable[[], Any], path: str) -> None:
+        """The manifest of a table copied from the node cache: from the keys stored with it, else from its rows;
+        either on a thread, while the proxy loads it."""
+        from ha.coordinator import materialize
+
+        self.written_manifest = _in_thread(lambda: stored() or materialize.read_manifest(path))
 
     def materialize(self) -> dict[str, Any]:
         """Write the proxy's preload table from the watch's current view (the restart fast path, asked by the
@@ -357,7 +378,7 @@ class Replication:
         from ha.coordinator import materialize
 
         rep = self.replicator
-        meta = {"cluster": self.cluster_name, "node": self.node, "source": "coordinator"}
+        meta = self._preload_meta("coordinator")
         t0 = time.monotonic()
         if rep is not None and self.preload_db is not None and self.node_cache is not None and (
             not rep.view_complete or (rep.live is not None and not rep.live.complete)
@@ -368,13 +389,11 @@ class Replication:
             if taken is not None:
                 return taken
             try:
-                w, stored = self.node_cache.to_preload(self.preload_db, {**meta, "source": "node cache"})
+                w, stored = self.node_cache.to_preload(self.preload_db, self._preload_meta("node cache"))
             except materialize.MaterializeError as exc:
                 log.info("no cached preload table (%s)", exc)
             else:
-                # From the keys stored with the table, else from the rows: either while the proxy loads it.
-                path = w.path
-                self.written_manifest = _in_thread(lambda: stored() or materialize.read_manifest(path))
+                self._manifest_later(stored, w.path)
                 ms = round((time.monotonic() - t0) * 1000)
                 log.info("preload table for the starting proxy: %d bindings from the node cache (%d expired left "
                          "out) in %d ms", w.bindings, w.expired, ms)
@@ -712,9 +731,7 @@ class Replication:
     def tick(self) -> str | None:
         """Periodic work: replay the journal when ZooKeeper is back, collect expired bindings if elected."""
         said = self._late_outcomes()
-        if self._prepared is not None and time.monotonic() - self._prepared[3] > PREPARED_MAX_AGE_S:
-            self._prepared[0].unlink(missing_ok=True)  # nobody started the proxy: 25 MB per 100k on /run
-            self._prepared = None
+        self._drop_prepared(PREPARED_MAX_AGE_S)  # nobody started the proxy
         if not self.started:
             m = self.prepare_preload()  # before the first read, which slowed the copy down 3-8 times
             if m:
@@ -832,10 +849,14 @@ class Replication:
             self._next_gc = time.monotonic() + self.gc_interval_s
             if self._gc_pool is None:  # its own thread: a reconciliation's reads must not wait behind it, nor it
                 self._gc_pool = ThreadPoolExecutor(1, thread_name_prefix="sipha-gc")
-            rep = self.replicator
-            view = rep.view() if rep is not None else None  # None (no complete view): the store is read instead
-            self._gc = self._gc_pool.submit(self.store.gc_expired, grace_s=self.gc_grace_s, view=view)
+            self._gc = self._gc_pool.submit(self._collect_expired)
         return said
+
+    def _collect_expired(self) -> int:
+        """On the GC thread: the view's copy (100k entries) is made there too, not on the loop."""
+        rep = self.replicator
+        view = rep.view() if rep is not None else None  # None (no complete view): the store is read instead
+        return self.store.gc_expired(grace_s=self.gc_grace_s, view=view)
 
     def _applying_per_s(self, now: float) -> float:
         """Changes/s the replicator applied to the local proxy over about the last AUDIT_BUSY_WINDOW_S."""
@@ -1008,9 +1029,7 @@ class Replication:
         }
 
     def close(self) -> None:
-        if self._prepared is not None:
-            self._prepared[0].unlink(missing_ok=True)
-            self._prepared = None
+        self._drop_prepared()
         rep = self.replicator
         if self.node_cache is not None and rep is not None and rep.view_complete:
             m = self.node_cache.save_at_exit(rep.view, rep.live, rep.stats.passes)
