@@ -1031,8 +1031,9 @@ class Replication:
     def close(self) -> None:
         self._drop_prepared()
         rep = self.replicator
-        if self.node_cache is not None and rep is not None and rep.view_complete:
-            m = self.node_cache.save_at_exit(rep.view, rep.live, rep.stats.passes)
+        if self.node_cache is not None and rep is not None and (rep.view_complete or rep.synced.is_set()):
+            # synced and not complete: a resync just applied, its view still being settled (store._settle)
+            m = self.node_cache.save_at_exit(rep.view, rep.live, rep.stats.passes, lambda: rep.view_complete)
             if m:
                 log.info("%s", m)
         if self.replicator is not None:

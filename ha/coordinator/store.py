@@ -251,18 +251,83 @@ class LateResult:
                 + (f", {self.conflicts} still conflicting" if self.conflicts else ""))
 
 
-@dataclass(slots=True)
+RECORD_FIELDS = tuple(ContactRecord.__dataclass_fields__)  # all of them, in order: version and mzxid last
+assert RECORD_FIELDS[:2] == ("aor", "contact") and RECORD_FIELDS[-1] == "mzxid"  # what a row's places mean
+
+
+def _row_maker() -> Callable[[Sequence[Any]], ContactRecord]:
+    """``row -> ContactRecord(*row[1:])`` (a row: the path, then every field in :data:`RECORD_FIELDS` order) that
+    sets the slots through their descriptors. Why: the frozen dataclass's ``__init__`` goes through
+    ``object.__setattr__`` for each of 19 fields, 0.29 s for 100k records; this takes 0.19 s. Generated like
+    dataclasses' own methods."""
+    names = [f"v{i}" for i in range(len(RECORD_FIELDS))]
+    body = [f"def make(row):\n    _, {', '.join(names)} = row\n    obj = new(cls)\n"]
+    body += [f"    s{i}(obj, v{i})\n" for i in range(len(RECORD_FIELDS))]
+    body.append("    return obj\n")
+    env: dict[str, Any] = {"new": object.__new__, "cls": ContactRecord}
+    env.update({f"s{i}": getattr(ContactRecord, f).__set__ for i, f in enumerate(RECORD_FIELDS)})
+    exec("".join(body), env)  # noqa: S102 - fixed text built from the record's own field names
+    return env["make"]  # type: ignore[no-any-return]
+
+
+record_from_row = _row_maker()
+# What a read may take as already decoded, by path: records, or node cache rows (see ZkStore._read_records).
+_Known = Mapping[str, "ContactRecord | tuple[Any, ...]"]
+
+
 class Change:
     """One binding as a watcher saw it change. ``resync``: part of a full read (start, session lost).
 
-    Not frozen: a node start makes 100k of them on its way to readiness, and a frozen dataclass's ``__init__``
-    sets each field through ``object.__setattr__`` (0.11 s per 100k here, 0.03 s without). Nobody changes one."""
+    Not a frozen dataclass: a node start makes 100k of them on its way to readiness, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__`` (0.11 s per 100k here). A change may also carry
+    a node cache row (``row``) instead of a record, built only when ``record`` is first asked for: a node start's
+    readiness needs only the key and mzxid of the bindings that did not change while it was away (98k of 100k),
+    and building their records before it cost 0.2-0.6 s of the GIL beside the store read (see _ZkContactWatch).
+    Nobody changes one."""
 
-    kind: str  # put | delete
-    record: ContactRecord
-    resync: bool = False
-    replay: bool = False  # part of a replay of the watch's own view (Watch.replay): nothing changed in the store
-    by_self: bool = False  # a delete this node wrote (ZkStore tells; see ZkStore._deleting)
+    __slots__ = ("_record", "_row", "by_self", "kind", "replay", "resync")
+
+    def __init__(self, kind: str, record: ContactRecord | None = None, resync: bool = False, replay: bool = False,
+                 by_self: bool = False, *, row: Sequence[Any] | None = None) -> None:
+        if (record is None) == (row is None):
+            raise ValueError("a change carries a record or a node cache row")
+        self.kind = kind  # put | delete
+        self._record = record
+        self._row = row
+        self.resync = resync
+        self.replay = replay  # part of a replay of the watch's own view (Watch.replay): nothing changed in the store
+        self.by_self = by_self  # a delete this node wrote (ZkStore tells; see ZkStore._deleting)
+
+    @property
+    def record(self) -> ContactRecord:
+        rec = self._record
+        if rec is None:
+            rec = self._record = record_from_row(self._row)  # type: ignore[arg-type]
+            self._row = None
+        return rec
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(aor, contact), without building a record."""
+        row = self._row
+        return (row[1], row[2]) if row is not None else (self._record.aor, self._record.contact)  # type: ignore[union-attr]
+
+    @property
+    def mzxid(self) -> int:
+        row = self._row
+        return row[-1] if row is not None else self._record.mzxid  # type: ignore[no-any-return,union-attr]
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.kind, self.record, self.resync, self.replay, self.by_self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Change) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Change({self.kind!r}, {self.record!r}, resync={self.resync}, replay={self.replay}, "
+                f"by_self={self.by_self})")
 
 
 class Watch(ABC):
@@ -401,6 +466,7 @@ class Store(ABC):
 
 
 _GET_DATA, _GET_CHILDREN = 4, 8  # ZooKeeper opcodes
+_OP_HEAD = struct.Struct(">ibii")  # a multi op's header (type, done, err) and the int after it (a length)
 _LEAN_STAT = struct.Struct(">8xq16xi")  # of a znode's stat: mzxid (after czxid), version (after ctime, mtime)
 _DELETED_EVENT = 2  # ZooKeeper watch event type NodeDeleted
 SLOW_PASS_S = 1.0  # a watch pass longer than this is logged with its split (read / apply)
@@ -423,15 +489,17 @@ class _MultiRead:
         self.lean = lean
 
     def serialize(self) -> bytearray:
-        b = bytearray()
-        for op, path in self.ops:
-            raw = path.encode()
-            b += multiheader_struct.pack(op, False, -1) + int_struct.pack(len(raw)) + raw + b"\x00"
-        b += multiheader_struct.pack(-1, True, -1)
-        return b
+        # Each op: its header and the path's length in one pack, the path, the watch flag (none). A node start
+        # sends 100k of them: ~0.05 s of the GIL this way, ~0.1 s one field at a time.
+        pack = _OP_HEAD.pack
+        parts = [pack(op, False, -1, len(raw)) + raw + b"\x00" for op, raw in ((op, p.encode()) for op, p in self.ops)]
+        parts.append(multiheader_struct.pack(-1, True, -1))
+        return bytearray(b"".join(parts))
 
     def deserialize(self, buf: bytes, offset: int) -> list[Any]:
         results: list[Any] = []
+        if self.lean:
+            offset = self._lean_data(buf, offset, results)
         while True:
             op, done, _err = multiheader_struct.unpack_from(buf, offset)
             offset += multiheader_struct.size
@@ -459,6 +527,24 @@ class _MultiRead:
                 results.append(EXCEPTIONS[code]())
             else:
                 raise ValueError(f"multiRead: unexpected op {op} in the reply")
+
+    @staticmethod
+    def _lean_data(buf: bytes, offset: int, results: list[Any]) -> int:
+        """The leading getData results, lean, with one unpack for each one's header and data length (half the
+        general loop's time: 100k of them at a node start, on kazoo's reader thread); returns where the first
+        other result (or the end) begins, for the general loop."""
+        head, stat, append = _OP_HEAD.unpack_from, _LEAN_STAT.unpack_from, results.append
+        end = len(buf) - _OP_HEAD.size
+        while offset <= end:
+            op, done, _err, n = head(buf, offset)
+            if done or op != _GET_DATA or n < 0:
+                break
+            start = offset + _OP_HEAD.size
+            offset = start + n
+            mzxid, version = stat(buf, offset)
+            append((buf[start:offset], version, mzxid))
+            offset += stat_struct.size
+        return offset
 
 
 @dataclass
@@ -504,7 +590,8 @@ class ZkStore(Store):
         self._multiread = True
         # Records decoded by an earlier run of this node (ha.coordinator.nodecache), asked for once by the
         # contact watch's first full read, so a node start decodes only what changed while it was away.
-        self.view_seed: Callable[[], Mapping[str, ContactRecord]] | None = None
+        # Rows, not records (see Change): path -> (path, *the record's fields in RECORD_FIELDS order).
+        self.view_seed: Callable[[], Mapping[str, tuple[Any, ...]]] | None = None
         # Which store this is, beyond its name: the root znode's creation (czxid, ctime), known after
         # ensure_layout. A rebuilt ensemble numbers its zxids from the start again, so an mzxid read from another
         # store can name another write: caches keyed by mzxid must come from this one (ha.coordinator.nodecache).
@@ -1004,8 +1091,8 @@ class ZkStore(Store):
         return {paths[p]: r for p, r in recs.items() if r is not None}
 
     def _read_records(self, paths: Sequence[str], client: KazooClient | None = None,
-                      known: Mapping[str, ContactRecord] | Callable[[], Mapping[str, ContactRecord]] | None = None,
-                      ) -> dict[str, ContactRecord | None]:
+                      known: _Known | Callable[[], _Known] | None = None,
+                      kept: dict[str, Sequence[Any]] | None = None) -> dict[str, ContactRecord | None]:
         """path -> its record, None when it does not exist; unreadable records left out (logged). Raises what a
         read returned other than "no node" (e.g. the connection).
 
@@ -1013,10 +1100,12 @@ class ZkStore(Store):
         answer). One whose mzxid is the znode's is returned as it is, not decoded again: an mzxid names exactly
         one write, so a stale or foreign ``known`` costs decodes, never correctness. Why: decoding is most of a
         full read (100k bindings: 0.9 s of JSON and records, against 0.4 s of lean multiRead), and a node start
-        or a reconnect mostly reads what it had.
+        or a reconnect mostly reads what it had. ``known`` may also hold node cache rows (tuples: the path, then
+        the record's fields, :func:`record_from_row`); a row whose mzxid is the znode's goes to ``kept`` as it is
+        (built into a record when given none).
         """
         out: dict[str, ContactRecord | None] = {}
-        known_map: Mapping[str, ContactRecord] = {}
+        known_map: _Known = {}
 
         def resolve() -> None:  # _multi_read runs it exactly once, also for no paths
             nonlocal known_map
@@ -1031,9 +1120,17 @@ class ZkStore(Store):
                 raise res
             data, version, mzxid = res
             prior = known_map.get(p)
-            if prior is not None and prior.mzxid == mzxid:
-                out[p] = prior
-                continue
+            if prior is not None:
+                if type(prior) is not tuple:
+                    if prior.mzxid == mzxid:  # type: ignore[union-attr]
+                        out[p] = prior  # type: ignore[assignment]
+                        continue
+                elif prior[-1] == mzxid:
+                    if kept is None:
+                        out[p] = record_from_row(prior)
+                    else:
+                        kept[p] = prior
+                    continue
             try:
                 out[p] = _decode(ContactRecord, data, version, mzxid)
             except (ValueError, TypeError) as exc:
@@ -1199,6 +1296,8 @@ class _ZkContactWatch(Watch):
         self.processed = 0
         self._uncounted = 0  # taken from the queue by a pass that failed: counted when a pass succeeds
         self.seed_reused: int | None = None  # records the first read took from the store's view_seed
+        # A delivered resync's bindings still to be built into _records (_settle); None: nothing to settle.
+        self._unbuilt: list[tuple[str, Change]] | None = None
         self._thread = threading.Thread(target=self._run, name="sipha-zk-watch", daemon=True)
 
     def start(self) -> None:
@@ -1285,6 +1384,7 @@ class _ZkContactWatch(Watch):
                     self.on_changes(changes)
                 except Exception:
                     log.exception("contact watch: on_changes failed for %d changes", len(changes))
+            self._settle()
             self.processed += notified
             self._uncounted = 0
             t2 = time.monotonic()
@@ -1340,11 +1440,11 @@ class _ZkContactWatch(Watch):
             if not isinstance(names, Exception):
                 paths.extend(f"{b}/{n}" for n in names)
         seed, self.store.view_seed = self.store.view_seed, None
-        merged: dict[str, ContactRecord] = {}
+        merged: dict[str, ContactRecord | tuple[Any, ...]] = {}
         t_list = time.monotonic()
         seed_s = 0.0
 
-        def known() -> Mapping[str, ContactRecord]:
+        def known() -> _Known:
             nonlocal seed_s
             if seed is None:
                 return self._records
@@ -1357,28 +1457,44 @@ class _ZkContactWatch(Watch):
             seed_s = time.monotonic() - ts
             return merged
 
-        fresh = {p: r for p, r in self._read(paths, known).items() if r is not None}
+        kept: dict[str, Sequence[Any]] = {}  # unchanged since the cached view: rows, records built after delivery
+        fresh = {p: r for p, r in self._read(paths, known, kept).items() if r is not None}
         t_read = time.monotonic()
         changes = [Change("delete", r, resync=True, by_self=self.store.own_delete_pending(p))
-                   for p, r in self._records.items() if p not in fresh]
+                   for p, r in self._records.items() if p not in fresh and p not in kept]
         changes += [Change("put", r, resync=True) for r in fresh.values()]
+        unbuilt = [(p, Change("put", resync=True, row=row)) for p, row in kept.items()]
+        changes += [c for _, c in unbuilt]
         if seed is not None:
-            reused = self.seed_reused = sum(merged.get(p) is r for p, r in fresh.items())
+            reused = self.seed_reused = len(kept)
             log.info("contact watch: first read: %d bindings, %d of them unchanged since the cached view (%d "
                      "cached), %d decoded; listed in %.0f ms, read in %.0f ms (the cached view loaded meanwhile "
-                     "in %.0f ms), changes made in %.0f ms", len(fresh), reused, len(merged), len(fresh) - reused,
+                     "in %.0f ms), changes made in %.0f ms", len(fresh) + reused, reused, len(merged), len(fresh),
                      (t_list - t0) * 1000, (t_read - t_list) * 1000, seed_s * 1000,
                      (time.monotonic() - t_read) * 1000)
             merged.clear()
         self._records = fresh
-        self._complete = not self._session_lost
+        self._unbuilt = unbuilt
+        self._complete = False  # until _settle: the view lacks the records of the cached rows until then
         return changes
 
-    def _read(self, paths: Sequence[str],
-              known: Mapping[str, ContactRecord] | Callable[[], Mapping[str, ContactRecord]] | None = None,
-              ) -> dict[str, ContactRecord | None]:
+    def _settle(self) -> None:
+        """After a resync was delivered: the view takes the records of the bindings the first read found unchanged
+        since the cached view (built by the delivery's pushes and live table, else here) and is complete. Why
+        after: readiness needs only their keys and mzxids, and building 100k records beside the store read cost
+        0.2-0.6 s of the GIL on a node start's way to readiness (BENCHMARKS.md, "Restart resync")."""
+        unbuilt, self._unbuilt = self._unbuilt, None
+        if unbuilt is None:
+            return
+        if unbuilt:
+            with gc_paused():
+                self._records.update((p, c.record) for p, c in unbuilt)
+        self._complete = not self._session_lost
+
+    def _read(self, paths: Sequence[str], known: _Known | Callable[[], _Known] | None = None,
+              kept: dict[str, Sequence[Any]] | None = None) -> dict[str, ContactRecord | None]:
         # A failed read raises: not "gone" (the caller resyncs).
-        return self.store._read_records(paths, known=self._records if known is None else known)
+        return self.store._read_records(paths, known=self._records if known is None else known, kept=kept)
 
 
 __all__ = [

@@ -22,10 +22,10 @@ from test_coordinator_service import keys_in_store, unique_cluster, wait_for
 
 from ha.coordinator import materialize, proxytable
 from ha.coordinator.livetable import LiveTable
-from ha.coordinator.nodecache import NodeCache, preloaded_from
+from ha.coordinator.nodecache import NodeCache, preloaded_from, view_rows
 from ha.coordinator.replication import Replication
 from ha.coordinator.service import Service
-from ha.coordinator.store import ContactRecord, ZkStore, _decode, _encode, _ZkContactWatch
+from ha.coordinator.store import Change, ContactRecord, ZkStore, _decode, _encode, _ZkContactWatch, record_from_row
 from ha.proxy import kamailio
 from ha.unixline import exchange
 
@@ -60,7 +60,7 @@ def test_view_round_trips_and_a_foreign_or_broken_file_is_ignored(tmp_path: Path
     cache = NodeCache(tmp_path / "nc", "c1", lambda: store[0])
     assert cache.load_view() == {}  # nothing saved yet
     cache.save(view, None)
-    got = cache.load_view()
+    got = {p: record_from_row(row) for p, row in cache.load_view().items()}
     assert got == view and all(got[p].mzxid == r.mzxid and got[p].version == r.version for p, r in view.items())
     assert NodeCache(tmp_path / "nc", "other", lambda: "s1").load_view() == {}  # another cluster's
     store[0] = "s2"  # the ensemble was rebuilt: its zxids start again, the same mzxid may be another write
@@ -149,26 +149,41 @@ def test_first_read_decodes_only_what_changed_since_the_cached_view(zk_client: K
     peer.write([contact(i, f"s{i}", node="node2") for i in range(1, 21)])
     first = _ZkContactWatch(ZkStore(zk_client, cluster, "node1"), lambda _c: None)
     first._resync()
-    cached = dict(first._records)
+    first._settle()
+    cached = first.records() or {}
     assert len(cached) == 20
     peer.write([contact(30, "s1", node="node2", ttl=900), contact(31, "s2", kind="delete", node="node2"),
                 contact(32, "s99", node="node2")])  # while the node was away: a refresh, a delete, a new one
     store = ZkStore(zk_client, cluster, "node1")
-    store.view_seed = lambda: cached
+    rows = {row[0]: row for row in view_rows(cached)}
+    store.view_seed = lambda: rows
     w = _ZkContactWatch(store, lambda _c: None)
     changes = w._resync()
     assert w.seed_reused == 18  # s1 (new mzxid) and s99 (new) decoded; s2 gone
+    assert not w.complete and w.records() is None  # until delivered: the 18 kept rows are no records yet
+    s3 = store.contact_path("s3", "sip:s3@198.51.100.50:5062")
+    by_aor = {c.key[0]: c for c in changes}
+    assert (by_aor["s3"].key, by_aor["s3"].mzxid) == (("s3", "sip:s3@198.51.100.50:5062"), cached[s3].mzxid)
+    assert by_aor["s3"]._record is None  # its record is built only when asked for
     got = {c.record.aor: c.record for c in changes}
     assert set(got) == {f"s{i}" for i in range(1, 21) if i != 2} | {"s99"}
-    assert got["s3"] is cached[store.contact_path("s3", "sip:s3@198.51.100.50:5062")]
+    assert got["s3"] == cached[s3] and got["s3"].mzxid == cached[s3].mzxid
     assert (got["s1"].seq, cached[store.contact_path("s1", "sip:s1@198.51.100.50:5062")].seq) == (30, 1)
     assert store.view_seed is None  # asked for once
+    w._settle()
+    view = w.records()
+    assert view is not None and view[s3] is got["s3"] and set(view) == {store.contact_path(a, r.contact)
+                                                                        for a, r in got.items()}
     # A cache that lies (same path, another mzxid) is not trusted: decoded from the store instead.
     p = store.contact_path("s4", "sip:s4@198.51.100.50:5062")
-    store.view_seed = lambda: {p: ContactRecord(aor="s4", contact="bogus", expires_at=1, mzxid=cached[p].mzxid + 1)}
+    lie = ContactRecord(aor="s4", contact="bogus", expires_at=1, mzxid=cached[p].mzxid + 1)
+    store.view_seed = lambda: {row[0]: row for row in view_rows({p: lie})}
     w2 = _ZkContactWatch(store, lambda _c: None)
     recs = {c.record.aor: c.record for c in w2._resync()}
     assert recs["s4"] == cached[p] and w2.seed_reused == 0
+    with pytest.raises(ValueError, match="record or a node cache row"):
+        Change("put")
+    assert Change("put", row=view_rows({p: cached[p]})[0]) == Change("put", cached[p])  # built, then compared
 
 
 @pytest.fixture
@@ -252,6 +267,9 @@ def test_node_start_gives_the_proxy_the_cached_table_and_resyncs_what_changed_wh
     finally:
         svc.stop()
         t.join(30)
+    # And the warm start saved its own view at its stop, the bindings it built after readiness included.
+    again = NodeCache(cache_dir.parent / "node-cache", cl.name, lambda: repl.store.identity).load_view()
+    assert {row[1] for row in again.values()} == {f"n{i}" for i in range(1, n + 1) if i != 2} | {"new1"}
 
 
 def test_gc_pause_restores_the_collector_as_it_found_it() -> None:

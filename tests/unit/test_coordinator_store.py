@@ -13,6 +13,7 @@ import conftest_zk
 import pytest
 from conftest_zk import connect, contact, dialog, fold
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 
 from ha.coordinator.events import Event
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
@@ -487,9 +488,9 @@ def test_watch_resync_forgets_a_binding_deleted_between_its_listing_and_its_read
     w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), lambda _c: None)
     real = w._read
 
-    def racing(paths: list[str], known: object = None) -> dict[str, object]:
+    def racing(paths: list[str], known: object = None, kept: object = None) -> dict[str, object]:
         store.write([contact(3, "flip", kind="delete")])  # the un-REGISTER lands between listing and reading
-        return real(paths, known)  # type: ignore[arg-type,return-value]
+        return real(paths, known, kept)  # type: ignore[arg-type,return-value]
 
     w._read = racing  # type: ignore[assignment,method-assign]
     assert {c.record.aor for c in w._process([("resync", "")])} == {"other"}
@@ -579,3 +580,9 @@ def test_a_lean_multiread_gives_each_binding_its_data_and_mzxid(store: ZkStore) 
     assert [(d, st.version, st.mzxid) for d, st in full] == lean
     assert lean[2][2] == max(z for *_, z in lean) and len({z for *_, z in lean}) == 2  # lean3's write is newer
     assert [v for _, v, _ in lean] == [0, 0, 1, 0, 0]
+    # A binding gone between listing and reading: its error in the middle, and the reads after it still parsed.
+    gone = store.contact_path("lean-gone", "sip:x@198.51.100.50:5062")
+    a = store.client.handler.async_result()
+    store.client._call(_MultiRead([(_GET_DATA, p) for p in [*paths[:2], gone, *paths[2:]]], lean=True), a)
+    mixed = a.get(timeout=10)
+    assert isinstance(mixed[2], NoNodeError) and mixed[:2] + mixed[3:] == lean
