@@ -311,10 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s sipha-materialize[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("kazoo").setLevel(logging.ERROR)
     t0 = time.monotonic()
-    from kazoo.client import KazooClient
-
     from ha import model
     from ha.coordinator.store import StoreUnavailable, ZkStore
+    from ha.coordinator.zkhandler import new_client
 
     try:
         cluster = model.load(args.config)
@@ -323,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     z = cluster.zookeeper
     hosts = args.zk_hosts or ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
-    client = KazooClient(hosts=hosts, timeout=max(args.timeout, 1.0), connection_retry={"max_tries": 0})
+    client = new_client(hosts, timeout=max(args.timeout, 1.0), connection_retry={"max_tries": 0})
     try:
         try:
             client.start(timeout=min(args.timeout, 2.0))  # unreachable: give up early, the proxy is waiting

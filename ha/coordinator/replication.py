@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kazoo.client import KazooClient
-
 from ha.coordinator import proxytable
 from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.events import ContactEvent, DialogEvent, Event, Intake, SeqStatus
@@ -47,6 +45,7 @@ from ha.coordinator.proxytable import ProxyBinding
 from ha.coordinator.reconcile import ReconcileResult, diff
 from ha.coordinator.replicator import ProxyNotAnswering, Replicator
 from ha.coordinator.store import StaleEpoch, Store, StoreUnavailable, ZkStore
+from ha.coordinator.zkhandler import new_client
 from ha.proxy.kamailio import RpcError
 
 log = logging.getLogger(__name__)
@@ -251,12 +250,10 @@ class Replication:
         z = cluster.zookeeper
         hosts = hosts or ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
         sock = Path(rpc_socket or default_socket())
-        client = KazooClient(
-            hosts=hosts, timeout=z.session_timeout_ms / 1000, connection_retry={"max_tries": -1, "max_delay": 1}
-        )
+        retry = {"max_tries": -1, "max_delay": 1}
+        client = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=retry)
         client.start_async()  # never block the service's start on a ZooKeeper that is not there yet
-        reader = KazooClient(hosts=hosts, timeout=z.session_timeout_ms / 1000,
-                             connection_retry={"max_tries": -1, "max_delay": 1})  # fmt: skip
+        reader = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=dict(retry))
         reader.start_async()  # whole-store reads (ZkStore.reader): never in front of this node's writes
         store = ZkStore(client, cluster.name, node, reader=reader)
         loop_rpc = Rpc(sock, timeout=0.3)  # the loop's own client (the applier's runs on the watch thread)
