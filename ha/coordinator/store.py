@@ -12,6 +12,8 @@ ZooKeeper layout, all under ``/sipha/<cluster>``::
     dialogs/<bb>/<callid>,<fh>     one live dialog (JSON, DialogRecord): both tags, URIs, both route sets,
                                    contacts, created_ms, start_ts (answer), state, writer node + epoch
     cdrs/cdr-<seq10>               one finished call (JSON, CdrRecord), sequential znodes
+    gone/<bb>/<aor>,<ch>           a tombstone: the last un-REGISTER of a binding, {"ts_ms", "node", "epoch"};
+                                   kept TOMB_KEEP_S, so a fenced writer's older REGISTER cannot bring it back
     gc/                            lock: the one node that deletes expired contacts
 
 ``<bb>`` is a 2-hex-digit bucket (first byte of sha1 of the AoR / Call-ID): 256 buckets keep every
@@ -74,6 +76,10 @@ BATCH_OPS = 100  # ops per transaction, the check op included (measured: ~4.4k z
 BUCKETS = 256
 OWN_DELETES_KEPT = 200_000  # bindings this node deleted whose watch event has not come yet (ZkStore._deleting)
 OWN_DELETE_MEMORY_S = 120.0  # how long such an entry waits for its event (the watch runs seconds behind at most)
+# How long an un-REGISTER's tombstone is kept (gone/): longer than a fenced old active's last events can take to
+# arrive (seconds after a takeover; a journal replayed after a ZooKeeper outage); an older late event may bring a
+# binding back, as before tombstones
+TOMB_KEEP_S = 3600
 _SAFE = "@+-._~:;=!$&'()*"  # kept raw in znode names; everything else (/ , % space ...) is escaped
 
 
@@ -83,6 +89,14 @@ class StoreError(Exception):
 
 class StaleEpoch(StoreError):
     """This writer's epoch is older than the cluster's: another node took over. Stop writing."""
+
+
+def _ts_of(data: bytes) -> int:
+    """A stored record's or tombstone's ``ts_ms``; 0 when unreadable (then whatever is written replaces it)."""
+    try:
+        return int(json.loads(data).get("ts_ms", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 class StoreUnavailable(StoreError):
@@ -244,10 +258,12 @@ class LateResult:
     fenced: int = 0  # events from after the takeover: not this node's to write any more
     conflicts: int = 0  # still racing a concurrent writer after every round (left to reconciliation)
     dialogs: int = 0  # dialog records written or removed (their CDRs too)
+    unregistered: int = 0  # left alone: the binding was un-REGISTERed after the event (its tombstone)
 
     def __str__(self) -> str:
-        return (f"{self.written} bindings written, {self.newer} left to newer data, {self.dialogs} dialog records, "
-                f"{self.fenced} events from after the takeover not written"
+        return (f"{self.written} bindings written, {self.newer} left to newer data, "
+                + (f"{self.unregistered} left un-registered, " if self.unregistered else "")
+                + f"{self.dialogs} dialog records, {self.fenced} events from after the takeover not written"
                 + (f", {self.conflicts} still conflicting" if self.conflicts else ""))
 
 
@@ -603,6 +619,14 @@ class ZkStore(Store):
         b, n = contact_name(aor, contact)
         return f"{self.root}/contacts/{b}/{n}"
 
+    def tomb_path(self, aor: str, contact: str) -> str:
+        b, n = contact_name(aor, contact)
+        return f"{self.root}/gone/{b}/{n}"
+
+    def _tomb_of(self, path: str) -> str:
+        """The tombstone's path of a binding's path."""
+        return f"{self.root}/gone/{path[len(self.root) + len('/contacts/'):]}"
+
     def dialog_path(self, callid: str, from_tag: str) -> str:
         b, n = dialog_name(callid, from_tag)
         return f"{self.root}/dialogs/{b}/{n}"
@@ -613,7 +637,7 @@ class ZkStore(Store):
     def ensure_layout(self) -> None:
         """Create the root, epoch and buckets if missing; safe to run on every node at every start."""
         try:
-            for p in (f"{self.root}/contacts", f"{self.root}/dialogs", f"{self.root}/cdrs"):
+            for p in (f"{self.root}/contacts", f"{self.root}/dialogs", f"{self.root}/cdrs", f"{self.root}/gone"):
                 self.client.ensure_path(p)
             root = self.client.exists(self.root)
             if root is not None:  # created just above if it was not there
@@ -621,7 +645,7 @@ class ZkStore(Store):
             if not self.client.exists(self.epoch_path):
                 with contextlib.suppress(NodeExistsError):
                     self.client.create(self.epoch_path, json.dumps({"epoch": 0, "node": "", "ts_ms": 0}).encode())
-            for kind in ("contacts", "dialogs"):
+            for kind in ("contacts", "dialogs", "gone"):
                 have = set(self.client.get_children(f"{self.root}/{kind}"))
                 missing = [p for p in self._buckets(kind) if p.rsplit("/", 1)[1] not in have]
                 asyncs = [self.client.create_async(p) for p in missing]
@@ -686,6 +710,10 @@ class ZkStore(Store):
                 path = self.contact_path(ev.aor, ev.contact)
                 if ev.removed:
                     out.append(_Intent("delete", path))
+                    if ev.type == "contact.delete":  # an un-REGISTER; not an expiry, which a late refresh must beat
+                        tomb = {"ts_ms": ev.ts, "node": ev.node, "epoch": self.epoch}
+                        out.append(_Intent("put", self.tomb_path(ev.aor, ev.contact),
+                                           json.dumps(tomb, separators=(",", ":")).encode()))
                 else:
                     out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
             else:
@@ -907,8 +935,8 @@ class ZkStore(Store):
         write; later ones stay fenced (a partitioned old active must not write). Without the epoch check, each
         binding is written only if the store holds nothing newer (its ``ts_ms``), conditional on the version
         read: a concurrent writer makes it read and decide again (``rounds``). The new active's watch then
-        pushes them into its proxy. Not covered: a binding the new active deleted after the takeover and
-        this event created before it comes back (there is no tombstone); it expires as registered.
+        pushes them into its proxy. A binding the new active deleted on an un-REGISTER after this event is left
+        deleted (its tombstone, gone/: see _late_round).
         """
         cutoff = self.takeover_ms()
         before = [ev for ev in events if cutoff and ev.ts < cutoff]
@@ -940,10 +968,16 @@ class ZkStore(Store):
         return res
 
     def _late_round(self, todo: dict[str, ContactEvent], res: LateResult) -> dict[str, ContactEvent]:
-        """One pipelined read-decide-write pass; returns the bindings a concurrent write made it redo."""
-        reads = [(p, self.client.get_async(p)) for p in todo]
+        """One pipelined read-decide-write pass; returns the bindings a concurrent write made it redo.
+
+        A binding whose tombstone (gone/) is as new as the event was un-registered after it: the event is left
+        alone (before tombstones it came back, registered, until it expired). A binding created here is created
+        in one transaction with a test that no tombstone appeared since the read (create and delete it: that
+        fails if it exists), or that the one read is unchanged (check): an un-REGISTER written meanwhile makes
+        the round read and decide again."""
+        reads = [(p, self.client.get_async(p), self.client.get_async(self._tomb_of(p))) for p in todo]
         ops: list[tuple[str, Any]] = []
-        for path, a in reads:
+        for path, a, ta in reads:
             ev = todo[path]
             stored_ts: int | None = None
             try:
@@ -951,12 +985,18 @@ class ZkStore(Store):
             except NoNodeError:
                 stat = None
             else:
-                try:
-                    stored_ts = int(json.loads(data).get("ts_ms", 0))
-                except (ValueError, TypeError, AttributeError):
-                    stored_ts = 0  # unreadable: ours replaces it
+                stored_ts = _ts_of(data)
+            try:
+                tdata, tstat = ta.get(timeout=self.op_timeout_s)
+            except NoNodeError:
+                tomb: tuple[int, int] | None = None
+            else:
+                tomb = (_ts_of(tdata), tstat.version)
             if stored_ts is not None and stored_ts >= ev.ts:
                 res.newer += 1
+                continue
+            if not ev.removed and tomb is not None and tomb[0] >= ev.ts:
+                res.unregistered += 1  # un-REGISTERed after this event: it must not come back
                 continue
             if ev.removed:
                 if stat is None:
@@ -967,13 +1007,22 @@ class ZkStore(Store):
             else:
                 data = _encode(ContactRecord.from_event(ev, self.epoch))
                 if stat is None:
-                    ops.append((path, self.client.create_async(path, data, makepath=True)))
+                    t = self.client.transaction()
+                    t.create(path, data)
+                    if tomb is None:
+                        t.create(self._tomb_of(path), b"")
+                        t.delete(self._tomb_of(path))
+                    else:
+                        t.check(self._tomb_of(path), tomb[1])
+                    ops.append((path, t.commit_async()))
                 else:
                     ops.append((path, self.client.set_async(path, data, version=stat.version)))
         again: dict[str, ContactEvent] = {}
         for path, a in ops:
             try:
-                a.get(timeout=self.op_timeout_s)
+                got = a.get(timeout=self.op_timeout_s)
+                if isinstance(got, list) and any(isinstance(r, Exception) for r in got):
+                    raise next((r for r in got if not isinstance(r, RolledBackError)), BadVersionError())
             except (NodeExistsError, BadVersionError, NoNodeError):
                 if todo[path].removed:
                     self._deleting(path, undo=True)
@@ -981,6 +1030,24 @@ class ZkStore(Store):
                 continue
             res.written += 1
         return again
+
+    def _gc_tombs(self, now: float) -> int:
+        """Delete the tombstones older than TOMB_KEEP_S (the GC lock holder, beside the expired bindings)."""
+        c = self._bulk_client()
+        buckets = self._buckets("gone")
+        paths = [f"{b}/{n}" for b, names in zip(buckets, self._multi_read([(_GET_CHILDREN, b) for b in buckets], c),
+                                                strict=True) if not isinstance(names, Exception) for n in names]
+        limit_ms = (now - TOMB_KEEP_S) * 1000
+        old = [(p, res[1]) for p, res in zip(paths, self._multi_read([(_GET_DATA, p) for p in paths], c, lean=True),
+                                              strict=True)
+               if not isinstance(res, Exception) and _ts_of(res[0]) < limit_ms]  # fmt: skip
+        asyncs = [self.client.delete_async(p, version=v) for p, v in old]
+        gone = 0
+        for a in asyncs:
+            with contextlib.suppress(NoNodeError, BadVersionError):  # re-un-REGISTERed meanwhile: kept
+                a.get(timeout=self.op_timeout_s)
+                gone += 1
+        return gone
 
     def _late_dialog(self, it: _Intent) -> None:
         if it.kind == "cdr":
@@ -1176,7 +1243,8 @@ class ZkStore(Store):
         holder, beside its replication (py-spy on the node-start bench; see GC_WAITS_FOR_RESYNC_S)."""
         if not self.holds_gc_lock():
             return 0
-        limit = (time.time() if now is None else now) - grace_s
+        now = time.time() if now is None else now
+        limit = now - grace_s
         try:
             if view is not None:
                 doomed = [(p, r.version) for p, r in view.items() if r.expires_at < limit]
@@ -1199,6 +1267,9 @@ class ZkStore(Store):
                     deleted += 1
                     if self._known is not None:
                         self._known.discard(p)  # the writer's index must not claim a deleted binding
+            tombs = self._gc_tombs(now)
+            if tombs:
+                log.info("gc: %d tombstones older than %d s deleted", tombs, TOMB_KEEP_S)
         except self._unavailable_errors() as exc:
             raise StoreUnavailable(f"gc failed: {exc!r}") from exc
         return deleted

@@ -586,3 +586,75 @@ def test_a_lean_multiread_gives_each_binding_its_data_and_mzxid(store: ZkStore) 
     store.client._call(_MultiRead([(_GET_DATA, p) for p in [*paths[:2], gone, *paths[2:]]], lean=True), a)
     mixed = a.get(timeout=10)
     assert isinstance(mixed[2], NoNodeError) and mixed[:2] + mixed[3:] == lean
+
+
+def test_an_unregister_after_the_takeover_is_not_undone_by_the_old_actives_late_register(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """Before tombstones: the old active's last REGISTER (accepted before the takeover, written after it) created
+    the binding again when the new active had deleted it on the phone's un-REGISTER; it then stayed registered in
+    the store and both proxies until it expired. An expiry leaves no tombstone: a late refresh must beat it."""
+    now = int(time.time() * 1000)
+    store.write([contact(1, "unreg", ts=now - 9000), contact(2, "expires", ts=now - 9000)])
+    old = ZkStore(zk_client, cluster, "node1")
+    old.adopt_epoch()
+    store.node = "node2"
+    store.bump_epoch()  # the takeover
+    t = store.takeover_ms()
+    store.write([contact(3, "unreg", kind="delete", node="node2", ts=t + 100),
+                 contact(4, "expires", kind="expired", node="node2", ts=t + 100)])  # fmt: skip
+    tomb = json.loads(zk_client.get(store.tomb_path("unreg", "sip:unreg@198.51.100.50:5062"))[0])
+    assert tomb["ts_ms"] == t + 100 and tomb["node"] == "node2"
+    assert zk_client.exists(store.tomb_path("expires", "sip:expires@198.51.100.50:5062")) is None
+    res = old.write_before_takeover([contact(5, "unreg", ts=t - 200), contact(6, "expires", ts=t - 200),
+                                     contact(7, "fresh", ts=t - 200)])  # fmt: skip
+    assert (res.unregistered, res.written) == (1, 2), str(res)
+    assert "1 left un-registered" in str(res)
+    assert set(state_of(store)) == {("expires", "sip:expires@198.51.100.50:5062"),
+                                    ("fresh", "sip:fresh@198.51.100.50:5062")}  # fmt: skip
+    # A REGISTER newer than the tombstone is a registration again (the standby's own proxy, unfenced).
+    assert old.write_if_newer([contact(8, "unreg", ts=t + 200)]).written == 1
+    assert ("unreg", "sip:unreg@198.51.100.50:5062") in state_of(store)
+    # And the phone un-registers again: the tombstone is rewritten (it exists: create, then set).
+    store.write([contact(9, "unreg", kind="delete", node="node2", ts=t + 300)])
+    assert json.loads(zk_client.get(store.tomb_path("unreg", "sip:unreg@198.51.100.50:5062"))[0])["ts_ms"] == t + 300
+    assert old.write_if_newer([contact(10, "unreg", ts=t + 250)]).unregistered == 1
+
+
+def test_an_unregister_landing_between_the_late_read_and_its_write_wins(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """The late write's create is one transaction with a test that no tombstone appeared since its read: the
+    un-REGISTER written in between makes the round read again, and then it leaves the binding deleted."""
+    now = int(time.time() * 1000)
+    old = ZkStore(zk_client, cluster, "node1")
+    old.adopt_epoch()
+    uri = "sip:race@198.51.100.50:5062"
+    real = old.client.transaction
+    raced: list[int] = []
+
+    def transaction() -> object:
+        if not raced:  # the new active: the phone's REGISTER, then its un-REGISTER, both after the late read
+            raced.append(1)
+            store.write([contact(2, "race", uri, node="node2", ts=now + 10)])
+            store.write([contact(3, "race", uri, kind="delete", node="node2", ts=now + 20)])
+        return real()
+
+    old.client.transaction = transaction  # type: ignore[method-assign]
+    try:
+        res = old.write_if_newer([contact(1, "race", uri, ts=now)])
+    finally:
+        old.client.transaction = real  # type: ignore[method-assign]
+    assert raced and (res.written, res.unregistered) == (0, 1), str(res)
+    assert ("race", uri) not in state_of(store)
+
+
+def test_the_collector_deletes_tombstones_older_than_their_keep(store: ZkStore, zk_client: KazooClient) -> None:
+    from ha.coordinator.store import TOMB_KEEP_S
+
+    now = time.time()
+    store.write([contact(1, "t-old", kind="delete", ts=int((now - TOMB_KEEP_S - 60) * 1000)),
+                 contact(2, "t-young", kind="delete", ts=int((now - 60) * 1000))])  # fmt: skip
+    assert store.gc_expired(now=now) == 0  # no bindings expired; the old tombstone goes
+    assert zk_client.exists(store.tomb_path("t-old", "sip:t-old@198.51.100.50:5062")) is None
+    assert zk_client.exists(store.tomb_path("t-young", "sip:t-young@198.51.100.50:5062")) is not None
