@@ -29,13 +29,14 @@ import hmac
 import json
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ha.netaddr import ipv4_addresses
 
 log = logging.getLogger("sipha.health.arbiter")
 
@@ -360,53 +361,13 @@ class PeerWatch:
             self.last_heard[peer] = time.monotonic()
 
 
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
-_RTA = struct.Struct("=HH")  # rtattr: length, type
-_RTM_NEWADDR, _RTM_GETADDR, _NLMSG_ERROR, _NLMSG_DONE = 20, 22, 2, 3
-_IFA_ADDRESS, _IFA_LOCAL = 1, 2
-
-
 def local_addresses() -> set[str]:
-    """This host's (namespace's) IPv4 interface addresses, as ``ip addr`` lists them: one netlink dump
-    (RTM_GETADDR), ~20 us, no fork.
-
-    Why not a bind test: the nodes run with ip_nonlocal_bind=1 (the proxy binds every VIP), so a bind succeeds
-    whether the address is here or not.
-    """
-    out: set[str] = set()
+    """This host's (namespace's) IPv4 interface addresses (:func:`ha.netaddr.ipv4_addresses`); empty when the
+    kernel cannot be asked."""
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-            s.settimeout(1.0)
-            s.sendto(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR, 0x301, 1, 0)  # REQUEST | DUMP
-                     + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0), (0, 0))  # fmt: skip
-            for _ in range(10_000):  # bounded: a dump ends with NLMSG_DONE
-                data = s.recv(65536)
-                pos = 0
-                while pos + _NLMSG.size <= len(data):
-                    length, kind = _NLMSG.unpack_from(data, pos)[:2]
-                    if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSG.size:
-                        return out
-                    if kind == _RTM_NEWADDR:
-                        out |= _addr_attrs(data[pos + _NLMSG.size + _IFADDRMSG.size:pos + length])
-                    pos += (length + 3) & ~3
+        return ipv4_addresses()
     except OSError:
-        return out
-    return out
-
-
-def _addr_attrs(attrs: bytes) -> set[str]:
-    found: dict[int, str] = {}
-    pos = 0
-    while pos + _RTA.size <= len(attrs):
-        rta_len, rta_type = _RTA.unpack_from(attrs, pos)
-        if rta_len < _RTA.size:
-            break
-        if rta_type in (_IFA_ADDRESS, _IFA_LOCAL) and rta_len == _RTA.size + 4:
-            found[rta_type] = socket.inet_ntoa(attrs[pos + _RTA.size:pos + rta_len])
-        pos += (rta_len + 3) & ~3
-    local = found.get(_IFA_LOCAL) or found.get(_IFA_ADDRESS)
-    return {local} if local else set()
+        return set()
 
 
 __all__ = ["ArbiterServer", "BadMessage", "Lease", "LeaseClient", "PeerWatch", "fresh", "lease_key_of", "load_key",

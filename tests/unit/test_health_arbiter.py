@@ -154,6 +154,10 @@ def test_local_addresses_keeps_an_address_whose_link_is_down() -> None:
         sh("ip", "-n", ns, "addr", "add", "198.51.100.77/24", "dev", "d0")
         sh("ip", "-n", ns, "link", "set", "d0", "up")
         assert sh("ip", "netns", "exec", ns, *probe).strip() == "['198.51.100.77']"
+        # The coordinator's role check reads the same dump (it asked `ip -j addr` every second before).
+        role = [sys.executable, "-c", "from ha.coordinator.service import vip_check; "
+                "print(vip_check(['198.51.100.77'])(), vip_check(['198.51.100.78', '127.0.0.1'])())"]
+        assert sh("ip", "netns", "exec", ns, *role).split() == ["True", "False"]  # lo is down in a new namespace
         sh("ip", "-n", ns, "link", "set", "d0", "down")
         assert sh("ip", "netns", "exec", ns, *probe).strip() == "['198.51.100.77']"
     finally:
