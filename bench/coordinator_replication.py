@@ -505,16 +505,16 @@ def role_changes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> 
 
 
 def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> dict[str, Any]:
-    """From a coordinator's log: its replicator's passes ("replicator changes: N from the store") between the
-    wall-clock times t0 and t1: how many, changes per pass, seconds between passes."""
+    """From a coordinator's log: its replicator's passes between the wall-clock times t0 and t1, from the
+    summary lines ("replicator window: ...", one per SUMMARY_EVERY_S) that cover only that time: how many,
+    changes per pass (mean and most), the longest pause between two passes. (Before stop 18 every pass had a log
+    line of its own, and the older result files give medians from those.)"""
     import datetime as dt
-    import itertools
     import re
-    import statistics
 
-    pat = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* replicator changes: (\d+) from the store")
-    times: list[float] = []
-    sizes: list[int] = []
+    pat = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* replicator window: (\d+) passes, (\d+) changes, "
+                     r"at most (\d+) in one pass; .* longest pause between passes (\d+) ms")
+    rows: list[tuple[int, int, int, int]] = []
     try:
         with log.open("rb") as f:
             f.seek(max(0, log.stat().st_size - tail_bytes))
@@ -525,15 +525,16 @@ def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20
         m = pat.match(ln)
         if m:
             t = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            if t0 <= t <= t1:
-                times.append(t)
-                sizes.append(int(m.group(2)))
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    return {"passes": len(times), "changes": sum(sizes),
-            "changes_per_pass_median": statistics.median(sizes) if sizes else None,
-            "changes_per_pass_max": max(sizes) if sizes else None,
-            "s_between_passes_median": round(statistics.median(gaps), 3) if gaps else None,
-            "s_between_passes_max": round(max(gaps), 3) if gaps else None}
+            if t0 + SUMMARY_S <= t <= t1 + 0.5:  # its window (t - SUMMARY_S, t] within the step
+                rows.append((int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5))))
+    passes, changes = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    return {"passes": passes, "changes": changes, "summaries": len(rows),
+            "changes_per_pass_mean": round(changes / passes, 1) if passes else None,
+            "changes_per_pass_max": max((r[2] for r in rows), default=None),
+            "s_between_passes_max": round(max(r[3] for r in rows) / 1000, 3) if rows else None}
+
+
+SUMMARY_S = 5.0  # ha.coordinator.service.SUMMARY_EVERY_S
 
 
 @contextlib.contextmanager

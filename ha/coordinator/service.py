@@ -74,15 +74,15 @@ FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers a
 BOOT_SLACK_S = 2  # the proxy's boot time is derived from whole seconds of uptime
 
 
-def vip_check(vips: Iterable[str]) -> Callable[[], bool | None]:
+def vip_check(vips: Iterable[str], addresses: Callable[[], set[str]] = ipv4_addresses) -> Callable[[], bool | None]:
     """A role check: True while a VIP is local, False when none is, None when it cannot tell (keep the role).
     Asked every second on the loop: a netlink dump (``ha.netaddr``), not ``ip -j addr``, whose fork and exec held
-    every event of that moment back for 5-30 ms under load."""
+    every event of that moment back for 5-30 ms under load. ``addresses`` raises OSError when it cannot tell."""
     wanted = set(vips)
 
     def check() -> bool | None:
         try:
-            return bool(wanted & ipv4_addresses())
+            return bool(wanted & addresses())
         except OSError:
             return None
 
@@ -296,6 +296,10 @@ class Service:
                 (log.warning if m.startswith(("FENCED", "DROPPED", "zookeeper")) else log.debug)("%s", m)
 
     def _summary(self) -> None:
+        if self.repl.replicator is not None:
+            said = self.repl.replicator.window()
+            if said:
+                log.info("%s", said)
         now = {**self.counters(), "active": self.repl.active, "ready": self.ready_given}
         if now != self._last_summary:
             self._last_summary = now
