@@ -623,6 +623,9 @@ class ZkStore(Store):
         b, n = contact_name(aor, contact)
         return f"{self.root}/gone/{b}/{n}"
 
+    def _tomb_data(self, ev: ContactEvent) -> bytes:
+        return json.dumps({"ts_ms": ev.ts, "node": ev.node, "epoch": self.epoch}, separators=(",", ":")).encode()
+
     def _tomb_of(self, path: str) -> str:
         """The tombstone's path of a binding's path."""
         return f"{self.root}/gone/{path[len(self.root) + len('/contacts/'):]}"
@@ -711,9 +714,7 @@ class ZkStore(Store):
                 if ev.removed:
                     out.append(_Intent("delete", path))
                     if ev.type == "contact.delete":  # an un-REGISTER; not an expiry, which a late refresh must beat
-                        tomb = {"ts_ms": ev.ts, "node": ev.node, "epoch": self.epoch}
-                        out.append(_Intent("put", self.tomb_path(ev.aor, ev.contact),
-                                           json.dumps(tomb, separators=(",", ":")).encode()))
+                        out.append(_Intent("put", self.tomb_path(ev.aor, ev.contact), self._tomb_data(ev)))
                 else:
                     out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
             else:
@@ -1003,7 +1004,17 @@ class ZkStore(Store):
                     res.newer += 1  # nothing to delete
                     continue
                 self._deleting(path)
-                ops.append((path, self.client.delete_async(path, version=stat.version)))  # see _deleting
+                if ev.type != "contact.delete" or (tomb is not None and tomb[0] >= ev.ts):
+                    ops.append((path, self.client.delete_async(path, version=stat.version)))  # see _deleting
+                    continue
+                # A late un-REGISTER leaves its tombstone too, in the same transaction (a concurrent one: again).
+                t = self.client.transaction()
+                t.delete(path, version=stat.version)
+                if tomb is None:
+                    t.create(self._tomb_of(path), self._tomb_data(ev))
+                else:
+                    t.set_data(self._tomb_of(path), self._tomb_data(ev), version=tomb[1])
+                ops.append((path, t.commit_async()))
             else:
                 data = _encode(ContactRecord.from_event(ev, self.epoch))
                 if stat is None:

@@ -658,3 +658,18 @@ def test_the_collector_deletes_tombstones_older_than_their_keep(store: ZkStore, 
     assert store.gc_expired(now=now) == 0  # no bindings expired; the old tombstone goes
     assert zk_client.exists(store.tomb_path("t-old", "sip:t-old@198.51.100.50:5062")) is None
     assert zk_client.exists(store.tomb_path("t-young", "sip:t-young@198.51.100.50:5062")) is not None
+
+
+def test_a_late_unregister_leaves_its_tombstone_too(store: ZkStore, zk_client: KazooClient, cluster: str) -> None:
+    """The old active's un-REGISTER, written late, deletes the binding and leaves a tombstone as an ordinary one
+    does; a still older late REGISTER of the same binding then stays out."""
+    now = int(time.time() * 1000)
+    uri = "sip:late-unreg@198.51.100.50:5062"
+    store.write([contact(1, "late-unreg", uri, ts=now - 5000)])
+    old = ZkStore(zk_client, cluster, "node1")
+    old.adopt_epoch()
+    res = old.write_if_newer([contact(2, "late-unreg", uri, kind="delete", ts=now - 1000)])
+    assert res.written == 1 and ("late-unreg", uri) not in state_of(store)
+    assert json.loads(zk_client.get(store.tomb_path("late-unreg", uri))[0])["ts_ms"] == now - 1000
+    assert old.write_if_newer([contact(3, "late-unreg", uri, ts=now - 2000)]).unregistered == 1
+    assert ("late-unreg", uri) not in state_of(store)
