@@ -68,6 +68,8 @@ DEFAULT_PIDFILE = "/run/sipha/coordinator.pid"
 DEFAULT_STATUS_SOCKET = "/run/sipha/coordinator.sock"
 DEFAULT_READY_FILE = "/run/sipha/ready"  # ha.health.service.DEFAULT_READY_FILE (a test keeps them equal)
 DEFAULT_RUN_DIR = "/run/sipha"
+# Its log lines (the replication bench reads the summaries from the log file: bench/coordinator_replication.py)
+LOG_FORMAT = "%(asctime)s sipha-coordinator[%(process)d] %(levelname)s %(message)s"
 SUMMARY_EVERY_S = 5.0  # one counters line when they changed, instead of a line per event at 10k events/s
 TICK_S = 1.0
 FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers and the resync is done counts
@@ -511,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", action="store_true", help="query a running service and print its status")
     args = p.parse_args(argv)
     sys.setswitchinterval(GIL_SWITCH_S)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s sipha-coordinator[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
     logging.getLogger("kazoo").setLevel(logging.WARNING)
     if args.status:
         try:

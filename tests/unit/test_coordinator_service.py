@@ -625,3 +625,39 @@ def test_replicator_passes_are_summed_up_for_the_summary_not_logged_one_by_one()
     assert said.startswith("replicator window: 2 passes, 10 changes, at most 7 in one pass; added 7, removed 2, "
                            "1 own skipped; longest pause between passes "), said
     assert 50 <= int(said.rsplit(" ", 2)[-2]) < 1000  # the 50 ms between the two
+
+
+def test_the_replication_bench_reads_the_summary_lines_the_service_writes(tmp_path: Path) -> None:
+    """The bench's pass figures come from these lines now: the service's sentence and the bench's parse must agree."""
+    import importlib.util
+    import logging
+    import time as _time
+
+    from ha.coordinator.apply import ApplyResult
+    from ha.coordinator.replicator import _PassWindow
+    from ha.coordinator.service import LOG_FORMAT, SUMMARY_EVERY_S
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "coordinator_replication.py"
+    spec = importlib.util.spec_from_file_location("coordinator_replication", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    log_file = tmp_path / "coordinator-node2.log"
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    lg = logging.getLogger("sipha.test.summary")
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    t0 = _time.time() - bench.SUMMARY_S - 1
+    for changes in ((3, 4), (20, 1)):
+        w = _PassWindow()
+        for c in changes:
+            w.note(c, ApplyResult(added=c), 0)
+        lg.info("%s", w.sentence())
+    handler.close()
+    lg.removeHandler(handler)
+    assert bench.SUMMARY_S == SUMMARY_EVERY_S
+    got = bench.replicator_passes(log_file, t0, _time.time())
+    assert got["passes"] == 4 and got["changes"] == 28 and got["summaries"] == 2, got
+    assert got["changes_per_pass_max"] == 20 and got["changes_per_pass_mean"] == 7.0
+    assert got["s_between_passes_max"] is not None and got["s_between_passes_max"] < 1.0
