@@ -1380,6 +1380,7 @@ class _ZkContactWatch(Watch):
         self.seed_reused: int | None = None  # records the first read took from the store's view_seed
         # A delivered resync's bindings still to be built into _records (_settle); None: nothing to settle.
         self._unbuilt: list[tuple[str, Change]] | None = None
+        self._settling = threading.Lock()  # _complete and _unbuilt change together (see replay)
         self._thread = threading.Thread(target=self._run, name="sipha-zk-watch", daemon=True)
 
     def start(self) -> None:
@@ -1407,12 +1408,18 @@ class _ZkContactWatch(Watch):
         return dict(self._records)  # one C-level copy under the GIL: safe against the watch thread's updates
 
     def replay(self) -> bool:
-        if not self._complete:
-            # The first read (a node start: the proxy is started while it runs) or a lost connection's: a resync
-            # is coming either way. Restarting the watch instead waited for the read in flight, then read again.
-            return self._thread.is_alive() and not self._stopped.is_set()
-        self._q.put(("replay", ""))
-        return True
+        with self._settling:
+            if not self._complete and self._unbuilt is None:
+                # The first read (a node start: the proxy is started while it runs) or a lost connection's: a
+                # resync is coming either way. Restarting the watch instead waited for the read in flight, then
+                # read again.
+                return self._thread.is_alive() and not self._stopped.is_set()
+            # Complete, or a resync read and being delivered (its view settles after): replayed after it. (Taken
+            # for "a resync is coming", a replay asked while a postponed resync was still being delivered was
+            # lost: the restarted proxy got its table only after the next reconnect, from a store that lacked
+            # the phones' latest un-REGISTERs; the lab's ZooKeeper outage test.)
+            self._q.put(("replay", ""))
+            return True
 
     def refetch(self, paths: Iterable[str]) -> None:
         for p in paths:
@@ -1556,8 +1563,9 @@ class _ZkContactWatch(Watch):
                      (time.monotonic() - t_read) * 1000)
             merged.clear()
         self._records = fresh
-        self._unbuilt = unbuilt
-        self._complete = False  # until _settle: the view lacks the records of the cached rows until then
+        with self._settling:
+            self._unbuilt = unbuilt
+            self._complete = False  # until _settle: the view lacks the records of the cached rows until then
         return changes
 
     def _settle(self) -> None:
@@ -1565,13 +1573,15 @@ class _ZkContactWatch(Watch):
         since the cached view (built by the delivery's pushes and live table, else here) and is complete. Why
         after: readiness needs only their keys and mzxids, and building 100k records beside the store read cost
         0.2-0.6 s of the GIL on a node start's way to readiness (BENCHMARKS.md, "Restart resync")."""
-        unbuilt, self._unbuilt = self._unbuilt, None
+        unbuilt = self._unbuilt
         if unbuilt is None:
             return
         if unbuilt:
             with gc_paused():
                 self._records.update((p, c.record) for p, c in unbuilt)
-        self._complete = not self._session_lost
+        with self._settling:  # replay() reads both at once
+            self._complete = not self._session_lost
+            self._unbuilt = None
 
     def _read(self, paths: Sequence[str], known: _Known | Callable[[], _Known] | None = None,
               kept: dict[str, Sequence[Any]] | None = None) -> dict[str, ContactRecord | None]:

@@ -673,3 +673,32 @@ def test_a_late_unregister_leaves_its_tombstone_too(store: ZkStore, zk_client: K
     assert json.loads(zk_client.get(store.tomb_path("late-unreg", uri))[0])["ts_ms"] == now - 1000
     assert old.write_if_newer([contact(3, "late-unreg", uri, ts=now - 2000)]).unregistered == 1
     assert ("late-unreg", uri) not in state_of(store)
+
+
+def test_a_replay_asked_while_a_resync_is_being_delivered_is_not_lost(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """The lab's ZooKeeper outage test (stop 18): the tick retried a postponed resync for a restarted proxy while
+    that resync was still being delivered (its view not settled yet); the replay was taken for "a resync is
+    coming" and dropped, and the proxy got its table only after the next reconnect, from a stale store."""
+    from ha.coordinator.store import _ZkContactWatch
+
+    store.write([contact(1, "rp1"), contact(2, "rp2")])
+    got: list[list[tuple[str, bool, bool]]] = []
+    asked: list[bool] = []
+
+    def on_changes(changes: list[Change]) -> None:
+        got.append([(c.kind, c.resync, c.replay) for c in changes])
+        if not asked:
+            asked.append(w.replay())  # the tick's retry, while this resync is still being delivered
+
+    w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), on_changes)
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert asked == [True] and len(got) == 2, got
+        assert got[1] == [("put", True, True)] * 2  # the settled view, replayed
+    finally:
+        w.stop()
