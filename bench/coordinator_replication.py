@@ -51,6 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests" / "lab")]
 
 import replbench as rb  # noqa: E402
 
+from ha.coordinator.service import SUMMARY_EVERY_S  # noqa: E402
 from ha.proxy import kamailio  # noqa: E402
 
 DEFAULT_STEPS = "500:60,1000:20,2000:12,5000:12,10000:12,15000:12"
@@ -534,7 +535,7 @@ def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20
             "s_between_passes_max": round(max(r[3] for r in rows) / 1000, 3) if rows else None}
 
 
-SUMMARY_S = 5.0  # ha.coordinator.service.SUMMARY_EVERY_S
+SUMMARY_S = SUMMARY_EVERY_S  # the coordinator's summary lines come this often
 
 
 @contextlib.contextmanager

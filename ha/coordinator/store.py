@@ -1044,14 +1044,8 @@ class ZkStore(Store):
 
     def _gc_tombs(self, now: float) -> int:
         """Delete the tombstones older than TOMB_KEEP_S (the GC lock holder, beside the expired bindings)."""
-        c = self._bulk_client()
-        buckets = self._buckets("gone")
-        paths = [f"{b}/{n}" for b, names in zip(buckets, self._multi_read([(_GET_CHILDREN, b) for b in buckets], c),
-                                                strict=True) if not isinstance(names, Exception) for n in names]
         limit_ms = (now - TOMB_KEEP_S) * 1000
-        old = [(p, res[1]) for p, res in zip(paths, self._multi_read([(_GET_DATA, p) for p in paths], c, lean=True),
-                                              strict=True)
-               if not isinstance(res, Exception) and _ts_of(res[0]) < limit_ms]  # fmt: skip
+        old = [(p, v) for p, data, v, _ in self._read_all(("gone",))["gone"] if _ts_of(data) < limit_ms]
         asyncs = [self.client.delete_async(p, version=v) for p, v in old]
         gone = 0
         for a in asyncs:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ import test_proxy_live as tpl
 from click.testing import CliRunner
 from conftest_zk import contact, dialog
 from kazoo.client import KazooClient
+from test_health_api import addresses_in
 
 from ha import model
 from ha.coordinator import proxytable
@@ -241,7 +241,7 @@ def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str,
     udp.bind(("127.0.0.1", cluster.proxy.event_port))
     svc = Service("127.0.0.1", cluster.proxy.event_port, str(tmp / "c.pid"), str(tmp / "c.sock"), repl,
                   ready_file=ready, intake=udp,
-                  role=None if standby else vip_check([v.ip for v in cluster.vips], lambda: addresses_in(p.ns)))
+                  role=None if standby else vip_check([v.ip for v in cluster.vips], addresses_in(p.ns)))
     t = threading.Thread(target=svc.run, name="coordinator-under-test", daemon=True)
     t.start()
     try:
@@ -250,17 +250,6 @@ def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str,
         svc.stop()
         t.join(20)
         assert not t.is_alive(), "the service loop did not stop"
-
-
-def addresses_in(ns: str) -> set[str]:
-    """The addresses in another namespace than the test's own (the service under test runs in the test's)."""
-    from ha.health.cluster import local_addresses
-
-    try:
-        out = subprocess.run(["ip", "-n", ns, "-j", "addr"], capture_output=True, text=True, timeout=5, check=True)
-    except subprocess.SubprocessError as exc:
-        raise OSError(str(exc)) from exc
-    return local_addresses(out.stdout)
 
 
 def keys_in_store(store: ZkStore) -> set[tuple[str, str]]:

@@ -300,8 +300,9 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _addresses_in(ns: str) -> Callable[[], set[str]]:
-    """Another namespace's addresses (the check itself reads the namespace it runs in: see the next test)."""
+def addresses_in(ns: str) -> Callable[[], set[str]]:
+    """Another namespace's addresses, for an address check running in the test's own namespace (the checks
+    themselves read the namespace they run in: see the next test); raises OSError as they do."""
 
     def read() -> set[str]:
         try:
@@ -315,12 +316,12 @@ def _addresses_in(ns: str) -> Callable[[], set[str]]:
 
 
 def test_vip_check_reads_real_interfaces(netns: str) -> None:
-    check = VipCheck(LAB, addresses=_addresses_in(netns))
+    check = VipCheck(LAB, addresses=addresses_in(netns))
     assert check.held() == ["vip"] and check.error == ""
     assert VipCheck(LAB).held() == []  # the host itself has no lab address (its own netlink dump)
     subprocess.run(["ip", "-n", netns, "addr", "del", "198.51.100.10/24", "dev", "d0"], check=True)
-    assert VipCheck(LAB, max_age_s=0, addresses=_addresses_in(netns)).held() == []
-    broken = VipCheck(LAB, addresses=_addresses_in("sipha-t-absent"))
+    assert VipCheck(LAB, max_age_s=0, addresses=addresses_in(netns)).held() == []
+    broken = VipCheck(LAB, addresses=addresses_in("sipha-t-absent"))
     assert broken.held() == [] and broken.error.startswith("cannot list this host's addresses")
     # In the namespace itself, the real check (a netlink dump there) finds the VIP that is still configured.
     subprocess.run(["ip", "-n", netns, "addr", "add", "198.51.100.10/24", "dev", "d0"], check=True)
