@@ -92,6 +92,7 @@ class Replicator:
         self._replays = 0  # replay() calls so far: a resync applied across one is not the one asked for
         self._window = _PassWindow()  # passes since the last window() (the watch thread notes, the loop takes)
         self._window_lock = threading.Lock()
+        self._unread_seen = (None, 0)  # (watch, its own_unread) at the last window()
 
     @property
     def running(self) -> bool:
@@ -101,7 +102,10 @@ class Replicator:
         """What the passes since the last call did, in one sentence for the service's summary; None: no pass."""
         with self._window_lock:
             w, self._window = self._window, _PassWindow(last=self._window.last)
-        return w.sentence()
+        watch, seen = self._unread_seen
+        now = self._watch.own_unread if self._watch is not None else 0
+        self._unread_seen = (self._watch, now)
+        return w.sentence(now - seen if watch is self._watch else now)
 
     def start(self, include_own: bool | None = None) -> None:
         if include_own is not None:
@@ -451,12 +455,13 @@ class _PassWindow:
         self.removed += res.removed
         self.skipped += skipped
 
-    def sentence(self) -> str | None:
+    def sentence(self, own_unread: int = 0) -> str | None:
         if not self.passes:
             return None
+        unread = f" ({own_unread} known from the writes' replies, not read back)" if own_unread else ""
         return (f"replicator window: {self.passes} passes, {self.changes} changes, at most {self.biggest} in one "
-                f"pass; added {self.added}, removed {self.removed}, {self.skipped} own skipped; longest pause "
-                f"between passes {self.pause * 1000:.0f} ms")
+                f"pass; added {self.added}, removed {self.removed}, {self.skipped} own skipped{unread}; longest "
+                f"pause between passes {self.pause * 1000:.0f} ms")
 
 
 AUDIT_EXPIRY_SLACK_S = 5  # ul.dump gives whole seconds left, ul.add takes whole seconds: a few seconds is no drift

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from kazoo.client import KazooClient
+from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
     EXCEPTIONS,
     BadVersionError,
@@ -62,6 +62,7 @@ from kazoo.exceptions import (
     SessionExpiredError,
     UnimplementedError,
 )
+from kazoo.protocol.serialization import Transaction as _Transaction
 from kazoo.protocol.serialization import Watch as _WatchEvent
 from kazoo.protocol.serialization import int_struct, multiheader_struct, read_buffer, read_string, stat_struct
 from kazoo.protocol.states import KazooState, ZnodeStat
@@ -287,6 +288,9 @@ def _row_maker() -> Callable[[Sequence[Any]], ContactRecord]:
 
 
 record_from_row = _row_maker()
+# A record's read-only fields, set on a record this node wrote once its transaction's reply tells them (_OwnTxn).
+_set_version = ContactRecord.version.__set__  # type: ignore[attr-defined]
+_set_mzxid = ContactRecord.mzxid.__set__  # type: ignore[attr-defined]
 # What a read may take as already decoded, by path: records, or node cache rows (see ZkStore._read_records).
 _Known = Mapping[str, "ContactRecord | tuple[Any, ...]"]
 
@@ -348,6 +352,7 @@ class Change:
 
 class Watch(ABC):
     received = 0  # change notifications received so far (see _ZkContactWatch)
+    own_unread = 0  # this node's writes the view took from their replies, not from reads (see _ZkContactWatch)
     processed = 0  # of those, how many were delivered to on_changes
 
     @abstractmethod
@@ -563,6 +568,48 @@ class _MultiRead:
         return offset
 
 
+# A binding this node wrote, as its own watch learns it from the write's reply: (path, record, znode version).
+OwnWrite = tuple[str, "ContactRecord", int]
+
+
+class _OwnTxn(_Transaction):
+    """kazoo's multi request, whose reply also tells this node's contact watch which bindings it wrote, with the
+    transaction's zxid, so the watch need not read them back (_ZkContactWatch, "own").
+
+    Why the reply's parse: it runs on kazoo's connection thread, in the order of the connection's stream, and
+    ZooKeeper sends a session the watch events of a transaction before its reply. So when it runs, the watch
+    has queued every event of this transaction and none of a later one: whatever it queues now sits right after
+    them. A failed transaction changed nothing and reports nothing."""
+
+    def __new__(cls, operations: list[Any], client: KazooClient, own: list[tuple[int, str, ContactRecord]],
+                sink: Callable[[list[OwnWrite], int], None]) -> _OwnTxn:
+        self = super().__new__(cls, operations)
+        self._client, self._own, self._sink = client, own, sink  # type: ignore[attr-defined]
+        return self
+
+    def deserialize(self, buf: bytes, offset: int) -> list[Any]:  # type: ignore[override]
+        results: list[Any] = _Transaction.deserialize(buf, offset)
+        try:
+            self._report(results, self._client.last_zxid)  # type: ignore[attr-defined]
+        except Exception:  # never into kazoo's connection thread; the watch then reads them back
+            log.exception("zookeeper: own writes not reported to the watch")
+        return results
+
+    def _report(self, results: list[Any], zxid: int) -> None:
+        if zxid <= 0 or any(isinstance(r, Exception) for r in results):
+            return
+        out: list[OwnWrite] = []
+        for j, path, rec in self._own:  # type: ignore[attr-defined]
+            r = results[j]
+            if isinstance(r, ZnodeStat):
+                if r.mzxid != zxid:
+                    return  # the reply's zxid is not this transaction's: trust none of it (read back instead)
+                out.append((path, rec, r.version))
+            else:
+                out.append((path, rec, 0))  # created
+        self._sink(out, zxid)  # type: ignore[attr-defined]
+
+
 @dataclass
 class _Intent:
     """One znode change derived from an event; re-derivable into ops after a failed batch."""
@@ -570,6 +617,7 @@ class _Intent:
     kind: str  # put | delete | cdr
     path: str
     data: bytes = b""
+    rec: ContactRecord | None = None  # a binding's put: the record encoded in data (see _OwnTxn)
 
 
 class ZkStore(Store):
@@ -604,6 +652,8 @@ class ZkStore(Store):
         self._gc_lock = client.Lock(f"{self.root}/gc", node)
         self._write_lock = threading.Lock()
         self._multiread = True
+        # This node's contact watch, told of the bindings this node writes (see _OwnTxn); None: no watch.
+        self.own_sink: Callable[[list[OwnWrite], int], None] | None = None
         # Records decoded by an earlier run of this node (ha.coordinator.nodecache), asked for once by the
         # contact watch's first full read, so a node start decodes only what changed while it was away.
         # Rows, not records (see Change): path -> (path, *the record's fields in RECORD_FIELDS order).
@@ -716,7 +766,8 @@ class ZkStore(Store):
                     if ev.type == "contact.delete":  # an un-REGISTER; not an expiry, which a late refresh must beat
                         out.append(_Intent("put", self.tomb_path(ev.aor, ev.contact), self._tomb_data(ev)))
                 else:
-                    out.append(_Intent("put", path, _encode(ContactRecord.from_event(ev, self.epoch))))
+                    rec = ContactRecord.from_event(ev, self.epoch)
+                    out.append(_Intent("put", path, _encode(rec), rec))
             else:
                 path = self.dialog_path(ev.callid, ev.from_tag)
                 rec = DialogRecord.from_event(ev, self.epoch)
@@ -860,7 +911,7 @@ class ZkStore(Store):
                         kinds.append((i, "cdr"))
                 if not kinds:
                     continue
-                batches.append((start, kinds, t.commit_async()))
+                batches.append((start, kinds, self._commit(t, kinds, intents)))
             if not batches:
                 break
             failed = False
@@ -912,6 +963,16 @@ class ZkStore(Store):
                 # Every intent before the failed batch is committed; resume at that batch's first intent.
                 pos = start
         return WriteResult(events=n_events, ops=ops_total, transactions=txns, retries=retries)
+
+    def _commit(self, t: TransactionRequest, kinds: list[tuple[int, str]], intents: list[_Intent]) -> Any:
+        sink = self.own_sink
+        own = [(j, intents[i].path, intents[i].rec) for j, (i, kind) in enumerate(kinds, 1)
+               if kind != "delete" and intents[i].rec is not None]
+        if sink is None or not own:
+            return t.commit_async()
+        a = self.client.handler.async_result()
+        self.client._call(_OwnTxn(t.operations, self.client, own, sink), a)  # what commit_async sends, noted
+        return a
 
     # -- the old active's last events ---------------------------------------------------------------------
 
@@ -1360,7 +1421,7 @@ class _ZkContactWatch(Watch):
         self.on_changes = on_changes
         self.root = f"{store.root}/contacts"
         self._prefix = self.root + "/"
-        self._q: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._records: dict[str, ContactRecord] = {}  # path -> last record seen
         self._stopped = threading.Event()
         self._session_lost = False
@@ -1372,6 +1433,7 @@ class _ZkContactWatch(Watch):
         self.processed = 0
         self._uncounted = 0  # taken from the queue by a pass that failed: counted when a pass succeeds
         self.seed_reused: int | None = None  # records the first read took from the store's view_seed
+        self.own_unread = 0  # bindings this node wrote that the view took from the write's reply (see _own)
         # A delivered resync's bindings still to be built into _records (_settle); None: nothing to settle.
         self._unbuilt: list[tuple[str, Change]] | None = None
         self._settling = threading.Lock()  # _complete and _unbuilt change together (see replay)
@@ -1379,12 +1441,16 @@ class _ZkContactWatch(Watch):
 
     def start(self) -> None:
         self.client.add_listener(self._on_state)
+        if self.store.client is self.client:  # one session: its replies and events come in one stream
+            self.store.own_sink = self._on_own
         self._q.put(("resync", ""))
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
         self.client.remove_listener(self._on_state)
+        if self.store.own_sink == self._on_own:
+            self.store.own_sink = None
         hooks = _subtree_watches(self.client)
         if hooks.get(self._prefix) == self._on_event:
             del hooks[self._prefix]  # the server-side watch ends with the connection; its events are ignored
@@ -1427,6 +1493,9 @@ class _ZkContactWatch(Watch):
         elif state == KazooState.CONNECTED and self._session_lost:
             self._session_lost = False
             self._q.put(("resync", ""))
+
+    def _on_own(self, writes: list[OwnWrite], zxid: int) -> None:
+        self._q.put(("own", (writes, zxid)))  # after this transaction's events (see _OwnTxn)
 
     def _on_event(self, etype: int, path: str) -> None:
         if path.count("/") != self._prefix.count("/") + 1:
@@ -1491,6 +1560,8 @@ class _ZkContactWatch(Watch):
             elif kind == "deleted":
                 fetch.pop(path, None)  # a create after it in this batch adds it back
                 changes.extend(self._gone(path, self.store.take_own_delete(path)))  # one per event, used or not
+            elif kind == "own":
+                changes.extend(self._own(*path, fetch))
         for path, rec in self._read(list(fetch)).items():
             if rec is None:
                 changes.extend(self._gone(path, self.store.own_delete_pending(path)))  # deleted before the read
@@ -1498,6 +1569,31 @@ class _ZkContactWatch(Watch):
             self._records[path] = rec
             changes.append(Change("put", rec))
         return changes
+
+    def _own(self, writes: list[OwnWrite], zxid: int, fetch: dict[str, None]) -> list[Change]:
+        """Bindings this node wrote in the transaction ``zxid``, whose events are queued before this (_OwnTxn): a
+        path still to be read takes the record written instead. Why: an active coordinator read back every
+        binding it wrote only to skip it as its own, as many ZooKeeper reads as the standby's, on a machine
+        where the lab's whole pipeline shares two cores (BENCHMARKS.md, "Replication lag").
+
+        Safe because the record is the binding as of ``zxid``: an event of an earlier write is superseded by it,
+        and a later write's event comes after this and reads again. Not taken: a path with no event to read
+        (read already, or the watch was not armed: its resync reads everything), or one the view holds from
+        a later write."""
+        out: list[Change] = []
+        for path, rec, version in writes:
+            if path not in fetch:
+                continue
+            cur = self._records.get(path)
+            if cur is not None and cur.mzxid > zxid:
+                continue
+            del fetch[path]
+            _set_version(rec, version)
+            _set_mzxid(rec, zxid)
+            self._records[path] = rec
+            out.append(Change("put", rec))
+        self.own_unread += len(out)
+        return out
 
     def _gone(self, path: str, by_self: bool) -> list[Change]:
         """A binding that no longer exists, however that was learnt: dropped, and its delete if the view had it."""

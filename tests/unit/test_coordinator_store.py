@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import conftest_zk
 import pytest
@@ -702,3 +705,85 @@ def test_a_replay_asked_while_a_resync_is_being_delivered_is_not_lost(
         assert got[1] == [("put", True, True)] * 2  # the settled view, replayed
     finally:
         w.stop()
+
+
+def test_the_active_watch_takes_its_own_writes_from_their_replies_not_from_reads(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """This node's watch learns the bindings it wrote (creates and refreshes) from the transactions' replies and
+    reads none of them back; its view is what a read gives, mzxid and version included. A peer's write to one of
+    them afterwards is read as usual and wins.
+
+    The watch's worker is held while the writes are made, so its one pass sees every event and reply in the order
+    kazoo queued them. Unheld, a pass that starts between a transaction's events and its reply reads those events
+    (correct, only not skipped): CI once counted 138 of 150 taken from replies."""
+    read: list[str] = []
+    real = store._read_records
+
+    def spy(paths: Sequence[str], *a: Any, **kw: Any) -> dict[str, Any]:
+        read.extend(paths)
+        return real(paths, *a, **kw)
+
+    store._read_records = spy  # type: ignore[method-assign]
+    w = store.watch_contacts(lambda _c: None)
+    peer = ZkStore(zk_client, cluster, "node2")
+    peer.adopt_epoch()
+    try:
+        wait_for(lambda: w.complete)
+        read.clear()
+        gate = threading.Event()
+
+        class Held(queue.Queue[tuple[str, Any]]):
+            def get(self, block: bool = True, timeout: float | None = None) -> tuple[str, Any]:
+                gate.wait(20)
+                return super().get(block, timeout)
+
+        idle, w._q = w._q, Held()
+        idle.put(("own", ([], 0)))  # a no-op that moves the worker on to the held queue
+        store.write([contact(i + 1, f"own{i}") for i in range(150)])  # creates
+        store.write([contact(200 + i, f"own{i}", ttl=900) for i in range(0, 150, 3)])  # refreshes: setData
+        gate.set()  # every reply is queued: store.write returns after its transactions' replies are parsed
+        wait_for(lambda: w.processed == w.received and len(w.records() or {}) == 150)
+        assert (w.received, w.own_unread, read) == (200, 200, []), (w.received, w.own_unread, len(read))
+        view = w.records() or {}
+        for path, rec in view.items():
+            data, stat = zk_client.get(path)
+            assert (rec.mzxid, rec.version, rec.expires_at) == (stat.mzxid, stat.version,
+                                                               json.loads(data)["expires_at"]), path
+        peer.write([contact(300, "own3", ttl=60, node="node2")])
+        wait_for(lambda: w.processed == w.received)
+        rec = (w.records() or {})[store.contact_path("own3", "sip:own3@198.51.100.50:5062")]
+        assert (rec.node, rec.expires_at - time.time() < 100) == ("node2", True)
+    finally:
+        w.stop()
+    assert store.own_sink is None
+
+
+def test_an_own_write_stands_in_only_for_the_events_queued_before_its_reply(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """The watch's queue order decides (the real worker's _process on a real store): a write's record replaces
+    the read of events queued before its reply; an event after it is read; a view holding a later write keeps
+    it; a path with no event queued is not touched."""
+    from ha.coordinator.store import _ZkContactWatch
+
+    store.write([contact(1, "q1"), contact(2, "q2")])
+    w = _ZkContactWatch(ZkStore(zk_client, cluster, "node2"), lambda _c: None)
+    w._process([("resync", "")])
+    p1 = store.contact_path("q1", "sip:q1@198.51.100.50:5062")
+    p2 = store.contact_path("q2", "sip:q2@198.51.100.50:5062")
+    stored = w._records[p1]
+    mine = dataclasses.replace(stored, expires_at=stored.expires_at + 7, version=-1, mzxid=0)
+    zxid = stored.mzxid + 1_000_000  # later than anything in the store
+
+    got = w._process([("data", p1), ("own", ([(p1, mine, 4)], zxid))])
+    assert [c.record for c in got] == [mine] and (mine.version, mine.mzxid) == (4, zxid)
+    assert w._records[p1] is mine and w.own_unread == 1
+    got = w._process([("own", ([(p2, dataclasses.replace(mine), 1)], zxid)), ("data", p2)])
+    assert [c.record.aor for c in got] == ["q2"] and w._records[p2].mzxid < zxid  # read from the store
+    old = dataclasses.replace(stored, expires_at=1, version=-1, mzxid=0)
+    got = w._process([("data", p1), ("own", ([(p1, old, 0)], stored.mzxid - 1))])  # older than the view
+    assert [c.record.expires_at for c in got] == [stored.expires_at] != [old.expires_at]  # not taken: p1 read
+    assert w._records[p1].mzxid == stored.mzxid
+    assert w._process([("own", ([(p1, old, 0)], zxid + 1))]) == []  # no event queued: nothing to stand in for
+    assert w._records[p1].expires_at == stored.expires_at and w.own_unread == 1
