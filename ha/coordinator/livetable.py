@@ -18,18 +18,20 @@ import marshal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ha.coordinator import materialize
 from ha.coordinator.gcpause import gc_paused
+from ha.coordinator.marshalchunks import dump_chunks, load_chunks
 from ha.coordinator.materialize import Manifest, MaterializeError, Written
 
 log = logging.getLogger(__name__)
 
 _UPSERT = materialize._INSERT.replace("INSERT INTO", "INSERT OR REPLACE INTO")
 _DELETE = "DELETE FROM location WHERE username=? AND contact=?"
+KEYS_CHUNK = 5000  # keys per marshal chunk of the node cache's blob (~2.5 ms each)
 
 
 class LiveTable:
@@ -71,29 +73,34 @@ class LiveTable:
         """The view it follows is no longer complete (a lost connection): no copies until the next resync."""
         self.complete = False
 
-    def copy_to(self, path: str | Path, meta: dict[str, Any], with_keys: bool = False) -> Written:
+    def copy_to(self, path: str | Path, meta: dict[str, Any], with_keys: bool = False,
+                pause: Callable[[], None] | None = None) -> Written:
         """Write the current table to ``path`` (atomically), without expired rows; raises MaterializeError.
 
         ``with_keys``: also store {(aor, contact): (mzxid, expires_at)} of the rows, taken with them, as one
         marshal blob in ``sipha_keys`` (:func:`read_keys`), so whoever hands the file to a proxy later has its
-        manifest without reading 100k rows back (the node cache)."""
+        manifest without reading 100k rows back (the node cache). ``pause``: called between the blob's chunks."""
         t0 = time.monotonic()
         now = time.time()
         path = Path(path)
-        with materialize.atomic_sqlite(path) as dst:
-            with self._lock:
-                if not self.complete:
-                    raise MaterializeError("no complete view of the store yet")
-                self._db.backup(dst)
-                keys = dict(self._keys) if with_keys else None
-                loaded = {k: z for k, (z, exp) in self._keys.items() if exp > now}
-                total = len(self._keys)
+        # Only the table's image and a copy of its keys are taken under the lock: the watch thread's apply waits for
+        # it, and an online backup into the file with the manifest built under it stalled the standby's passes for
+        # up to ~0.3 s under load in the node cache's saves (see ha.coordinator.nodecache.CHUNK_ROWS).
+        with self._lock:
+            if not self.complete:
+                raise MaterializeError("no complete view of the store yet")
+            image = self._db.serialize()  # one copy of the in-memory pages
+            all_keys = dict(self._keys)
+        keys = all_keys if with_keys else None
+        loaded = {k: z for k, (z, exp) in all_keys.items() if exp > now}
+        total = len(all_keys)
+        with materialize.atomic_sqlite(path, image=image) as dst:
             dst.execute("DELETE FROM location WHERE expires <= ?", (materialize._datetime(now),))
             m = {**meta, "written_at": now, "bindings": len(loaded)}
             dst.executemany("INSERT INTO sipha_meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in m.items()])
             if keys is not None:
                 dst.execute("CREATE TABLE sipha_keys (blob BLOB NOT NULL)")
-                dst.execute("INSERT INTO sipha_keys VALUES (?)", (marshal.dumps(keys),))
+                dst.execute("INSERT INTO sipha_keys VALUES (?)", (_pack_keys(keys, pause),))
         return Written(str(path), len(loaded), total - len(loaded), time.monotonic() - t0, Manifest(loaded, m))
 
 
@@ -106,12 +113,26 @@ def keys_blob(db: sqlite3.Connection) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+def _pack_keys(keys: dict[tuple[str, str], tuple[int, int]], pause: Callable[[], None] | None) -> bytes:
+    """The sizes of the chunks, then the chunks: one marshal call for 100k keys held the GIL for ~50 ms, a stall
+    of the watch thread in every node cache save."""
+    chunks = dump_chunks(list(keys.items()), KEYS_CHUNK, dict, pause)
+    return b"".join([marshal.dumps([len(c) for c in chunks]), *chunks])
+
+
 def read_keys(blob: bytes | None) -> dict[tuple[str, str], tuple[int, int]] | None:
     """{(aor, contact): (mzxid, expires_at)} from :func:`keys_blob`'s bytes; None when there are none."""
     if blob is None:
         return None
-    keys = marshal.loads(blob)  # noqa: S302 - our own root-only file; never run
-    return keys if isinstance(keys, dict) else None
+    head = marshal.loads(blob)  # noqa: S302 - our own root-only file; never run
+    if isinstance(head, dict):
+        return head  # written in one piece (before stop 19)
+    if not isinstance(head, list):
+        return None
+    keys: dict[tuple[str, str], tuple[int, int]] = {}
+    for chunk in load_chunks(blob, head):
+        keys.update(chunk)
+    return keys
 
 
 __all__ = ["LiveTable", "keys_blob", "read_keys"]

@@ -185,16 +185,19 @@ def write(path: str | Path, records: Iterable[Any], meta: Mapping[str, Any] | No
 
 
 @contextlib.contextmanager
-def atomic_sqlite(path: Path, copy_of: Path | None = None) -> Iterator[sqlite3.Connection]:
+def atomic_sqlite(path: Path, copy_of: Path | None = None, image: bytes | None = None) -> Iterator[sqlite3.Connection]:
     """A SQLite file written beside ``path`` and renamed over it only when complete, so Kamailio never loads a
     half-written table; any failure removes the temp file and is raised as a MaterializeError. ``copy_of``: start
-    from a copy of that file (the kernel copies it: no pages through SQLite, no GIL)."""
+    from a copy of that file (the kernel copies it: no pages through SQLite, no GIL); ``image``: from these bytes
+    (a database's ``serialize()``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
         if copy_of is not None:
             shutil.copyfile(copy_of, tmp)
+        elif image is not None:
+            tmp.write_bytes(image)
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
             yield db

@@ -30,20 +30,27 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ha.coordinator import materialize
 from ha.coordinator.gcpause import gc_paused
 from ha.coordinator.livetable import keys_blob, read_keys
+from ha.coordinator.marshalchunks import dump_chunks, load_chunks
 from ha.coordinator.materialize import Manifest, MaterializeError, Written
 from ha.coordinator.store import RECORD_FIELDS, ContactRecord
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the header names the store (its identity: see ZkStore.identity)
+FORMAT = 3  # 2: the header names the store (its identity: see ZkStore.identity); 3: the rows in chunks
 SAVE_EVERY_S = 60.0
+# A background save builds and packs the rows this many at a time, and pauses YIELD_S between chunks. Why: built in
+# one go (0.25 s of the GIL per 100k records on a quiet machine, one marshal call of 80 ms of it), a save stalled
+# the watch's pass and the proxy's pushes on this node: the replication bench's slowest markers at 1000/s came
+# together, in the second of a save (BENCHMARKS.md, "Replication lag", stop 19).
+CHUNK_ROWS = 500
+YIELD_S = 0.002
 VIEW_NAME = "view.marshal"
 TABLE_NAME = "usrloc.sqlite"
 
@@ -82,7 +89,7 @@ class NodeCache:
             return {}
         try:
             with gc_paused():  # 100k new tuples: the collector would walk the growing heap again and again
-                fmt, cluster, store, fields, rows = marshal.loads(raw)  # noqa: S302 - our own root-only file
+                fmt, cluster, store, fields, sizes = marshal.loads(raw)  # noqa: S302 - our own root-only file
                 if (fmt, cluster, tuple(fields)) != (FORMAT, self.cluster, RECORD_FIELDS):
                     log.info("node cache: %s is for another cluster or format: ignored", self.view_path)
                     return {}
@@ -91,15 +98,20 @@ class NodeCache:
                                 "ignored", self.view_path, store, self.store_id())
                     return {}
                 width = len(RECORD_FIELDS) + 1
-                out = {row[0]: row for row in rows if type(row) is tuple and len(row) == width}
+                out = {}
+                for rows in load_chunks(raw, sizes):
+                    out.update({row[0]: row for row in rows if type(row) is tuple and len(row) == width})
         except (ValueError, TypeError, EOFError, IndexError) as exc:
             log.warning("node cache: %s is not a usable cache (%s): decoding everything", self.view_path, exc)
             return {}
         log.info("node cache: %d cached records loaded in %.0f ms", len(out), (time.monotonic() - t0) * 1000)
         return out
 
-    def _save_view(self, view: Mapping[str, ContactRecord], store: str) -> None:
-        _atomic_write(self.view_path, marshal.dumps((FORMAT, self.cluster, store, RECORD_FIELDS, view_rows(view))))
+    def _save_view(self, view: Mapping[str, ContactRecord], store: str, pause: Callable[[], None] | None) -> None:
+        """The header (with each chunk's size), then the rows in chunks (``pause`` between them: see CHUNK_ROWS)."""
+        chunks = dump_chunks(list(view.items()), CHUNK_ROWS, _rows, pause)
+        head = marshal.dumps((FORMAT, self.cluster, store, RECORD_FIELDS, [len(c) for c in chunks]))
+        _atomic_write(self.view_path, b"".join([head, *chunks]))
 
     # -- the proxy's preload table ------------------------------------------------------------------------
 
@@ -143,19 +155,21 @@ class NodeCache:
 
     # -- saving --------------------------------------------------------------------------------------------
 
-    def save(self, view: Mapping[str, ContactRecord], live: Any, mark: object = None) -> float:
+    def save(self, view: Mapping[str, ContactRecord], live: Any, mark: object = None,
+             pause: Callable[[], None] | None = None) -> float:
         """Write both files now (the caller's thread); returns the seconds it took. ``live``: the LiveTable, or
-        None (then only the view is written and an older table is removed: it would be older than the view)."""
+        None (then only the view is written and an older table is removed: it would be older than the view).
+        ``pause``: called between chunks of the view (a background save: see CHUNK_ROWS); None: no pauses."""
         t0 = time.monotonic()
         store = self.store_id()
         if store is None:
             raise ValueError("the store's identity is not known yet")
         self.dir.mkdir(parents=True, exist_ok=True)
         with gc_paused():
-            self._save_view(view, store)
+            self._save_view(view, store, pause)
         if live is not None and live.complete:
             live.copy_to(self.table_path, {"cluster": self.cluster, "source": "node cache", "store": store},
-                         with_keys=True)
+                         with_keys=True, pause=pause)
         else:
             self.table_path.unlink(missing_ok=True)
         self._saved_mark = mark
@@ -176,7 +190,7 @@ class NodeCache:
         self._next_save = now + SAVE_EVERY_S
 
         def run() -> None:
-            saved, said = self._try_save(view, live, mark)
+            saved, said = self._try_save(view, live, mark, pause=lambda: time.sleep(YIELD_S))
             (log.info if saved else log.warning)("%s", said)
 
         self._saving = threading.Thread(target=run, name="sipha-node-cache", daemon=True)
@@ -197,11 +211,12 @@ class NodeCache:
         view = view_fn()
         return None if view is None else f"at exit: {self._try_save(view, live, mark)[1]}"
 
-    def _try_save(self, view: Mapping[str, ContactRecord], live: Any, mark: object) -> tuple[bool, str]:
+    def _try_save(self, view: Mapping[str, ContactRecord], live: Any, mark: object,
+                  pause: Callable[[], None] | None = None) -> tuple[bool, str]:
         """:meth:`save`, never raising: (saved, the sentence to log)."""
         table = " and the preload table" if live is not None and live.complete else ""
         try:
-            took = self.save(view, live, mark)
+            took = self.save(view, live, mark, pause)
         except (OSError, MaterializeError, ValueError) as exc:
             return False, f"node cache not saved: {exc}"
         return True, f"node cache: {len(view)} records{table} saved in {took * 1000:.0f} ms"
@@ -209,7 +224,11 @@ class NodeCache:
 
 def view_rows(view: Mapping[str, ContactRecord]) -> list[tuple[Any, ...]]:
     """The rows the cached view is stored as (and ``load_view`` gives back, by path)."""
-    return [(p, *(getattr(r, f) for f in RECORD_FIELDS)) for p, r in view.items()]
+    return _rows(view.items())
+
+
+def _rows(items: Iterable[tuple[str, ContactRecord]]) -> list[tuple[Any, ...]]:
+    return [(p, *(getattr(r, f) for f in RECORD_FIELDS)) for p, r in items]
 
 
 def preloaded_from(m: Manifest, store: str | None) -> dict[tuple[str, str], int]:

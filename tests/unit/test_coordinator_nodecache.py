@@ -298,3 +298,28 @@ def test_first_read_of_an_empty_store_asks_for_the_cached_view_once(zk_client: K
     store.view_seed = lambda: asked.append(1) or {}  # type: ignore[func-returns-value]
     w = _ZkContactWatch(store, lambda _c: None)
     assert w._resync() == [] and asked == [1] and w.seed_reused == 0
+
+
+def test_a_background_save_packs_the_view_and_the_keys_in_chunks_with_pauses_between(tmp_path: Path) -> None:
+    """Built and packed in one go, a save held the GIL long enough to stall the watch's passes (the replication
+    bench's slowest markers came together, in a save's second): the view and the table's keys are packed a chunk
+    at a time, the caller's pause between chunks, and both read back whole."""
+    from ha.coordinator import livetable, nodecache
+
+    view = {f"/p/{i}": _rec(i) for i in range(2 * nodecache.CHUNK_ROWS + 7)}
+    live = LiveTable()
+    live.apply(view.values(), [], resync=True)
+    pauses: list[float] = []
+    cache = NodeCache(tmp_path / "nc", "c1", lambda: "s1")
+    old = livetable.KEYS_CHUNK
+    livetable.KEYS_CHUNK = 400  # 3 chunks of keys for 1007 bindings
+    try:
+        cache.save(view, live, pause=lambda: pauses.append(time.monotonic()))
+    finally:
+        livetable.KEYS_CHUNK = old
+    assert len(pauses) == 2 + 2  # between 3 chunks of rows, and between 3 chunks of keys
+    got = cache.load_view()
+    assert {p: record_from_row(r) for p, r in got.items()} == view
+    _, manifest = cache.to_preload(tmp_path / "pre.sqlite", {})
+    m = manifest()
+    assert m is not None and m.loaded == {(r.aor, r.contact): r.mzxid for r in view.values()}
