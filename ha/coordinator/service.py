@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ha.coordinator.gcpause import Freezer, FullCollections
 from ha.coordinator.replication import DEFAULT_JOURNAL, Replication
 from ha.coordinator.store import StaleEpoch, StoreUnavailable
 from ha.netaddr import ipv4_addresses
@@ -70,6 +71,8 @@ DEFAULT_READY_FILE = "/run/sipha/ready"  # ha.health.service.DEFAULT_READY_FILE 
 DEFAULT_RUN_DIR = "/run/sipha"
 # Its log lines (the replication bench reads the summaries from the log file: bench/coordinator_replication.py)
 LOG_FORMAT = "%(asctime)s sipha-coordinator[%(process)d] %(levelname)s %(message)s"
+GC_FREEZE_EVERY_S = 5.0  # see ha.coordinator.gcpause.Freezer
+GC_THAW_EVERY_S = 3600.0
 SUMMARY_EVERY_S = 5.0  # one counters line when they changed, instead of a line per event at 10k events/s
 TICK_S = 1.0
 FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers and the resync is done counts
@@ -152,6 +155,8 @@ class Service:
         self._materialize_q: queue.Queue[socket.socket] = queue.Queue()  # from the status thread to the loop
         self._loop_seen = time.monotonic()  # the loop's last pass (the status thread reports its age)
         self._serving = threading.Event()
+        self._full_gcs = FullCollections()  # installed while run() runs
+        self._freezer: Freezer | None = None  # made by run()
         if repl.replicator is not None:
             repl.replicator.on_synced = self._wake
 
@@ -302,6 +307,10 @@ class Service:
             said = self.repl.replicator.window()
             if said:
                 log.info("%s", said)
+        n, longest = self._full_gcs.take()
+        if n:
+            log.info("garbage collector: %d full collection%s, the longest %.0f ms", n, "s" if n > 1 else "",
+                     longest * 1000)
         now = {**self.counters(), "active": self.repl.active, "ready": self.ready_given}
         if now != self._last_summary:
             self._last_summary = now
@@ -437,6 +446,8 @@ class Service:
                  self.repl.node, self.bind, self.port, self.status_socket, self.ready_file)
         try:
             self._startup_readiness()
+            self._full_gcs.install()
+            freezer = self._freezer = Freezer(GC_FREEZE_EVERY_S, GC_THAW_EVERY_S, time.monotonic())
             next_summary = time.monotonic() + SUMMARY_EVERY_S
             last_tick = -TICK_S
             while True:
@@ -459,9 +470,13 @@ class Service:
                 if now >= next_summary:
                     self._summary()
                     next_summary = now + SUMMARY_EVERY_S
+                freezer.tick(now)
         except _Stop:
             pass
         finally:
+            self._full_gcs.uninstall()
+            if self._freezer is not None:
+                self._freezer.stop()
             log.info("stopping after %d events (rejected %s)", self.repl.intake.accepted,
                      dict(self.repl.intake.rejected))
             with contextlib.suppress(Exception):

@@ -613,6 +613,9 @@ def test_replicator_passes_are_summed_up_for_the_summary_not_logged_one_by_one()
     said = w.sentence() or ""
     assert said.startswith("replicator window: 2 passes, 10 changes, at most 7 in one pass; added 7, removed 2, "
                            "1 own skipped; longest pause between passes "), said
+    assert "known from the writes' replies" not in said
+    w.note(4, ApplyResult(), 4)
+    assert ", 5 own skipped (3 known from the writes' replies, not read back); longest" in (w.sentence(3) or "")
     assert 50 <= int(said.rsplit(" ", 2)[-2]) < 1000  # the 50 ms between the two
 
 
@@ -638,15 +641,80 @@ def test_the_replication_bench_reads_the_summary_lines_the_service_writes(tmp_pa
     lg.addHandler(handler)
     lg.setLevel(logging.INFO)
     t0 = _time.time() - bench.SUMMARY_S - 1
-    for changes in ((3, 4), (20, 1)):
+    for changes, unread in (((3, 4), 0), ((20, 1), 6)):
         w = _PassWindow()
         for c in changes:
             w.note(c, ApplyResult(added=c), 0)
-        lg.info("%s", w.sentence())
+        lg.info("%s", w.sentence(unread))
     handler.close()
     lg.removeHandler(handler)
     assert bench.SUMMARY_S == SUMMARY_EVERY_S
     got = bench.replicator_passes(log_file, t0, _time.time())
     assert got["passes"] == 4 and got["changes"] == 28 and got["summaries"] == 2, got
-    assert got["changes_per_pass_max"] == 20 and got["changes_per_pass_mean"] == 7.0
+    assert got["changes_per_pass_max"] == 20 and got["changes_per_pass_mean"] == 7.0 and got["own_unread"] == 6
     assert got["s_between_passes_max"] is not None and got["s_between_passes_max"] < 1.0
+
+
+def test_full_garbage_collections_are_counted_with_their_longest_for_the_summary() -> None:
+    """A full collection stops every thread of the coordinator; the summary says how many and the longest."""
+    import gc
+
+    from ha.coordinator.gcpause import FullCollections
+
+    fc = FullCollections()
+    fc.install()
+    gc.disable()  # only the collections this test asks for: none set off by another thread's allocations
+    try:
+        gc.collect(0)  # a young collection: not counted
+        assert fc.take() == (0, 0.0)
+        gc.collect()
+        gc.collect()
+        n, longest = fc.take()
+        assert n == 2 and 0 < longest < 5
+        assert fc.take() == (0, 0.0)  # taken: the next summary starts from none
+    finally:
+        fc.uninstall()
+        gc.enable()
+    gc.collect()
+    assert fc.take() == (0, 0.0)
+
+
+def test_the_freezer_hides_survivors_from_full_collections_and_hands_them_back_at_each_thaw() -> None:
+    """What a full collection walks after a freeze is only what was made since; a thaw gives everything back (the
+    garbage cycles among frozen objects are collected then)."""
+    import gc
+    import weakref
+
+    from ha.coordinator.gcpause import Freezer
+
+    class Cyclic:
+        pass
+
+    gc.unfreeze()
+    gc.disable()  # only the collections this test asks for
+    try:
+        f = Freezer(5.0, 60.0, now=0.0)
+        keep = [[i] for i in range(50_000)]  # long-lived, tracked
+        f.tick(4.9)
+        assert gc.get_freeze_count() == 0 and f.freezes == 0  # not yet
+        f.tick(5.0)
+        assert gc.get_freeze_count() >= len(keep) and f.freezes == 1
+        cycle = Cyclic()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        alive = weakref.ref(cycle)
+        gc.collect()
+        gc.freeze()  # the cycle frozen while alive, as the service's ticks do
+        del cycle
+        gc.collect()
+        assert alive() is not None  # a frozen cycle is not found
+        f.tick(60.0)
+        assert gc.get_freeze_count() == 0 and f.thaws == 1
+        gc.collect()
+        assert alive() is None  # thawed: the cycle is collected now
+        f.tick(64.9)
+        assert f.freezes == 1  # the next freeze waits an interval after the thaw
+        f.tick(65.0)
+        assert f.freezes == 2 and gc.get_freeze_count() >= len(keep)
+    finally:
+        gc.unfreeze()
+        gc.enable()
