@@ -91,6 +91,9 @@ class Ensemble:
     size: int = 3
     tick_ms: int = 500
     heap_mb: int = 128  # enough for tests; ~100k bindings need ~512
+    # The heap at its maximum from the start, as the lab and Ansible run ZooKeeper (grown from a small start it
+    # grows by full collections, pauses of every request); small by default, for the unit tests' many ensembles.
+    fixed_heap: bool = False
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ class Ensemble:
                 JAVA,
                 *JVM_OPTS,
                 f"-Xmx{self.heap_mb}m",
+                *([f"-Xms{self.heap_mb}m"] if self.fixed_heap else []),  # after JVM_OPTS' -Xms: the last one counts
                 f"-Dzookeeper.log.dir={m.data_dir}",
                 f"-Dlog4j.configuration=file:{m.data_dir / 'log4j.properties'}",
                 "-cp",
