@@ -199,7 +199,7 @@ def main() -> int:
     cluster = base.model_copy(update={"name": f"fp{uuid.uuid4().hex[:8]}"})
     node = cluster.nodes[0]
     tmp = Path(tempfile.mkdtemp(prefix="sipha-fastpath-"))
-    ens = Ensemble(tmp / "zk", tick_ms=500, heap_mb=768)
+    ens = Ensemble(tmp / "zk", tick_ms=500, heap_mb=768, fixed_heap=True)  # as the lab runs it
     try:
         ens.start(timeout=90)
         client = connect(ens, timeout_s=10)

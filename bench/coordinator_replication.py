@@ -508,14 +508,16 @@ def role_changes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> 
 def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20) -> dict[str, Any]:
     """From a coordinator's log: its replicator's passes between the wall-clock times t0 and t1, from the
     summary lines ("replicator window: ...", one per SUMMARY_EVERY_S) that cover only that time: how many,
-    changes per pass (mean and most), the longest pause between two passes. (Before stop 18 every pass had a log
+    changes per pass (mean and most), the longest pause between two passes, and (the active) how many of its own
+    writes its watch took from their replies instead of reading them back. (Before stop 18 every pass had a log
     line of its own, and the older result files give medians from those.)"""
     import datetime as dt
     import re
 
     pat = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* replicator window: (\d+) passes, (\d+) changes, "
                      r"at most (\d+) in one pass; .* longest pause between passes (\d+) ms")
-    rows: list[tuple[int, int, int, int]] = []
+    unread = re.compile(r"own skipped \((\d+) known from the writes' replies")
+    rows: list[tuple[int, int, int, int, int]] = []
     try:
         with log.open("rb") as f:
             f.seek(max(0, log.stat().st_size - tail_bytes))
@@ -527,12 +529,15 @@ def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20
         if m:
             t = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             if t0 + SUMMARY_S <= t <= t1 + 0.5:  # its window (t - SUMMARY_S, t] within the step
-                rows.append((int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5))))
+                u = unread.search(ln)
+                rows.append((int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5)),
+                             int(u.group(1)) if u else 0))
     passes, changes = sum(r[0] for r in rows), sum(r[1] for r in rows)
     return {"passes": passes, "changes": changes, "summaries": len(rows),
             "changes_per_pass_mean": round(changes / passes, 1) if passes else None,
             "changes_per_pass_max": max((r[2] for r in rows), default=None),
-            "s_between_passes_max": round(max(r[3] for r in rows) / 1000, 3) if rows else None}
+            "s_between_passes_max": round(max(r[3] for r in rows) / 1000, 3) if rows else None,
+            "own_unread": sum(r[4] for r in rows)}
 
 
 SUMMARY_S = SUMMARY_EVERY_S  # the coordinator's summary lines come this often

@@ -282,6 +282,7 @@ class MarkerResult:
     mid_s: float | None  # to the intermediate store (sipha: ZooKeeper), when one is checked
     first_poll: bool  # already there at the first lookup (the lag is then at most one poll)
     queued_s: float  # from the 200 OK to the poller having it (the sender process's queue): the floor
+    ok_at: float = 0.0  # the 200 OK's time (time.monotonic): whether the slowest markers came together
 
 
 @dataclass
@@ -355,7 +356,7 @@ class Markers:
                     t_ok, looked = self._out[aor]
                     if out is not None and not isinstance(out, Exception):
                         self.results.append(MarkerResult(aor, t_seen - t_ok, self._mid_seen.pop(aor, None), not looked,
-                                                         self._queued.pop(aor, 0.0)))
+                                                         self._queued.pop(aor, 0.0), t_ok))
                         del self._out[aor]
                     elif t_seen - t_ok > self.give_up_s:
                         self.missed.append(aor)
@@ -405,6 +406,11 @@ def lag_summary(results: list[MarkerResult], missed: int = 0) -> dict[str, Any]:
     return {"n": len(lags), "missed": missed, "p50_ms": ms(pct(lags, 50)), "p99_ms": ms(pct(lags, 99)),
             "max_ms": ms(max(lags) if lags else None), "at_first_poll": sum(r.first_poll for r in results),
             "queued_p50_ms": ms(pct([r.queued_s * 1000 for r in results], 50)),
+            # The slowest five: when (s after the step's first marker's 200 OK), lag and to-the-store ms. Spread
+            # over the step, the tail is the machine's; together, one stall was.
+            "slowest": [[round(r.ok_at - t0, 2), ms(r.lag_s * 1000), ms(None if r.mid_s is None else r.mid_s * 1000)]
+                        for r in sorted(results, key=lambda r: r.lag_s)[-5:]]
+            if results and (t0 := min(r.ok_at for r in results)) else [],
             **({"to_store_p50_ms": ms(pct(mids, 50)), "to_store_p99_ms": ms(pct(mids, 99)), "to_store_n": len(mids)}
                if (mids := [r.mid_s * 1000 for r in results if r.mid_s is not None]) else {})}
 
