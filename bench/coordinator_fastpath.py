@@ -53,7 +53,7 @@ from ha.coordinator.service import Service  # noqa: E402
 from ha.coordinator.store import ZkStore  # noqa: E402
 from ha.proxy import kamailio  # noqa: E402
 from ha.unixline import exchange  # noqa: E402
-from ha.zk_testing import Ensemble  # noqa: E402
+from ha.zk_testing import Ensemble, lab_yaml  # noqa: E402
 
 PKG_KB_PER_BINDING = 3  # as resource_agents/sipha-proxy sizes -M
 
@@ -195,10 +195,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
-    base = model.load(ROOT / "examples" / "lab.yaml")
-    cluster = base.model_copy(update={"name": f"fp{uuid.uuid4().hex[:8]}"})
-    node = cluster.nodes[0]
     tmp = Path(tempfile.mkdtemp(prefix="sipha-fastpath-"))
+    ycfg = lab_yaml(tmp, f"fp{uuid.uuid4().hex[:8]}")  # the lab's model, with the tests' ZooKeeper credential
+    cluster = model.load(ycfg)
+    node = cluster.nodes[0]
     ens = Ensemble(tmp / "zk", tick_ms=500, heap_mb=768, fixed_heap=True)  # as the lab runs it
     try:
         ens.start(timeout=90)
@@ -213,8 +213,6 @@ def main() -> int:
         print(f"wrote {args.n} bindings to the ensemble in {time.monotonic() - t0:.1f} s")
         cfg = tmp / "kamailio.cfg"
         cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=node, is_node=True))
-        ycfg = tmp / "cluster.yaml"
-        ycfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {cluster.name}", 1))
         reader = ZkStore(client, cluster.name, "node1")
         rows: list[dict[str, object]] = []
         node_starts: list[dict[str, object]] = []

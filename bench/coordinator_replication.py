@@ -544,10 +544,10 @@ SUMMARY_S = SUMMARY_EVERY_S  # the coordinator's summary lines come this often
 
 
 @contextlib.contextmanager
-def zk_client(hosts: str) -> Iterator[Any]:
+def zk_client(hosts: str, **kwargs: Any) -> Iterator[Any]:
     from kazoo.client import KazooClient
 
-    zk = KazooClient(hosts=hosts, timeout=10)
+    zk = KazooClient(hosts=hosts, timeout=10, **kwargs)
     zk.start(timeout=30)
     try:
         yield zk
@@ -578,7 +578,7 @@ def main_sipha(args: argparse.Namespace) -> dict[str, Any]:
         active = labmod.vip_holder(spec)
         hosts = ",".join(f"{h['ip']}:{spec['zk_client_port']}" for h in spec["hosts"]
                          if any(s["name"] == "zookeeper" for s in h.get("services", [])))
-        with zk_client(hosts) as zk:
+        with zk_client(hosts, **labmod.zk_client_kwargs(spec)) as zk:
             return run(Sipha(spec, active, other(active), zk), parse_steps(args.steps), args.marker_rate, sender)
     finally:
         sender.close()

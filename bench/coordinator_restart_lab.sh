@@ -20,9 +20,11 @@ from kazoo.client import KazooClient
 from conftest_zk import contact
 from ha import model
 from ha.coordinator.store import StaleEpoch, ZkStore
+from ha.lab import lab
 n = int(sys.argv[1])
 c = model.load(f"{root}/examples/lab.yaml")
-cl = KazooClient(hosts=",".join(f"{h.ip}:{c.zookeeper.client_port}" for h in c.zk_members), timeout=10)
+cl = KazooClient(hosts=",".join(f"{h.ip}:{c.zookeeper.client_port}" for h in c.zk_members), timeout=10,
+                 **lab.zk_client_kwargs(lab.load_spec()))
 cl.start(timeout=20)
 s = ZkStore(cl, c.name, "node1")
 s.ensure_layout()

@@ -183,4 +183,34 @@ class Ensemble:
             self.stop_member(i)
 
 
-__all__ = ["Ensemble", "four_letter", "free_ports", "mode"]
+# The credential of every client of a test Ensemble (tests' and benches' own clients, and the services they start
+# through lab_yaml): their znodes closed as in the lab, and all of them one identity.
+TEST_CREDENTIAL = "sipha:test-credential-of-the-lab-yaml"
+
+
+def test_auth_kwargs() -> dict[str, object]:
+    """KazooClient arguments of TEST_CREDENTIAL (see ha.coordinator.zkauth)."""
+    from ha.coordinator.zkauth import ZkAuth
+
+    user, _, password = TEST_CREDENTIAL.partition(":")
+    return ZkAuth(user, password).client_kwargs()
+
+
+def lab_yaml(tmp: Path, name: str | None = None) -> Path:
+    """examples/lab.yaml for a coordinator run outside the lab (tests, benches on an Ensemble): renamed when
+    ``name`` is given, its ``zookeeper.auth_file`` TEST_CREDENTIAL written into ``tmp`` (the lab writes its own
+    into each node's /etc/sipha), so the service and materialize authenticate as they do in the lab."""
+    text = (Path(__file__).resolve().parents[1] / "examples" / "lab.yaml").read_text()
+    if name:
+        text = text.replace("name: sipha-lab", f"name: {name}", 1)
+    cred = tmp / "zk-auth"
+    cred.write_text(TEST_CREDENTIAL + "\n")
+    cred.chmod(0o600)
+    if "auth_file: /etc/sipha/zk-auth" not in text:
+        raise ValueError("examples/lab.yaml no longer sets zookeeper.auth_file: /etc/sipha/zk-auth")
+    out = tmp / "cluster.yaml"
+    out.write_text(text.replace("auth_file: /etc/sipha/zk-auth", f"auth_file: {cred}", 1))
+    return out
+
+
+__all__ = ["TEST_CREDENTIAL", "Ensemble", "four_letter", "free_ports", "lab_yaml", "mode", "test_auth_kwargs"]

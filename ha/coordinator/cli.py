@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ha import model
+from ha.coordinator import zkauth
 from ha.coordinator.store import ClusterState, StoreUnavailable, ZkStore
 
 DEFAULT_CONFIG = "/etc/sipha/cluster.yaml"
@@ -39,7 +40,12 @@ def _store(config: str, zk_hosts: str | None, timeout: float) -> Iterator[ZkStor
 
     cluster = _load(config)
     hosts = zk_hosts or ",".join(f"{h.ip}:{cluster.zookeeper.client_port}" for h in cluster.zk_members)
-    client = KazooClient(hosts=hosts, timeout=max(timeout, 2.0), connection_retry={"max_tries": 2, "max_delay": 1})
+    try:
+        auth = zkauth.client_kwargs(cluster.zookeeper)
+    except zkauth.ZkAuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    client = KazooClient(hosts=hosts, timeout=max(timeout, 2.0), connection_retry={"max_tries": 2, "max_delay": 1},
+                         **auth)
     try:
         client.start(timeout=timeout)
     except KazooTimeoutError:

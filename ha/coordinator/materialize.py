@@ -301,6 +301,13 @@ def from_store(store: Any, path: str | Path, cluster: str, node: str) -> Written
     return w
 
 
+def _unread(out: str, why: str) -> int:
+    w = write_empty(out, why)
+    log.warning("%s: wrote an empty %s (the coordinator resyncs the proxy over RPC)", why, out)
+    print(json.dumps({"bindings": 0, "path": w.path, "empty": why}))
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ha.coordinator.materialize",
                                 description="Write the store's bindings into the SQLite table Kamailio preloads.")
@@ -314,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s sipha-materialize[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("kazoo").setLevel(logging.ERROR)
     t0 = time.monotonic()
+    from kazoo.exceptions import NoAuthError
+
     from ha import model
+    from ha.coordinator import zkauth
     from ha.coordinator.store import StoreUnavailable, ZkStore
     from ha.coordinator.zkhandler import new_client
 
@@ -325,18 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     z = cluster.zookeeper
     hosts = args.zk_hosts or ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
-    client = new_client(hosts, timeout=max(args.timeout, 1.0), connection_retry={"max_tries": 0})
+    try:
+        auth = zkauth.client_kwargs(z)
+    except zkauth.ZkAuthError as exc:
+        return _unread(args.out, f"zookeeper not read: {exc}")
+    client = new_client(hosts, timeout=max(args.timeout, 1.0), connection_retry={"max_tries": 0}, **auth)
     try:
         try:
             client.start(timeout=min(args.timeout, 2.0))  # unreachable: give up early, the proxy is waiting
             store = ZkStore(client, cluster.name, args.node, op_timeout_s=args.timeout)
             w = from_store(store, args.out, cluster.name, args.node)
         except (StoreUnavailable, MaterializeError, client.handler.timeout_exception) as exc:
-            why = f"zookeeper not read: {exc}"
-            w = write_empty(args.out, why)
-            log.warning("%s: wrote an empty %s (the coordinator resyncs the proxy over RPC)", why, args.out)
-            print(json.dumps({"bindings": 0, "path": w.path, "empty": why}))
-            return 1
+            return _unread(args.out, f"zookeeper not read: {exc}")
+        except NoAuthError:
+            return _unread(args.out, "zookeeper not read: not allowed (zookeeper.auth_file is not the credential "
+                                     "that wrote the store)")
     finally:
         with contextlib.suppress(Exception):
             client.stop()

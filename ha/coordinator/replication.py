@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ha.coordinator import proxytable
+from ha.coordinator import proxytable, zkauth
 from ha.coordinator.apply import ProxyApplier
 from ha.coordinator.events import ContactEvent, DialogEvent, Event, Intake, SeqStatus
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
@@ -251,9 +251,10 @@ class Replication:
         hosts = hosts or ",".join(f"{h.ip}:{z.client_port}" for h in cluster.zk_members)
         sock = Path(rpc_socket or default_socket())
         retry = {"max_tries": -1, "max_delay": 1}
-        client = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=retry)
+        auth = zkauth.client_kwargs(z)  # ZkAuthError: the caller says it in one line
+        client = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=retry, **auth)
         client.start_async()  # never block the service's start on a ZooKeeper that is not there yet
-        reader = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=dict(retry))
+        reader = new_client(hosts, timeout=z.session_timeout_ms / 1000, connection_retry=dict(retry), **auth)
         reader.start_async()  # whole-store reads (ZkStore.reader): never in front of this node's writes
         store = ZkStore(client, cluster.name, node, reader=reader)
         loop_rpc = Rpc(sock, timeout=0.3)  # the loop's own client (the applier's runs on the watch thread)

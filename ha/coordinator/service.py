@@ -556,7 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         role = vip_check(v.ip for v in cluster.vips)
     else:
         role = (lambda: True) if args.active == "always" else None
-    repl = Replication.from_model(cluster, args.node, journal_path=args.journal,
-                                  rpc_socket=kamailio.rpc_socket(args.run_dir), hosts=args.zk_hosts)
+    from ha.coordinator.zkauth import ZkAuthError
+
+    try:
+        repl = Replication.from_model(cluster, args.node, journal_path=args.journal,
+                                      rpc_socket=kamailio.rpc_socket(args.run_dir), hosts=args.zk_hosts)
+    except ZkAuthError as exc:
+        raise SystemExit(str(exc)) from None
     return Service(args.bind, port, args.pidfile, args.status_socket, repl, ready_file=args.ready_file,
                    role=role).run()

@@ -55,6 +55,7 @@ from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     OperationTimeoutError,
@@ -66,7 +67,9 @@ from kazoo.protocol.serialization import Transaction as _Transaction
 from kazoo.protocol.serialization import Watch as _WatchEvent
 from kazoo.protocol.serialization import int_struct, multiheader_struct, read_buffer, read_string, stat_struct
 from kazoo.protocol.states import KazooState, ZnodeStat
+from kazoo.security import OPEN_ACL_UNSAFE
 
+from ha.coordinator import zkauth
 from ha.coordinator.events import ContactEvent, DialogEvent, Event
 from ha.coordinator.gcpause import gc_paused
 
@@ -689,7 +692,10 @@ class ZkStore(Store):
 
     def ensure_layout(self) -> None:
         """Create the root, epoch and buckets if missing; safe to run on every node at every start."""
+        acl = self.client.default_acl  # zookeeper.auth_file set: this identity's (ha.coordinator.zkauth)
         try:
+            if acl:
+                self.client.ensure_path(self.root.rsplit("/", 1)[0], acl=OPEN_ACL_UNSAFE)  # shared: see zkauth
             for p in (f"{self.root}/contacts", f"{self.root}/dialogs", f"{self.root}/cdrs", f"{self.root}/gone"):
                 self.client.ensure_path(p)
             root = self.client.exists(self.root)
@@ -705,8 +711,18 @@ class ZkStore(Store):
                 for a in asyncs:
                     with contextlib.suppress(NodeExistsError):
                         a.get(timeout=self.op_timeout_s)
+            if acl and list(self.client.get_acls(self.root)[0]) != list(acl):
+                t0 = time.monotonic()
+                n = zkauth.secure_tree(self.client, self.root, acl, timeout=self.op_timeout_s)
+                log.warning("zookeeper: %d znodes under %s written before zookeeper.auth_file was set are closed to "
+                            "other identities now (%.1f s)", n, self.root, time.monotonic() - t0)
         except self._unavailable_errors() as exc:
             raise StoreUnavailable(f"cannot create the layout: {exc!r}") from exc
+        except NoAuthError:
+            # Not ready, retried on tick: a node with another credential than the one that closed the tree.
+            raise StoreUnavailable(f"not allowed into {self.root}: zookeeper.auth_file is not the credential the "
+                                   "other nodes use" if acl else f"not allowed into {self.root}: it is closed "
+                                   "(zookeeper.auth_file is set on other nodes, not on this one)") from None
 
     def current_epoch(self) -> int:
         try:

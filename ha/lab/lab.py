@@ -110,6 +110,10 @@ def preflight(cluster: model.Cluster, host_agents: bool = True) -> None:
     outside = [f"{k} {ip}" for k, ip in addrs.items() if ipaddress.IPv4Address(ip) not in LAB_SUBNET]
     if outside:
         raise LabError(f"the lab only builds clusters on {LAB_SUBNET}; outside it: {', '.join(outside)}")
+    zk_auth = cluster.zookeeper.auth_file
+    if zk_auth and not zk_auth.startswith("/etc/sipha/"):
+        raise LabError(f"zookeeper.auth_file {zk_auth}: the lab writes it into each host's private /etc/sipha; "
+                       "give a path there")
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network, PID and mount namespaces): run it with sudo")
     missing = sorted({pkg for path, pkg in REQUIRED.items() if not Path(path).exists()})
@@ -315,6 +319,11 @@ def _prepare_host(cluster: model.Cluster, h: dict[str, Any], rendered: dict[str,
     token.write_text(cfg["api_token"] + "\n")
     os.chmod(token, 0o600)
     (sipha / "zoo.cfg").write_text(rendered["zoo.cfg"])
+    if cluster.zookeeper.auth_file:  # under /etc/sipha (preflight); one credential per lab
+        auth = root / cluster.zookeeper.auth_file.lstrip("/")
+        auth.parent.mkdir(parents=True, exist_ok=True)
+        auth.write_text(f"sipha:{cfg['zk_password']}\n")
+        os.chmod(auth, 0o600)
     if cluster.failover.fast_claim:
         key = root / cluster.failover.lease_key_file.lstrip("/")
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -411,10 +420,23 @@ def build_spec(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str]
         "api_token_file": cluster.rest.token_file if cluster.rest.token_file.startswith("/etc/sipha/")
         else "/etc/sipha/api-token",
         "rest": f"http://{cluster.rest.bind}:{cluster.rest.port}",
+        "zk_auth_file": cluster.zookeeper.auth_file,
         "hosts": hosts,
         "power_on": [h["name"] for h in hosts if h["init"]],
         **({"ssh": labbare.ssh_paths(STATE_DIR)} if cfg["variant"] == "bare" else {}),
     }
+
+
+def zk_client_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """KazooClient arguments for a tool outside the nodes (the benches): the lab's ZooKeeper credential, read
+    from a node's private /etc/sipha; {} when the lab's ZooKeeper is open."""
+    from ha.coordinator import zkauth
+
+    f = spec.get("zk_auth_file")
+    if not f:
+        return {}
+    node = next(h["name"] for h in spec["hosts"] if h["role"] == "node")
+    return zkauth.read(STATE_DIR / node / "root" / f.lstrip("/")).client_kwargs()
 
 
 # ------------------------------------------------------------------------------------------ up / down
@@ -523,7 +545,7 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
     cfg = {"authkey": secrets.token_bytes(128), "cib": cib, "kamailio_by_lab": kamailio_by_lab,
            "corosync_conf": rendered["corosync.conf"],
            "fallback_kamailio": FALLBACK_KAMAILIO, "variant": variant,
-           "api_token": secrets.token_urlsafe(32)}  # fmt: skip
+           "api_token": secrets.token_urlsafe(32), "zk_password": secrets.token_urlsafe(24)}  # fmt: skip
     if not any(p.endswith("kamailio.cfg") for p in rendered) and not kamailio_by_lab:
         raise LabError("no kamailio.cfg rendered (templates/kamailio.cfg.j2 missing)")
     spec = build_spec(cluster, yaml_path, rendered, cfg)

@@ -19,8 +19,10 @@ Each test leaves the cluster settled (both nodes up, sipha-health=1) and removes
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from coordlab import (
     open_caller,
     power,
     proxy_table,
+    run,
     status,
     zk_bindings,
     zk_calls,
@@ -167,6 +170,56 @@ def _three_way(spec: dict[str, Any], active: str, standby: str) -> tuple[str, di
 
 
 # ------------------------------------------------------------------------------------------------- 1
+
+
+_INTRUDER = """
+import json, sys
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+root, path = sys.argv[1], sys.argv[2]
+c = KazooClient(hosts=sys.argv[3], timeout=5)
+c.start(timeout=20)
+tries = {"list bindings": lambda: c.get_children(root + "/contacts/00"), "read a binding": lambda: c.get(path),
+         "overwrite it": lambda: c.set(path, b'{"contact": "sip:evil@198.51.100.50"}'),
+         "add one": lambda: c.create(root + "/contacts/00/evil", b"{}"), "delete it": lambda: c.delete(path)}
+out = {}
+for what, f in tries.items():
+    try:
+        f()
+        out[what] = "allowed"
+    except NoAuthError:
+        out[what] = "refused"
+c.stop()
+print(json.dumps(out))
+"""
+
+
+def test_the_store_is_closed_to_a_client_without_the_credential(lab: dict[str, Any], loop: Loop) -> None:
+    """zookeeper.auth_file (examples/lab.yaml sets it): a host on the cluster network with no credential, here the
+    lab's caller host, reaches ZooKeeper's port but cannot read, change, add or delete a phone's binding; the
+    nodes' own tools (sipha registrations) read it through the credential."""
+    from ha.coordinator.store import contact_name
+
+    spec = lab
+    _settle(spec)
+    phones = Phones(spec, ["aclphone"])
+    loop.run(phones.open())
+    try:
+        assert loop.run(phones.register(), timeout=30) == {"aclphone": 200}
+        wait_for(lambda: len(zk_bindings(spec, "aclphone")) == 1, 10, "the binding in ZooKeeper", 0.2)
+        ((aor, contact),) = zk_bindings(spec, "aclphone")
+        root = f"/sipha/{spec['cluster']}"
+        path = "{}/contacts/{}/{}".format(root, *contact_name(aor, contact))
+        hosts = ",".join(f"{h['ip']}:{spec['zk_client_port']}" for h in spec["hosts"]
+                         if any(sv["name"] == "zookeeper" for sv in h.get("services", [])))
+        p = run(["ip", "netns", "exec", labmod.client_ns(spec), sys.executable, "-c", _INTRUDER, root, path, hosts],
+                timeout=60)
+        assert p.returncode == 0, p.stderr[-600:]
+        assert json.loads(p.stdout) == dict.fromkeys(("list bindings", "read a binding", "overwrite it", "add one",
+                                                      "delete it"), "refused")
+        assert set(zk_bindings(spec, "aclphone")) == {(aor, contact)}  # untouched
+    finally:
+        _leave(loop, phones, ["aclphone"])
 
 
 def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], loop: Loop) -> None:

@@ -20,7 +20,7 @@ import pytest
 from kazoo.client import KazooClient
 
 from ha.coordinator.events import ContactEvent, DialogEvent, Event, from_dict
-from ha.zk_testing import Ensemble
+from ha.zk_testing import Ensemble, test_auth_kwargs
 
 _ENSEMBLE: Ensemble | None = None
 
@@ -60,8 +60,10 @@ def zk_ensemble() -> Iterator[Ensemble]:
 
 
 def connect(ens: Ensemble, timeout_s: float = 2.0) -> KazooClient:
-    """A started client; sessions of 2 s so a lost quorum shows quickly (the server clamps to >= 2 ticks)."""
-    c = KazooClient(hosts=ens.hosts, timeout=timeout_s, connection_retry={"max_tries": -1, "max_delay": 0.5})
+    """A started client; sessions of 2 s so a lost quorum shows quickly (the server clamps to >= 2 ticks).
+    Authenticated as the services the tests start are (zk_testing.TEST_CREDENTIAL): the trees are closed."""
+    c = KazooClient(hosts=ens.hosts, timeout=timeout_s, connection_retry={"max_tries": -1, "max_delay": 0.5},
+                    **test_auth_kwargs())
     c.start(timeout=20)
     return c
 

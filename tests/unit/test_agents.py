@@ -26,6 +26,8 @@ from types import ModuleType
 
 import pytest
 
+from ha.zk_testing import lab_yaml
+
 REPO = Path(__file__).resolve().parent.parent.parent
 AGENTS = REPO / "resource_agents"
 PROXY = AGENTS / "sipha-proxy"
@@ -351,7 +353,7 @@ def _free_udp_port() -> int:
 @needs_root
 def test_coordinator_lifecycle_events_and_hang(tmp_path: Path) -> None:
     port = _free_udp_port()
-    params = {"config": str(REPO / "examples" / "lab.yaml"), "event_port": str(port),
+    params = {"config": str(lab_yaml(tmp_path)), "event_port": str(port),
               "pidfile": str(tmp_path / "c.pid"), "status_socket": str(tmp_path / "c.sock"),
               "logfile": str(tmp_path / "c.log")}
     assert run(COORD, "validate-all", **params)[0] == 0
@@ -440,7 +442,7 @@ def test_ocf_tester_passes_on_installed_agents(netns: str, tmp_path: Path) -> No
          {"kind": "kamailio", "config": str(cfg), "pidfile": str(tmp_path / "k.pid"),
           "logfile": str(tmp_path / "k.log"), "probe_targets": "udp:5060,tcp:5060", "shm_mb": "64"}),
         ("/usr/lib/ocf/resource.d/sipha/coordinator",
-         {"config": str(REPO / "examples" / "lab.yaml"), "pidfile": str(tmp_path / "c.pid"),
+         {"config": str(lab_yaml(tmp_path)), "pidfile": str(tmp_path / "c.pid"),
           "status_socket": str(tmp_path / "c.sock"), "logfile": str(tmp_path / "c.log")}),
     ):
         args = [a for k, v in opts.items() for a in ("-o", f"{k}={v}")]

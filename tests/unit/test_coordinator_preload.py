@@ -38,6 +38,7 @@ from ha.coordinator.service import Service
 from ha.coordinator.store import ContactRecord, ZkStore
 from ha.proxy import kamailio
 from ha.unixline import exchange
+from ha.zk_testing import lab_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,9 +164,7 @@ def stored_cluster(prefix: str, zk_client: KazooClient, tmp_path: Path, n: int, 
 
 
 def _cluster_yaml(tmp: Path, name: str) -> Path:
-    cfg = tmp / "cluster.yaml"
-    cfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {name}", 1))
-    return cfg
+    return lab_yaml(tmp, name)  # with a ZooKeeper credential, as in the lab
 
 
 def test_materialize_command_line_reads_the_ensemble(zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient,

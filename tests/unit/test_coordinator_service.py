@@ -9,9 +9,11 @@ this node is the active one, as on a cluster node that holds the VIP.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +38,7 @@ from ha.coordinator.replication import Replication
 from ha.coordinator.service import DEFAULT_READY_FILE, Service, vip_check
 from ha.coordinator.store import ContactRecord, ZkStore
 from ha.proxy import kamailio
+from ha.zk_testing import lab_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,8 +132,14 @@ def fill_table(p: tpl.Proxy, n: int, prefix: str) -> None:
     assert errors == []
 
 
+@functools.cache
+def _lab_yaml() -> Path:
+    return lab_yaml(Path(tempfile.mkdtemp(prefix="sipha-lab-yaml-")))
+
+
 def unique_cluster(name: str) -> model.Cluster:
-    c = model.load(ROOT / "examples/lab.yaml")
+    """examples/lab.yaml renamed, its ZooKeeper credential the test clients' own (zk_testing.lab_yaml)."""
+    c = model.load(_lab_yaml())
     return c.model_copy(update={"name": f"{name}{uuid.uuid4().hex[:8]}"})
 
 
@@ -388,8 +397,7 @@ def test_ready_file_default_matches_the_health_service() -> None:
 def test_cli_lists_registrations_and_calls(zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient,
                                            tmp_path: Path) -> None:
     cluster = unique_cluster("cli")
-    cfg = tmp_path / "cluster.yaml"
-    cfg.write_text((ROOT / "examples/lab.yaml").read_text().replace("name: sipha-lab", f"name: {cluster.name}", 1))
+    cfg = lab_yaml(tmp_path, cluster.name)
     runner = CliRunner()
     base = ["--config", str(cfg), "--zk-hosts", zk_ensemble.hosts]
     res = runner.invoke(registrations, [*base, "--json"])

@@ -1,0 +1,116 @@
+"""Who may read and write sipha's znodes: ``zookeeper.auth_file``.
+
+Why: the ensemble listens on the cluster network, and a binding in it is where a phone's calls go. With open
+ACLs (ZooKeeper's default) anyone who reaches the client port can read every phone's contact or write one of
+their own and have the standby install it: calls to a victim routed to an attacker. With ``auth_file`` set, every
+sipha client authenticates with ZooKeeper's digest scheme and creates its znodes readable and writable by that
+identity only; the file holds one line, ``user:password``, the same on every node (the lab writes one per lab,
+the Ansible role derives it from the Corosync authkey as it does the lease key).
+
+The shared parent ``/sipha`` stays open so that clusters with different credentials can share an ensemble; each
+cluster's own subtree (``/sipha/<name>``) is closed. Znodes written before ``auth_file`` was set are closed by
+:func:`secure_tree` when a coordinator next ensures the layout (ha.coordinator.store.ZkStore.ensure_layout).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
+from kazoo.security import ACL, make_digest_acl
+
+_USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MIN_PASSWORD = 16  # digest auth sends it in clear to the server; a guessable one would be the weak point
+WINDOW = 1000  # requests in flight while walking a tree (bounded: kazoo queues them all in memory)
+
+
+class ZkAuthError(ValueError):
+    """The credential file is missing, unreadable or not ``user:password``; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ZkAuth:
+    user: str
+    password: str
+
+    @property
+    def acl(self) -> list[ACL]:
+        return [make_digest_acl(self.user, self.password, all=True)]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """KazooClient arguments: authenticate on every (re)connect, create with this identity's ACL."""
+        return {"auth_data": [("digest", f"{self.user}:{self.password}")], "default_acl": self.acl}
+
+
+def read(path: str | Path) -> ZkAuth:
+    where = f"zookeeper.auth_file: {path}"
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ZkAuthError(f"{where}: cannot read: {exc.strerror}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    user, sep, password = (lines[0] if len(lines) == 1 else "").partition(":")
+    if not sep:
+        raise ZkAuthError(f"{where}: expected one line user:password")
+    if not _USER.fullmatch(user):
+        raise ZkAuthError(f"{where}: the user must be 1-64 of A-Z a-z 0-9 _ . -")
+    if len(password) < MIN_PASSWORD:
+        raise ZkAuthError(f"{where}: the password must be at least {MIN_PASSWORD} characters")
+    return ZkAuth(user, password)
+
+
+def client_kwargs(zookeeper: Any) -> dict[str, Any]:
+    """The model's ``zookeeper`` section -> KazooClient arguments ({} when no auth_file is set)."""
+    f = getattr(zookeeper, "auth_file", None)
+    return read(f).client_kwargs() if f else {}
+
+
+def secure_tree(client: KazooClient, top: str, acl: Sequence[ACL], timeout: float = 10.0) -> int:
+    """Give ``top`` and every znode below it ``acl`` where it has another; how many were changed.
+
+    The deepest first and ``top`` last, so a walk cut short (a lost connection, a stopped node) is done again
+    whole at the next start: ``ensure_layout`` looks only at the top's ACL. Pipelined, WINDOW requests in
+    flight: 100k bindings one request at a time would hold a coordinator's start for tens of seconds."""
+    want = list(acl)
+    found: list[str] = []  # still to change, parents before children
+    level = [top]
+    while level:
+        nxt: list[str] = []
+        for chunk in _chunks(level):
+            for path, a in [(p, client.get_acls_async(p)) for p in chunk]:
+                try:
+                    have, stat = a.get(timeout=timeout)
+                except NoNodeError:
+                    continue  # deleted meanwhile
+                if list(have) != want:
+                    found.append(path)
+                if stat.numChildren:
+                    nxt.append(path)
+        level = []
+        for chunk in _chunks(nxt):
+            for path, a in [(p, client.get_children_async(p)) for p in chunk]:
+                try:
+                    level.extend(f"{path}/{c}" for c in a.get(timeout=timeout))
+                except NoNodeError:
+                    continue
+    changed = 0
+    for chunk in _chunks(found[::-1]):
+        for a in [client.set_acls_async(p, want) for p in chunk]:  # any version: each writer sets the same
+            try:
+                a.get(timeout=timeout)
+                changed += 1
+            except NoNodeError:
+                continue
+    return changed
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i:i + WINDOW] for i in range(0, len(items), WINDOW)]
+
+
+__all__ = ["ZkAuth", "ZkAuthError", "client_kwargs", "read", "secure_tree"]
