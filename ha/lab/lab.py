@@ -272,12 +272,14 @@ def _chown(path: Path, user: str, group: str) -> None:
 def _zk_argv() -> list[str]:
     cp = ":".join(["/etc/zookeeper/conf", *(f"/usr/share/java/{j}" for j in ZK_JARS)])
     # nice: on a small machine the three JVM start-ups would otherwise slow Pacemaker's own start
-    # -Xlog:gc: each collection's pause, with the wall time, in the member's log (a write's tail that lines up
-    # with a pause of the leader's is ZooKeeper's; see BENCHMARKS.md, "Replication lag").
+    # -Xlog:gc,gc+cpu: each collection's pause, with the wall time and the CPU it took, in the member's log (a
+    # write's tail that lines up with a pause of the leader's is ZooKeeper's; see BENCHMARKS.md, "Replication lag").
     # -Xms = -Xmx: grown from 32 MB, the heap grew by full collections (30-150 ms each, every few seconds while
     # bindings were added), the replication bench's slowest writes; the pages are still touched only when used.
+    # fsync.warningthresholdms: a write-ahead-log fsync slower than 50 ms is logged (stock: 1 s), so a write's
+    # tail can be told from a disk's.
     return ["nice", "-n", "10", "java", "-Xms256m", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-            "-Xshare:auto", "-Xlog:gc:stdout:time",
+            "-Xshare:auto", "-Xlog:gc,gc+cpu:stdout:time", "-Dzookeeper.fsync.warningthresholdms=50",
             "-Dzookeeper.log.dir=/var/log/zookeeper", "-Dzookeeper.root.logger=INFO,CONSOLE",
             "-Dlog4j.configuration=file:/etc/zookeeper/conf/log4j.properties",
             "-Dzookeeper.admin.enableServer=false", "-cp", cp,
