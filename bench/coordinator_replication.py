@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -543,23 +543,11 @@ def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20
 SUMMARY_S = SUMMARY_EVERY_S  # the coordinator's summary lines come this often
 
 
-@contextlib.contextmanager
-def zk_client(hosts: str, **kwargs: Any) -> Iterator[Any]:
-    from kazoo.client import KazooClient
-
-    zk = KazooClient(hosts=hosts, timeout=10, **kwargs)
-    zk.start(timeout=30)
-    try:
-        yield zk
-    finally:
-        zk.stop()
-        zk.close()
-
-
 def main_sipha(args: argparse.Namespace) -> dict[str, Any]:
     from labhelp import other, wait_settled
 
     from ha.lab import lab as labmod
+    from ha.zk_testing import started_client
 
     spec = labmod.load_spec()
     if spec is None:
@@ -578,7 +566,7 @@ def main_sipha(args: argparse.Namespace) -> dict[str, Any]:
         active = labmod.vip_holder(spec)
         hosts = ",".join(f"{h['ip']}:{spec['zk_client_port']}" for h in spec["hosts"]
                          if any(s["name"] == "zookeeper" for s in h.get("services", [])))
-        with zk_client(hosts, **labmod.zk_client_kwargs(spec)) as zk:
+        with started_client(hosts, **labmod.zk_client_kwargs(spec)) as zk:
             return run(Sipha(spec, active, other(active), zk), parse_steps(args.steps), args.marker_rate, sender)
     finally:
         sender.close()

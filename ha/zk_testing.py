@@ -17,8 +17,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 JAVA = "/usr/bin/java"
 # zookeeper.jar's manifest names its dependencies; the Debian package also needs these two to log at all.
@@ -196,6 +198,20 @@ def test_auth_kwargs() -> dict[str, object]:
     return ZkAuth(user, password).client_kwargs()
 
 
+@contextlib.contextmanager
+def started_client(hosts: str, timeout: float = 10.0, **kwargs: Any) -> Iterator[Any]:
+    """A started KazooClient (kwargs: KazooClient's own, e.g. test_auth_kwargs()), stopped and closed after."""
+    from kazoo.client import KazooClient
+
+    zk = KazooClient(hosts=hosts, timeout=timeout, **kwargs)
+    zk.start(timeout=30)
+    try:
+        yield zk
+    finally:
+        zk.stop()
+        zk.close()
+
+
 def lab_yaml(tmp: Path, name: str | None = None) -> Path:
     """examples/lab.yaml for a coordinator run outside the lab (tests, benches on an Ensemble): renamed when
     ``name`` is given, its ``zookeeper.auth_file`` TEST_CREDENTIAL written into ``tmp`` (the lab writes its own
@@ -213,4 +229,5 @@ def lab_yaml(tmp: Path, name: str | None = None) -> Path:
     return out
 
 
-__all__ = ["TEST_CREDENTIAL", "Ensemble", "four_letter", "free_ports", "lab_yaml", "mode", "test_auth_kwargs"]
+__all__ = ["TEST_CREDENTIAL", "Ensemble", "four_letter", "free_ports", "lab_yaml", "mode", "started_client",
+           "test_auth_kwargs"]

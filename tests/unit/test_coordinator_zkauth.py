@@ -18,7 +18,7 @@ from kazoo.security import OPEN_ACL_UNSAFE
 from ha import model
 from ha.coordinator import materialize, zkauth
 from ha.coordinator.store import StoreUnavailable, ZkStore
-from ha.zk_testing import Ensemble
+from ha.zk_testing import Ensemble, started_client
 
 zk_ensemble = conftest_zk.zk_ensemble
 PASSWORD = "correct-horse-battery-staple"
@@ -31,25 +31,15 @@ def cluster() -> str:
 
 @pytest.fixture
 def authed(zk_ensemble: Ensemble) -> Iterator[KazooClient]:
-    c = KazooClient(hosts=zk_ensemble.hosts, timeout=2.0, **zkauth.ZkAuth("sipha", PASSWORD).client_kwargs())
-    c.start(timeout=20)
-    try:
+    with started_client(zk_ensemble.hosts, 2.0, **zkauth.ZkAuth("sipha", PASSWORD).client_kwargs()) as c:
         yield c
-    finally:
-        c.stop()
-        c.close()
 
 
 @pytest.fixture
 def zk_client(zk_ensemble: Ensemble) -> Iterator[KazooClient]:
     """No credential at all: what ZooKeeper gives anyone who reaches its port (conftest_zk's clients have one)."""
-    c = KazooClient(hosts=zk_ensemble.hosts, timeout=2.0)
-    c.start(timeout=20)
-    try:
+    with started_client(zk_ensemble.hosts, 2.0) as c:
         yield c
-    finally:
-        c.stop()
-        c.close()
 
 
 def _all_paths(c: KazooClient, top: str) -> list[str]:
@@ -71,10 +61,8 @@ def test_a_closed_store_is_read_and_written_by_its_credential_only(
     s.write([contact(1, "alice"), contact(2, "bob")])
     path = s.contact_path("alice", "sip:alice@198.51.100.50:5062")
     assert {r.aor for r in s.snapshot().contacts} == {"alice", "bob"}
-    wrong = KazooClient(hosts=zk_ensemble.hosts, timeout=2.0,
-                        **zkauth.ZkAuth("sipha", "not-the-password-at-all").client_kwargs())
-    wrong.start(timeout=20)
-    try:
+    with started_client(zk_ensemble.hosts, 2.0, **zkauth.ZkAuth("sipha", "not-the-password-at-all").client_kwargs()) \
+            as wrong:
         for c in (zk_client, wrong):
             with pytest.raises(NoAuthError):
                 c.get(path)
@@ -91,9 +79,6 @@ def test_a_closed_store_is_read_and_written_by_its_credential_only(
             ZkStore(wrong, cluster, "node2").ensure_layout()
         with pytest.raises(StoreUnavailable, match="auth_file is set on other nodes, not on this one"):
             ZkStore(zk_client, cluster, "node2").ensure_layout()
-    finally:
-        wrong.stop()
-        wrong.close()
     assert {r.aor for r in s.snapshot().contacts} == {"alice", "bob"}
     assert zk_client.get_acls("/sipha")[0] == OPEN_ACL_UNSAFE  # shared by clusters: each closes its own subtree
 
