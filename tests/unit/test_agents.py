@@ -351,6 +351,21 @@ def _free_udp_port() -> int:
 
 
 @needs_root
+def test_coordinator_start_without_its_zookeeper_credential_fails_saying_which_file(tmp_path: Path) -> None:
+    """zookeeper.auth_file missing on this node: the start fails at once (not at the start timeout) and what
+    Pacemaker logs names the field and the file; nothing is left running."""
+    cfg = lab_yaml(tmp_path)
+    (tmp_path / "zk-auth").unlink()
+    params = {"config": str(cfg), "event_port": str(_free_udp_port()), "pidfile": str(tmp_path / "c.pid"),
+              "status_socket": str(tmp_path / "c.sock"), "logfile": str(tmp_path / "c.log")}
+    t0 = time.monotonic()
+    rc, out = run(COORD, "start", **params)
+    assert rc == 1 and time.monotonic() - t0 < 10, (rc, out)
+    assert f"zookeeper.auth_file: {tmp_path / 'zk-auth'}: cannot read: No such file or directory" in out, out
+    assert run(COORD, "monitor", **params)[0] == 7  # OCF_NOT_RUNNING
+
+
+@needs_root
 def test_coordinator_lifecycle_events_and_hang(tmp_path: Path) -> None:
     port = _free_udp_port()
     params = {"config": str(lab_yaml(tmp_path)), "event_port": str(port),
