@@ -195,7 +195,7 @@ def test_auth_kwargs() -> dict[str, object]:
     from ha.coordinator.zkauth import ZkAuth
 
     user, _, password = TEST_CREDENTIAL.partition(":")
-    return ZkAuth(user, password).client_kwargs()
+    return ZkAuth(((user, password),)).client_kwargs()
 
 
 @contextlib.contextmanager

@@ -711,7 +711,7 @@ class ZkStore(Store):
                 for a in asyncs:
                     with contextlib.suppress(NodeExistsError):
                         a.get(timeout=self.op_timeout_s)
-            if acl and list(self.client.get_acls(self.root)[0]) != list(acl):
+            if acl and not zkauth.same_acl(self.client.get_acls(self.root)[0], acl):
                 t0 = time.monotonic()
                 n = zkauth.secure_tree(self.client, self.root, acl, timeout=self.op_timeout_s)
                 log.warning("zookeeper: %d znodes under %s written before zookeeper.auth_file was set are closed to "

@@ -4,8 +4,9 @@ Why: the ensemble listens on the cluster network, and a binding in it is where a
 ACLs (ZooKeeper's default) anyone who reaches the client port can read every phone's contact or write one of
 their own and have the standby install it: calls to a victim routed to an attacker. With ``auth_file`` set, every
 sipha client authenticates with ZooKeeper's digest scheme and creates its znodes readable and writable by that
-identity only; the file holds one line, ``user:password``, the same on every node (the lab writes one per lab,
-the Ansible role derives it from the Corosync authkey as it does the lease key).
+identity only; the file holds a line ``user:password`` (more than one while a credential is being changed: see
+ZkAuth), the same on every node (the lab writes one per lab; the Ansible role makes one on the first node once
+and copies it to the others).
 
 The shared parent ``/sipha`` stays open so that clusters with different credentials can share an ensemble; each
 cluster's own subtree (``/sipha/<name>``) is closed. Znodes written before ``auth_file`` was set are closed by
@@ -35,16 +36,27 @@ class ZkAuthError(ValueError):
 
 @dataclass(frozen=True)
 class ZkAuth:
-    user: str
-    password: str
+    """One or more digest credentials, all authenticated, all given every permission on what this writes.
+
+    More than one line is how a credential is changed without locking the cluster out of its own tree: add the
+    new line on every node, restart the coordinators (the first to start re-ACLs the tree for both), then drop
+    the old line and restart them again (the tree's ACL follows). A credential simply replaced is refused by
+    the tree its predecessor closed (``ZkStore.ensure_layout`` says so)."""
+
+    credentials: tuple[tuple[str, str], ...]
 
     @property
     def acl(self) -> list[ACL]:
-        return [make_digest_acl(self.user, self.password, all=True)]
+        return [make_digest_acl(user, password, all=True) for user, password in self.credentials]
 
     def client_kwargs(self) -> dict[str, Any]:
-        """KazooClient arguments: authenticate on every (re)connect, create with this identity's ACL."""
-        return {"auth_data": [("digest", f"{self.user}:{self.password}")], "default_acl": self.acl}
+        """KazooClient arguments: authenticate on every (re)connect, create with these identities' ACL."""
+        return {"auth_data": [("digest", f"{u}:{p}") for u, p in self.credentials], "default_acl": self.acl}
+
+
+def same_acl(a: Sequence[ACL], b: Sequence[ACL]) -> bool:
+    """The same grants, in whatever order the server lists them."""
+    return {(x.perms, x.id.scheme, x.id.id) for x in a} == {(x.perms, x.id.scheme, x.id.id) for x in b}
 
 
 def read(path: str | Path) -> ZkAuth:
@@ -53,15 +65,21 @@ def read(path: str | Path) -> ZkAuth:
         text = Path(path).read_text()
     except OSError as exc:
         raise ZkAuthError(f"{where}: cannot read: {exc.strerror}") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    user, sep, password = (lines[0] if len(lines) == 1 else "").partition(":")
-    if not sep:
-        raise ZkAuthError(f"{where}: expected one line user:password")
-    if not _USER.fullmatch(user):
-        raise ZkAuthError(f"{where}: the user must be 1-64 of A-Z a-z 0-9 _ . -")
-    if len(password) < MIN_PASSWORD:
-        raise ZkAuthError(f"{where}: the password must be at least {MIN_PASSWORD} characters")
-    return ZkAuth(user, password)
+    creds: list[tuple[str, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.strip().partition(":")
+        if not sep:
+            raise ZkAuthError(f"{where}: line {n}: expected user:password")
+        if not _USER.fullmatch(user):
+            raise ZkAuthError(f"{where}: line {n}: the user must be 1-64 of A-Z a-z 0-9 _ . -")
+        if len(password) < MIN_PASSWORD:
+            raise ZkAuthError(f"{where}: line {n}: the password must be at least {MIN_PASSWORD} characters")
+        creds.append((user, password))
+    if not creds:
+        raise ZkAuthError(f"{where}: no user:password line")
+    return ZkAuth(tuple(creds))
 
 
 def client_kwargs(zookeeper: Any) -> dict[str, Any]:
@@ -87,7 +105,7 @@ def secure_tree(client: KazooClient, top: str, acl: Sequence[ACL], timeout: floa
                     have, stat = a.get(timeout=timeout)
                 except NoNodeError:
                     continue  # deleted meanwhile
-                if list(have) != want:
+                if not same_acl(have, want):
                     found.append(path)
                 if stat.numChildren:
                     nxt.append(path)
@@ -113,4 +131,4 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i:i + WINDOW] for i in range(0, len(items), WINDOW)]
 
 
-__all__ = ["ZkAuth", "ZkAuthError", "client_kwargs", "read", "secure_tree"]
+__all__ = ["ZkAuth", "ZkAuthError", "client_kwargs", "read", "same_acl", "secure_tree"]

@@ -24,6 +24,10 @@ zk_ensemble = conftest_zk.zk_ensemble
 PASSWORD = "correct-horse-battery-staple"
 
 
+def _auth(*passwords: str) -> zkauth.ZkAuth:
+    return zkauth.ZkAuth(tuple(("sipha", p) for p in passwords))
+
+
 @pytest.fixture
 def cluster() -> str:
     return f"a{uuid.uuid4().hex[:8]}"
@@ -31,7 +35,7 @@ def cluster() -> str:
 
 @pytest.fixture
 def authed(zk_ensemble: Ensemble) -> Iterator[KazooClient]:
-    with started_client(zk_ensemble.hosts, 2.0, **zkauth.ZkAuth("sipha", PASSWORD).client_kwargs()) as c:
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(PASSWORD).client_kwargs()) as c:
         yield c
 
 
@@ -61,7 +65,7 @@ def test_a_closed_store_is_read_and_written_by_its_credential_only(
     s.write([contact(1, "alice"), contact(2, "bob")])
     path = s.contact_path("alice", "sip:alice@198.51.100.50:5062")
     assert {r.aor for r in s.snapshot().contacts} == {"alice", "bob"}
-    with started_client(zk_ensemble.hosts, 2.0, **zkauth.ZkAuth("sipha", "not-the-password-at-all").client_kwargs()) \
+    with started_client(zk_ensemble.hosts, 2.0, **_auth("not-the-password-at-all").client_kwargs()) \
             as wrong:
         for c in (zk_client, wrong):
             with pytest.raises(NoAuthError):
@@ -100,7 +104,7 @@ def test_an_open_store_is_closed_whole_at_the_first_start_with_a_credential(
 
     s = ZkStore(authed, cluster, "node1")
     s.ensure_layout()
-    acl = zkauth.ZkAuth("sipha", PASSWORD).acl
+    acl = _auth(PASSWORD).acl
     assert [p for p in _all_paths(authed, s.root) if authed.get_acls(p)[0] != acl] == []
     with pytest.raises(NoAuthError):
         zk_client.get(s.contact_path("u2", "sip:u2@198.51.100.50:5062"))
@@ -112,10 +116,11 @@ def test_an_open_store_is_closed_whole_at_the_first_start_with_a_credential(
 
 @pytest.mark.parametrize(("text", "said"), [
     (None, "cannot read: No such file or directory"),
-    ("sipha\n", "expected one line user:password"),
-    ("sipha:" + PASSWORD + "\nsecond:line-of-sixteen-chars\n", "expected one line user:password"),
-    ("si pha:" + PASSWORD, "the user must be 1-64 of A-Z a-z 0-9 _ . -"),
-    ("sipha:short", "the password must be at least 16 characters"),
+    ("\n# nothing else\n", "no user:password line"),
+    ("sipha\n", "line 1: expected user:password"),
+    ("sipha:" + PASSWORD + "\n\nsecond-line-without-a-colon\n", "line 3: expected user:password"),
+    ("si pha:" + PASSWORD, "line 1: the user must be 1-64 of A-Z a-z 0-9 _ . -"),
+    ("sipha:short", "line 1: the password must be at least 16 characters"),
 ])
 def test_a_bad_credential_file_is_said_in_one_line_naming_the_field(tmp_path: Path, text: str | None,
                                                                      said: str) -> None:
@@ -125,6 +130,43 @@ def test_a_bad_credential_file_is_said_in_one_line_naming_the_field(tmp_path: Pa
     with pytest.raises(zkauth.ZkAuthError) as exc:
         zkauth.read(f)
     assert str(exc.value) == f"zookeeper.auth_file: {f}: {said}"
+
+
+def test_a_credential_file_may_hold_several_and_comments(tmp_path: Path) -> None:
+    f = tmp_path / "zk-auth"
+    f.write_text(f"# the new one first\nsipha:{PASSWORD}\n\nold.user:the-old-password-here\n")
+    got = zkauth.read(f)
+    assert got.credentials == (("sipha", PASSWORD), ("old.user", "the-old-password-here"))
+    assert got.client_kwargs()["auth_data"] == [("digest", f"sipha:{PASSWORD}"),
+                                                ("digest", "old.user:the-old-password-here")]
+
+
+def test_a_credential_is_changed_in_two_restarts_without_locking_the_cluster_out(
+    zk_ensemble: Ensemble, cluster: str
+) -> None:
+    """What an operator does: new and old credential side by side on every node (the tree's ACL then grants both),
+    then the new one alone (the old one loses access). Replacing it in one step is refused with the cause."""
+    old, new = "the-old-credential-123", "the-new-credential-456"
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(old).client_kwargs()) as a:
+        s = ZkStore(a, cluster, "node1")
+        s.ensure_layout()
+        s.bump_epoch()
+        s.write([contact(1, "carol")])
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(new).client_kwargs()) as b, \
+            pytest.raises(StoreUnavailable, match="not the credential the other nodes use"):
+        ZkStore(b, cluster, "node2").ensure_layout()
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(new, old).client_kwargs()) as both:
+        ZkStore(both, cluster, "node1").ensure_layout()  # the first node restarted with both lines
+        assert all(zkauth.same_acl(both.get_acls(p)[0], _auth(new, old).acl) for p in _all_paths(both, s.root))
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(old).client_kwargs()) as a:
+        a.get(s.contact_path("carol", "sip:carol@198.51.100.50:5062"))  # a node not restarted yet still works
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(new).client_kwargs()) as b:
+        n = ZkStore(b, cluster, "node1")
+        n.ensure_layout()  # then the old line dropped
+        n.adopt_epoch()
+        assert [r.aor for r in n.snapshot().contacts] == ["carol"]
+    with started_client(zk_ensemble.hosts, 2.0, **_auth(old).client_kwargs()) as a, pytest.raises(NoAuthError):
+        a.get(s.contact_path("carol", "sip:carol@198.51.100.50:5062"))
 
 
 def test_the_model_wants_an_absolute_auth_file(tmp_path: Path) -> None:
