@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,3 +147,42 @@ def test_vip_on_exactly_one_node(hosts: Any, node_names: list[str]) -> None:
             if any(a.get("local") == vip for i in addrs for a in i.get("addr_info", [])):
                 holders.append(name)
         assert len(holders) == 1, f"VIP {vip} is on {holders or 'no node'}, want exactly one"
+
+
+_ZK_INTRUDER = (
+    "import sys\n"
+    "from kazoo.client import KazooClient\n"
+    "from kazoo.exceptions import NoAuthError\n"
+    "c = KazooClient(hosts=sys.argv[1], timeout=5)\n"
+    "c.start(timeout=15)\n"
+    "try:\n"
+    "    c.get_children(sys.argv[2])\n"
+    "    print('allowed')\n"
+    "except NoAuthError:\n"
+    "    print('refused')\n"
+    "c.stop()\n"
+)
+
+
+def test_zookeeper_credential_installed_and_the_tree_closed_without_it(hosts: Any, node_names: list[str]) -> None:
+    """zookeeper.auth_file: the same root-only credential on every node, and ZooKeeper refuses a client without
+    it (run from a node, sipha's own Python, as any process on the cluster network could)."""
+    import yaml
+
+    first = hosts(node_names[0])
+    model = yaml.safe_load(first.file("/etc/sipha/cluster.yaml").content_string)
+    path = (model.get("zookeeper") or {}).get("auth_file")
+    if not path:
+        pytest.skip("zookeeper.auth_file is not set in this cluster's model")
+    digests = set()
+    for name in node_names:
+        f = hosts(name).file(path)
+        assert f.exists and f.user == "root" and f.mode == 0o600, f"{name}: {path} missing or not root-only 0600"
+        digests.add(hosts(name).check_output(f"sha256sum {path}").split()[0])
+    assert len(digests) == 1, f"{path} differs between the nodes"
+    env = dict(line.split("=", 1) for line in first.file("/etc/sipha/env").content_string.splitlines()
+               if "=" in line and not line.startswith("#"))  # fmt: skip
+    python = str(Path(env["SIPHA_BIN"]).parent / "python")
+    port = (model.get("zookeeper") or {}).get("client_port", 2181)
+    out = first.check_output(f"{python} -c {shlex.quote(_ZK_INTRUDER)} 127.0.0.1:{port} /sipha/{model['name']}")
+    assert out.strip() == "refused", f"a client without the credential listed /sipha/{model['name']}: {out}"
