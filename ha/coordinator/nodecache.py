@@ -51,6 +51,13 @@ SAVE_EVERY_S = 60.0
 # together, in the second of a save (BENCHMARKS.md, "Replication lag", stop 19).
 CHUNK_ROWS = 500
 YIELD_S = 0.002
+# While the store changes faster than this (changes/s its watch saw over ~10 s), a due save waits, at most
+# SAVE_MAX_DEFER_S. Why: chunked or not, a save of 25k records is 0.5-0.8 s of a busy coordinator's GIL, and both
+# nodes' saves came due in the same second (their starts 60 s before): the replication bench's slowest markers at
+# 1000/s twice lined up with them (BENCHMARKS.md, stop 20). A cache a few minutes old only costs a restarting node
+# the decoding of what changed since.
+SAVE_BUSY_PER_S = 200.0
+SAVE_MAX_DEFER_S = 600.0
 VIEW_NAME = "view.marshal"
 TABLE_NAME = "usrloc.sqlite"
 
@@ -70,6 +77,7 @@ class NodeCache:
         self._saving: threading.Thread | None = None
         self._saved_mark: object = None
         self._next_save = time.monotonic() + SAVE_EVERY_S
+        self._deferred_since: float | None = None
         self.saves = 0
         self.last_save_s: float | None = None
 
@@ -177,13 +185,22 @@ class NodeCache:
         self.last_save_s = time.monotonic() - t0
         return self.last_save_s
 
-    def maybe_save(self, view_fn: Any, live: Any, mark: object, now: float) -> str | None:
+    def maybe_save(self, view_fn: Any, live: Any, mark: object, now: float, busy_per_s: float = 0.0) -> str | None:
         """From the service's loop: start a save on a thread of its own when one is due and the view changed
-        since the last (``mark``: anything that changes with it). ``view_fn``: the complete view, or None."""
+        since the last (``mark``: anything that changes with it). ``view_fn``: the complete view, or None.
+        ``busy_per_s``: how fast the store changes now (see SAVE_BUSY_PER_S); says so when a save starts waiting."""
         if self._saving is not None and self._saving.is_alive():
             return None
         if now < self._next_save or mark == self._saved_mark or (live is not None and not live.complete):
             return None  # an incomplete live table is being rebuilt (~1 s): the next tick will do
+        if busy_per_s > SAVE_BUSY_PER_S:
+            if self._deferred_since is None:
+                self._deferred_since = now
+                return (f"node cache save deferred: the store changes {busy_per_s:.0f} times/s (up to "
+                        f"{SAVE_MAX_DEFER_S:.0f} s)")
+            if now - self._deferred_since < SAVE_MAX_DEFER_S:
+                return None
+        self._deferred_since = None
         view = view_fn()
         if view is None:
             return None

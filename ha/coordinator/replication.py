@@ -137,6 +137,16 @@ class _Diffed:
     lag: str
 
 
+
+def _rate(samples: deque[tuple[float, int]], now: float, total: int, window_s: float) -> float:
+    """Per second, over about the last ``window_s``, of a running ``total`` sampled once per call (0 for the
+    first second)."""
+    samples.append((now, total))
+    while len(samples) > 2 and now - samples[1][0] >= window_s:
+        samples.popleft()
+    t0, n0 = samples[0]
+    return (total - n0) / (now - t0) if now - t0 >= 1.0 else 0.0
+
 class Replication:
     def __init__(
         self,
@@ -200,6 +210,7 @@ class Replication:
         self._next_audit = time.monotonic() + AUDIT_INTERVAL_S
         self.audit_runs = 0
         self._applied: deque[tuple[float, int]] = deque()  # (monotonic, changes applied so far), per tick
+        self._seen: deque[tuple[float, int]] = deque()  # (monotonic, store changes the watch saw so far), per tick
         self._audit_deferred_since: float | None = None
         self._audit_urgent = False  # changes failed to apply: the next audit runs even while busy
         self.late_written = 0
@@ -818,7 +829,10 @@ class Replication:
         if m:
             said.append(m)
         if self.node_cache is not None and rep is not None and rep.view_complete:
-            self.node_cache.maybe_save(rep.view, rep.live, rep.stats.passes, now)
+            m = self.node_cache.maybe_save(rep.view, rep.live, rep.stats.passes, now,
+                                           _rate(self._seen, now, rep.changes_seen, AUDIT_BUSY_WINDOW_S))
+            if m:
+                said.append(m)
         said += self._collect()
         return "; ".join(said) or None
 
@@ -861,12 +875,7 @@ class Replication:
         rep = self.replicator
         if rep is None:
             return 0.0
-        total = rep.stats.added + rep.stats.removed
-        self._applied.append((now, total))
-        while len(self._applied) > 2 and now - self._applied[1][0] >= AUDIT_BUSY_WINDOW_S:
-            self._applied.popleft()
-        t0, n0 = self._applied[0]
-        return (total - n0) / (now - t0) if now - t0 >= 1.0 else 0.0
+        return _rate(self._applied, now, rep.stats.added + rep.stats.removed, AUDIT_BUSY_WINDOW_S)
 
     def _standby_audit(self, now: float) -> str | None:
         """On the standby: now and then (and soon after changes failed to apply) compare the local proxy with the

@@ -221,6 +221,11 @@ class Replicator:
                         self.live = None
 
     @property
+    def changes_seen(self) -> int:
+        """Store changes (events) the watch received so far: how fast the store changes, in either role."""
+        return self._watch.received if self._watch is not None else 0
+
+    @property
     def view_complete(self) -> bool:
         return self._watch is not None and self._watch.complete
 

@@ -323,3 +323,28 @@ def test_a_background_save_packs_the_view_and_the_keys_in_chunks_with_pauses_bet
     _, manifest = cache.to_preload(tmp_path / "pre.sqlite", {})
     m = manifest()
     assert m is not None and m.loaded == {(r.aor, r.contact): r.mzxid for r in view.values()}
+
+
+def test_a_due_save_waits_while_the_store_changes_fast_and_not_longer_than_its_bound(tmp_path: Path) -> None:
+    """A busy store (over SAVE_BUSY_PER_S changes/s) holds a due save back, said once, at most SAVE_MAX_DEFER_S;
+    a calm one saves at once, as before."""
+    from ha.coordinator import nodecache
+
+    view = {f"/p/{i}": _rec(i) for i in range(10)}
+    cache = NodeCache(tmp_path / "nc", "c1", lambda: "s1")
+    t = cache._next_save
+    busy = nodecache.SAVE_BUSY_PER_S + 1
+    said = cache.maybe_save(lambda: view, None, 1, t, busy)
+    assert said is not None and said.startswith("node cache save deferred: the store changes 201 times/s")
+    assert cache.maybe_save(lambda: view, None, 1, t + nodecache.SAVE_MAX_DEFER_S - 1, busy) is None
+    assert cache._saving is None and cache.saves == 0  # still waiting, silently
+    cache.maybe_save(lambda: view, None, 1, t + nodecache.SAVE_MAX_DEFER_S, busy)  # waited long enough
+    assert cache._saving is not None
+    cache._saving.join(10)
+    assert cache.saves == 1 and set(cache.load_view()) == set(view)
+
+    calm = NodeCache(tmp_path / "nc2", "c1", lambda: "s1")
+    calm.maybe_save(lambda: view, None, 1, calm._next_save, nodecache.SAVE_BUSY_PER_S)  # at the bound: not busy
+    assert calm._saving is not None
+    calm._saving.join(10)
+    assert calm.saves == 1
