@@ -434,7 +434,7 @@ class Replication:
             if isinstance(self.store, ZkStore):
                 self.store.ensure_layout()
         except StoreUnavailable as exc:
-            return f"zookeeper not reachable yet ({exc}); will retry on tick"
+            return f"replication not started: {exc}; will retry on tick"  # unreachable, or not allowed in
         if self.replicator is not None and not self.replicator.running:
             self.replicator.start(include_own=self.include_own_first)
         self.started = True

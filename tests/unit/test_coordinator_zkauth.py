@@ -17,6 +17,8 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from ha import model
 from ha.coordinator import materialize, zkauth
+from ha.coordinator.journal import Journal
+from ha.coordinator.replication import Replication
 from ha.coordinator.store import StoreUnavailable, ZkStore
 from ha.zk_testing import Ensemble, started_client
 
@@ -55,7 +57,7 @@ def _all_paths(c: KazooClient, top: str) -> list[str]:
 
 
 def test_a_closed_store_is_read_and_written_by_its_credential_only(
-    authed: KazooClient, zk_client: KazooClient, zk_ensemble: Ensemble, cluster: str
+    authed: KazooClient, zk_client: KazooClient, zk_ensemble: Ensemble, cluster: str, tmp_path: Path
 ) -> None:
     """What an attacker on the cluster network would try, with no credential and with a wrong one: read a
     phone's binding, overwrite it, add one, delete one. All refused; the credential's own store works as ever."""
@@ -83,6 +85,10 @@ def test_a_closed_store_is_read_and_written_by_its_credential_only(
             ZkStore(wrong, cluster, "node2").ensure_layout()
         with pytest.raises(StoreUnavailable, match="auth_file is set on other nodes, not on this one"):
             ZkStore(zk_client, cluster, "node2").ensure_layout()
+        # What the coordinator says, and keeps retrying: not started, with the cause.
+        said = Replication(ZkStore(wrong, cluster, "node2"), "node2", Journal(tmp_path / "j.jsonl")).start()
+        assert said == (f"replication not started: not allowed into /sipha/{cluster}: zookeeper.auth_file is not the "
+                        "credential the other nodes use; will retry on tick"), said
     assert {r.aor for r in s.snapshot().contacts} == {"alice", "bob"}
     assert zk_client.get_acls("/sipha")[0] == OPEN_ACL_UNSAFE  # shared by clusters: each closes its own subtree
 
