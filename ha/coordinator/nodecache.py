@@ -54,10 +54,11 @@ YIELD_S = 0.002
 # While the store changes faster than this (changes/s its watch saw over ~10 s), a due save waits, at most
 # SAVE_MAX_DEFER_S. Why: chunked or not, a save of 25k records is 0.5-0.8 s of a busy coordinator's GIL, and both
 # nodes' saves came due in the same second (their starts 60 s before): the replication bench's slowest markers at
-# 1000/s twice lined up with them (BENCHMARKS.md, stop 20). A cache a few minutes old only costs a restarting node
-# the decoding of what changed since.
+# 1000/s twice lined up with them (BENCHMARKS.md, stop 20). Bounded at one more interval: a big cluster changes
+# faster than this all day (1M phones re-registering hourly: ~280/s), and every minute the cache is older costs a
+# restarting node the decoding of what changed in it (17k bindings at that rate, ~0.4 s).
 SAVE_BUSY_PER_S = 200.0
-SAVE_MAX_DEFER_S = 600.0
+SAVE_MAX_DEFER_S = 60.0
 VIEW_NAME = "view.marshal"
 TABLE_NAME = "usrloc.sqlite"
 
