@@ -208,8 +208,9 @@ class ZooKeeper(_Frozen):
     session_timeout_ms: Annotated[int, Field(ge=200, le=600000)] = 2000
     members: tuple[Name, ...] = ()  # default: every node and the witness
     data_dir: str = "/var/lib/zookeeper"
-    # One line user:password, the same on every node: sipha's znodes readable and writable by it alone
-    # (ha.coordinator.zkauth). Unset: ZooKeeper's open ACLs, anyone reaching client_port may rewrite bindings.
+    # Lines of user:password (one, or two while it is being changed), the same on every node: sipha's znodes
+    # readable and writable by those alone (ha.coordinator.zkauth). Unset: ZooKeeper's open ACLs, anyone reaching
+    # client_port may rewrite bindings.
     auth_file: str | None = None
 
     @field_validator("auth_file")

@@ -137,7 +137,6 @@ class _Diffed:
     lag: str
 
 
-
 def _rate(samples: deque[tuple[float, int]], now: float, total: int, window_s: float) -> float:
     """Per second, over about the last ``window_s``, of a running ``total`` sampled once per call (0 for the
     first second)."""
@@ -146,6 +145,7 @@ def _rate(samples: deque[tuple[float, int]], now: float, total: int, window_s: f
         samples.popleft()
     t0, n0 = samples[0]
     return (total - n0) / (now - t0) if now - t0 >= 1.0 else 0.0
+
 
 class Replication:
     def __init__(

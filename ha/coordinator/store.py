@@ -720,9 +720,9 @@ class ZkStore(Store):
             raise StoreUnavailable(f"cannot create the layout: {exc!r}") from exc
         except NoAuthError:
             # Not ready, retried on tick: a node with another credential than the one that closed the tree.
-            raise StoreUnavailable(f"not allowed into {self.root}: zookeeper.auth_file is not the credential the "
-                                   "other nodes use" if acl else f"not allowed into {self.root}: it is closed "
-                                   "(zookeeper.auth_file is set on other nodes, not on this one)") from None
+            why = ("zookeeper.auth_file is not the credential the other nodes use" if acl
+                   else "it is closed (zookeeper.auth_file is set on other nodes, not on this one)")
+            raise StoreUnavailable(f"not allowed into {self.root}: {why}") from None
 
     def current_epoch(self) -> int:
         try:

@@ -16,7 +16,7 @@ cluster's own subtree (``/sipha/<name>``) is closed. Znodes written before ``aut
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,7 @@ def read(path: str | Path) -> ZkAuth:
 
 def client_kwargs(zookeeper: Any) -> dict[str, Any]:
     """The model's ``zookeeper`` section -> KazooClient arguments ({} when no auth_file is set)."""
-    f = getattr(zookeeper, "auth_file", None)
-    return read(f).client_kwargs() if f else {}
+    return read(zookeeper.auth_file).client_kwargs() if zookeeper.auth_file else {}
 
 
 def secure_tree(client: KazooClient, top: str, acl: Sequence[ACL], timeout: float = 10.0) -> int:
@@ -98,37 +97,27 @@ def secure_tree(client: KazooClient, top: str, acl: Sequence[ACL], timeout: floa
     found: list[str] = []  # still to change, parents before children
     level = [top]
     while level:
-        nxt: list[str] = []
-        for chunk in _chunks(level):
-            for path, a in [(p, client.get_acls_async(p)) for p in chunk]:
-                try:
-                    have, stat = a.get(timeout=timeout)
-                except NoNodeError:
-                    continue  # deleted meanwhile
-                if not same_acl(have, want):
-                    found.append(path)
-                if stat.numChildren:
-                    nxt.append(path)
-        level = []
-        for chunk in _chunks(nxt):
-            for path, a in [(p, client.get_children_async(p)) for p in chunk]:
-                try:
-                    level.extend(f"{path}/{c}" for c in a.get(timeout=timeout))
-                except NoNodeError:
-                    continue
-    changed = 0
-    for chunk in _chunks(found[::-1]):
-        for a in [client.set_acls_async(p, want) for p in chunk]:  # any version: each writer sets the same
+        parents: list[str] = []
+        for path, (have, stat) in _each(client.get_acls_async, level, timeout):
+            if not same_acl(have, want):
+                found.append(path)
+            if stat.numChildren:
+                parents.append(path)
+        level = [f"{path}/{c}" for path, kids in _each(client.get_children_async, parents, timeout) for c in kids]
+    # any version: each writer sets the same
+    return sum(1 for _ in _each(lambda p: client.set_acls_async(p, want), found[::-1], timeout))
+
+
+def _each(call: Callable[[str], Any], paths: Sequence[str], timeout: float) -> Iterator[tuple[str, Any]]:
+    """(path, what ``call(path)``'s async result gives), WINDOW requests in flight at a time (kazoo queues them all
+    in memory); a path deleted meanwhile is left out."""
+    for i in range(0, len(paths), WINDOW):
+        for path, a in [(p, call(p)) for p in paths[i:i + WINDOW]]:
             try:
-                a.get(timeout=timeout)
-                changed += 1
+                got = a.get(timeout=timeout)
             except NoNodeError:
                 continue
-    return changed
-
-
-def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
-    return [items[i:i + WINDOW] for i in range(0, len(items), WINDOW)]
+            yield path, got
 
 
 __all__ = ["ZkAuth", "ZkAuthError", "client_kwargs", "read", "same_acl", "secure_tree"]
