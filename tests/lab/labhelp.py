@@ -92,7 +92,9 @@ def signal_proxy(spec: dict[str, Any], node: str, sig: str, pgid: int | None = N
         p = node_sh(spec, node, f"ps -o pgid= -p {pid}")
         assert p.returncode == 0 and p.stdout.strip().isdigit(), p.stdout + p.stderr
         pgid = int(p.stdout)
-    p = node_sh(spec, node, f"/bin/kill -s {sig} -- -{pgid}")
+    # -SIG, not -s SIG: procps-ng 4.0.2's kill reads "-s SIG -- -93" as bad usage for a group below 99 (a
+    # Kamailio's pgid in a fresh node namespace often is); the drill's faults use this form too.
+    p = node_sh(spec, node, f"/bin/kill -{sig} -- -{pgid}")
     assert p.returncode == 0 or sig == "CONT", p.stderr
     return pgid
 
