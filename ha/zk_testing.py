@@ -190,8 +190,9 @@ class Ensemble:
 TEST_CREDENTIAL = "sipha:test-credential-of-the-lab-yaml"
 
 
-def test_auth_kwargs() -> dict[str, object]:
-    """KazooClient arguments of TEST_CREDENTIAL (see ha.coordinator.zkauth)."""
+def credential_kwargs() -> dict[str, object]:
+    """KazooClient arguments of TEST_CREDENTIAL (see ha.coordinator.zkauth). Not named test_*: a test module that
+    imports it would have it collected as a test."""
     from ha.coordinator.zkauth import ZkAuth
 
     user, _, password = TEST_CREDENTIAL.partition(":")
@@ -200,7 +201,7 @@ def test_auth_kwargs() -> dict[str, object]:
 
 @contextlib.contextmanager
 def started_client(hosts: str, timeout: float = 10.0, **kwargs: Any) -> Iterator[Any]:
-    """A started KazooClient (kwargs: KazooClient's own, e.g. test_auth_kwargs()), stopped and closed after."""
+    """A started KazooClient (kwargs: KazooClient's own, e.g. credential_kwargs()), stopped and closed after."""
     from kazoo.client import KazooClient
 
     zk = KazooClient(hosts=hosts, timeout=timeout, **kwargs)
@@ -229,5 +230,5 @@ def lab_yaml(tmp: Path, name: str | None = None) -> Path:
     return out
 
 
-__all__ = ["TEST_CREDENTIAL", "Ensemble", "four_letter", "free_ports", "lab_yaml", "mode", "started_client",
-           "test_auth_kwargs"]
+__all__ = ["TEST_CREDENTIAL", "Ensemble", "credential_kwargs", "four_letter", "free_ports", "lab_yaml", "mode",
+           "started_client"]

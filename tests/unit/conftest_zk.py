@@ -20,7 +20,7 @@ import pytest
 from kazoo.client import KazooClient
 
 from ha.coordinator.events import ContactEvent, DialogEvent, Event, from_dict
-from ha.zk_testing import Ensemble, test_auth_kwargs
+from ha.zk_testing import Ensemble, credential_kwargs
 
 _ENSEMBLE: Ensemble | None = None
 
@@ -63,7 +63,7 @@ def connect(ens: Ensemble, timeout_s: float = 2.0) -> KazooClient:
     """A started client; sessions of 2 s so a lost quorum shows quickly (the server clamps to >= 2 ticks).
     Authenticated as the services the tests start are (zk_testing.TEST_CREDENTIAL): the trees are closed."""
     c = KazooClient(hosts=ens.hosts, timeout=timeout_s, connection_retry={"max_tries": -1, "max_delay": 0.5},
-                    **test_auth_kwargs())
+                    **credential_kwargs())
     c.start(timeout=20)
     return c
 

@@ -22,7 +22,7 @@ from ha.coordinator.events import Event
 from ha.coordinator.journal import BufferedWriter, Journal, JournalFull
 from ha.coordinator.replication import Replication
 from ha.coordinator.store import Change, StaleEpoch, ZkStore
-from ha.zk_testing import Ensemble, test_auth_kwargs
+from ha.zk_testing import Ensemble, credential_kwargs
 
 zk_ensemble = conftest_zk.zk_ensemble
 zk_client = conftest_zk.zk_client
@@ -252,7 +252,7 @@ def test_watch_reports_changes_and_resyncs_after_a_lost_session(
         # Expire the watcher's session (a second client with the same session id closes it), change the
         # store meanwhile: the watcher must notice on the new session by reading everything again.
         seen.clear()
-        twin = KazooClient(hosts=zk_ensemble.hosts, client_id=client.client_id, **test_auth_kwargs())
+        twin = KazooClient(hosts=zk_ensemble.hosts, client_id=client.client_id, **credential_kwargs())
         twin.start(10)
         twin.stop()
         twin.close()
