@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ha.kamailio_testing import stop_group  # noqa: E402
 from ha.proxy import kamailio  # noqa: E402
 
 MPATH = next((str(p.parent) for p in Path("/usr/lib").glob("*/kamailio/modules/dmq_usrloc.so")), "")
@@ -106,20 +106,7 @@ def kamailio_at(tmp: Path, me: str, peer: str, batching: str, shm_mb: int = 512)
             time.sleep(0.005)
         yield sock
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        for _ in range(100):  # the workers may outlive the main process by a moment; the group is ours alone
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        stop_group(proc, wait_s=20)
         log.close()
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from ha.coordinator.replication import Replication  # noqa: E402
 from ha.coordinator.replicator import Replicator  # noqa: E402
 from ha.coordinator.service import Service  # noqa: E402
 from ha.coordinator.store import ZkStore  # noqa: E402
+from ha.kamailio_testing import stop_group  # noqa: E402
 from ha.proxy import kamailio  # noqa: E402
 from ha.unixline import exchange  # noqa: E402
 from ha.zk_testing import Ensemble, lab_yaml  # noqa: E402
@@ -106,14 +106,7 @@ def kamailio_up(ns: str, cfg: Path, cluster: model.Cluster, run_dir: Path, prelo
             time.sleep(0.002)
         yield time.monotonic() - t0, sock
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_group(proc, wait_s=20)
         log.close()
 
 

@@ -212,6 +212,13 @@ class ZooKeeper(_Frozen):
     # readable and writable by those alone (ha.coordinator.zkauth). Unset: ZooKeeper's open ACLs, anyone reaching
     # client_port may rewrite bindings.
     auth_file: str | None = None
+    # How long the active coordinator gathers its proxy's events before writing them (a full transaction's
+    # worth is written at once). A write costs per transaction far more than per binding (three members, both
+    # coordinators), so this trades a few ms of replication lag for the CPU of the whole node; 0: each burst
+    # is written as soon as it came. The price: a REGISTER answered this long before its node dies is not
+    # replicated (as one answered within the write's round trip never was). See BENCHMARKS.md, "Replication
+    # throughput, lag and memory".
+    write_linger_ms: Annotated[int, Field(ge=0, le=1000)] = 10
 
     @field_validator("auth_file")
     @classmethod

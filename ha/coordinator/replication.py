@@ -3,8 +3,9 @@
 ``service.py`` owns the sockets and the loop; it calls, from that one loop thread:
 
 * ``feed(datagram, peer)`` for each datagram (validated, sequence-checked, queued when this node writes),
-* ``flush()`` after each drained burst (one batched, epoch-fenced write; journaled if ZooKeeper has no
-  quorum),
+* ``flush()`` when ``flush_due()`` says so: a full transaction's worth at once, else at most
+  write_linger_s after the first pending event (one batched, epoch-fenced write; journaled if ZooKeeper has
+  no quorum),
 * ``tick()`` about once a second (start once ZooKeeper answers, journal replay, a failed resync retried, the
   local proxy's boot time checked for a silent restart, reconciliation from ``ul.dump`` after lost events,
   expired-binding GC on the elected node),
@@ -52,6 +53,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "/var/lib/sipha/coordinator-journal.jsonl"
 MAX_PENDING = 5000  # events per flush; a burst larger than this is written in several flushes
+# How long the first of a few pending events may wait for others before they are written (flush_due; the model's
+# zookeeper.write_linger_ms). Why: the cost of a write is mostly per transaction, not per binding: the three
+# ZooKeeper members, both coordinators (the standby applies each transaction's changes in one pass) and the
+# GIL hand-offs between their threads cost the same for 2 bindings as for 40. Written as soon as they came
+# (one transaction per ZooKeeper round trip), 500 REGISTER/s made ~200 transactions/s and kept ~1.3 cores of
+# the lab's 2 busy (BENCHMARKS.md).
+WRITE_LINGER_S = 0.01
+# Back-pressure (pace): when the intake is this far behind its proxy's events, the proxy answers REGISTERs 503
+# (kamailio.cfg, htable "shed") until it is back under SHED_CAUGHT_UP_S. Why: with the proxy's events cheap, the
+# lab's proxy accepted 5.5k REGISTER/s, twice what this path replicates; the intake's buffer filled, tens of
+# thousands of events were dropped and the table took a reconciliation of 20 s+ to agree again. A REGISTER
+# refused with a Retry-After is one the phone repeats; one accepted and not replicated is lost at a failover.
+SHED_BEHIND_S = 1.0
+SHED_CAUGHT_UP_S = 0.25
+SHED_HOLD_S = 3  # each refresh sheds this long: a coordinator that died mid-spell stops it by not refreshing
+LINGER_MAX_EVENTS = 99  # a full transaction's worth (store.BATCH_OPS less the epoch check) is written at once
 GAP_LOG_EVERY_S = 5.0  # at most one log line about sequence gaps per interval (the summary counts them all)
 # Reconciliation's writes per tick (~0.25 s of ZooKeeper when idle): the loop keeps answering status. Only from
 # tick(), not after each intake burst: under overload that made every burst's flush longer, and the agent's 1 s
@@ -162,8 +179,10 @@ class Replication:
         reconcile_delay_s: float = 1.0,
         preload: Callable[[], dict[tuple[str, str], int] | None] | None = None,
         lookup_table: Callable[[Collection[str]], Mapping[tuple[str, str], ProxyBinding]] | None = None,
+        write_linger_s: float = WRITE_LINGER_S,
     ) -> None:
         self.store = store
+        self.write_linger_s = write_linger_s
         self.node = node
         self.intake = Intake()
         self.writer = BufferedWriter(store, journal)
@@ -177,6 +196,7 @@ class Replication:
         self._next_gc = 0.0
         self._gc: Future[int] | None = None  # a GC pass in flight on its own thread (see _collect)
         self.pending: list[Event] = []
+        self._pending_since: float | None = None  # when the oldest event in pending was fed (flush_due)
         self._held: deque[tuple[float, DialogEvent]] = deque(maxlen=STANDBY_DIALOGS_KEPT)  # see STANDBY_DIALOGS_KEPT
         self.carried_over = 0  # dialog events held while standby and written at a promotion
         self._closers: list[Callable[[], None]] = []
@@ -223,6 +243,11 @@ class Replication:
         # The local proxy's boot time (epoch s) from its uptime, polled on tick: a restart that sent no event
         # (nobody registered since) must still trigger the full resync of its empty table.
         self.proxy_boot_fn = proxy_boot
+        # Back-pressure on the local proxy (pace): sets its shed "until" (epoch s, 0 = off); None: no proxy.
+        self.shed_fn: Callable[[int], None] | None = None
+        self._behind_s = 0.0  # how far the intake is behind the proxy: the age of the newest event taken
+        self._shed_until = 0
+        self.shed_spells = 0
         self.proxy_boot: int | None = None
         self.proxy_generation = 0  # +1 each time the local proxy is found restarted (the service drops readiness)
         self._next_boot_check = 0.0
@@ -307,8 +332,9 @@ class Replication:
 
         repl = cls(store, node, Journal(journal_path), ProxyApplier(apply_rpc),
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload,
-                   lookup_table=lambda aors: proxytable.lookup(sock, aors))
+                   lookup_table=lambda aors: proxytable.lookup(sock, aors), write_linger_s=z.write_linger_ms / 1000)
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
+        repl.shed_fn = lambda until: loop_rpc.call("htable.seti", "shed", "until", until)
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name, lambda: store.identity)
         # Loaded by the first read, while the servers answer it (loaded at once, it slowed the proxy's table down)
@@ -644,7 +670,11 @@ class Replication:
                 self._gap_said = now
                 msg = (f"proxy {got.event.node}: events missing before seq {got.event.seq} ({self.intake.tracker.gaps}"
                        " gaps so far)" + (": reconciling from ul.dump unless they arrive late" if self.active else ""))
+        if got.event.ts:
+            self._behind_s = time.time() - got.event.ts / 1000
         if self.active:
+            if not self.pending:
+                self._pending_since = time.monotonic()
             self.pending.append(got.event)
         elif isinstance(got.event, DialogEvent):
             self._held.append((time.monotonic(), got.event))
@@ -658,6 +688,54 @@ class Replication:
             self._touched.add((got.event.aor, got.event.contact))
         return msg
 
+    def intake_empty(self) -> None:
+        """The intake socket had nothing more: whatever the last event's age, the intake is not behind now."""
+        self._behind_s = 0.0
+
+    def pace(self) -> str | None:
+        """Back-pressure: ask the proxy to answer REGISTERs 503 while the intake is SHED_BEHIND_S behind (refreshed
+        at most once a second, each time for SHED_HOLD_S), and to take them again once it is back under
+        SHED_CAUGHT_UP_S. Only the writer sheds: a standby's intake writes nothing. Returns a line to log."""
+        if self.shed_fn is None:
+            return None
+        behind = self._behind_s if self.active else 0.0
+        now = time.time()
+        if behind >= SHED_BEHIND_S or (self._shed_until and behind > SHED_CAUGHT_UP_S):
+            if now < self._shed_until - SHED_HOLD_S + 1:
+                return None
+            starting = not self._shed_until
+            self._shed_until = int(now) + SHED_HOLD_S
+            err = self._shed(self._shed_until)
+            if starting:
+                self.shed_spells += 1
+                return f"intake {behind:.1f} s behind the proxy: its REGISTERs answered 503 until it catches up{err}"
+            return f"still shedding REGISTERs: {err}" if err else None
+        if self._shed_until:
+            self._shed_until = 0
+            return f"intake caught up: the proxy takes REGISTERs again{self._shed(0)}"
+        return None
+
+    def _shed(self, until: int) -> str:
+        assert self.shed_fn is not None
+        try:
+            self.shed_fn(until)
+        except (RpcError, OSError) as exc:
+            return f" (the proxy did not take it: {exc})"
+        return ""
+
+    def flush_due(self) -> float | None:
+        """When the loop should call flush() (a time.monotonic() value; None: nothing is waiting).
+
+        Now for a full transaction's worth and for this proxy's REGISTERs while not the writer; else when the
+        oldest pending event has waited write_linger_s."""
+        if self._standby_contacts and not self.active:
+            return time.monotonic()
+        if not self.pending:
+            return None
+        if len(self.pending) >= LINGER_MAX_EVENTS or self._pending_since is None:
+            return time.monotonic()
+        return self._pending_since + self.write_linger_s
+
     def flush(self) -> str | None:
         """Write what feed() queued: one call, batched transactions; journaled when ZooKeeper is away."""
         if self._standby_contacts and not self.active:
@@ -667,6 +745,7 @@ class Replication:
         if not self.pending:
             return None
         batch, self.pending = self.pending[:MAX_PENDING], self.pending[MAX_PENDING:]
+        self._pending_since = time.monotonic() if self.pending else None  # what is left is due at once anyway
         try:
             out = self.writer.write(batch)
         except JournalFull as exc:
@@ -1015,6 +1094,8 @@ class Replication:
             "lost": self.intake.tracker.lost,
             "proxy_restarts": self.intake.tracker.restarts,
             "pending": len(self.pending),
+            "shedding": bool(self._shed_until),
+            "shed_spells": self.shed_spells,
             "journal_bytes": self.writer.journal.size,
             "dropped": self.dropped,
             "carried_over": self.carried_over,

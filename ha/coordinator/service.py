@@ -4,8 +4,9 @@ One loop, one ``selectors`` wait (1 s at most), from one thread (the status sock
 ``_serve_status``):
 
 * the local UDP intake (``127.0.0.1:<proxy.event_port>``): each datagram goes to
-  :meth:`Replication.feed` (validated, sequence-checked, queued when this node is active); after each drained
-  burst one :meth:`Replication.flush` writes the batch to ZooKeeper (journaled while it has no quorum);
+  :meth:`Replication.feed` (validated, sequence-checked, queued when this node is active); when
+  :meth:`Replication.flush_due` says so (a full transaction's worth, or zookeeper.write_linger_ms after the first
+  event) one :meth:`Replication.flush` writes the batch to ZooKeeper (journaled while it has no quorum);
 * once a second :meth:`Replication.tick` (start once ZooKeeper answers, journal replay, resync retries,
   reconciliation after a gap, GC) and the role check (below);
 * ``status`` on a unix socket, so ``ocf:sipha:coordinator`` can tell a live service from a hung one; and
@@ -154,6 +155,7 @@ class Service:
         self._wake_r, self._wake_w = socket.socketpair()
         self._materialize_q: queue.Queue[socket.socket] = queue.Queue()  # from the status thread to the loop
         self._loop_seen = time.monotonic()  # the loop's last pass (the status thread reports its age)
+        self._flush_at: float | None = None  # when pending events are due to be written (Replication.flush_due)
         self._serving = threading.Event()
         self._full_gcs = FullCollections()  # installed while run() runs
         self._freezer: Freezer | None = None  # made by run()
@@ -292,15 +294,30 @@ class Service:
             try:
                 data, peer = udp.recvfrom(65535, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                self.repl.intake_empty()  # caught up: whatever the age of what it just took
                 break
             got += 1
             m = self.repl.feed(data, f"{peer[0]}:{peer[1]}")
             if m is not None:
                 log.warning("%s", m)
         if got:
+            self._flush_due()
+        self._pace()
+
+    def _pace(self) -> None:
+        m = self.repl.pace()
+        if m is not None:
+            (log.info if m.startswith("intake caught up") else log.warning)("%s", m)
+
+    def _flush_due(self) -> None:
+        """Flush when Replication.flush_due says so; otherwise remember when (the loop's select wakes for it)."""
+        due = self.repl.flush_due()
+        if due is not None and due <= time.monotonic():
             m = self.repl.flush()
             if m is not None:
                 (log.warning if m.startswith(("FENCED", "DROPPED", "zookeeper")) else log.debug)("%s", m)
+            due = self.repl.flush_due()
+        self._flush_at = due
 
     def _summary(self) -> None:
         if self.repl.replicator is not None:
@@ -452,7 +469,8 @@ class Service:
             last_tick = -TICK_S
             while True:
                 next_tick = last_tick + (TICK_S if self.ready_given else FAST_TICK_S)  # readiness can change any time
-                for key, _ in sel.select(timeout=max(0.0, next_tick - time.monotonic())):
+                wake = next_tick if self._flush_at is None else min(next_tick, self._flush_at)
+                for key, _ in sel.select(timeout=max(0.0, wake - time.monotonic())):
                     if key.data == "udp":
                         self._receive(udp)
                     else:
@@ -461,12 +479,16 @@ class Service:
                             raise _Stop
                         self._answer_materialize()
                 self._loop_seen = time.monotonic()
+                if self._flush_at is not None and self._loop_seen >= self._flush_at:
+                    self._flush_due()
                 if not self.ready_given:
                     self._readiness()  # at once, not at the next tick: readiness is what a restart waits for
                 now = time.monotonic()
                 if now >= last_tick + (TICK_S if self.ready_given else FAST_TICK_S):
                     last_tick = now
                     self._tick()
+                    self._flush_due()  # a promotion may have queued events (carried over) without new ones
+                    self._pace()  # a spell ends here when nothing comes in at all
                 if now >= next_summary:
                     self._summary()
                     next_summary = now + SUMMARY_EVERY_S

@@ -24,7 +24,6 @@ from typing import Any
 import conftest_zk
 import pytest
 import test_agents
-import test_proxy_live as tpl
 from conftest_zk import contact
 from kazoo.client import KazooClient
 from test_coordinator_service import keys_in_store, unique_cluster, wait_for
@@ -36,6 +35,7 @@ from ha.coordinator.replication import Replication
 from ha.coordinator.replicator import ProxyNotAnswering
 from ha.coordinator.service import Service
 from ha.coordinator.store import ContactRecord, ZkStore
+from ha.kamailio_testing import running_proxy
 from ha.proxy import kamailio
 from ha.unixline import exchange
 from ha.zk_testing import lab_yaml
@@ -236,7 +236,7 @@ def test_restarted_proxy_comes_up_with_the_store_and_the_window_is_replayed(
     try:
         wait_for(lambda: repl.replicator is not None and repl.replicator.resync_failed, 15, "no proxy yet")
         defines = {"SIPHA_RPC_REPLY_DIR": f"{run_dir / 'run'}/", "SIPHA_USRLOC_PRELOAD": f"sqlite:///{db}"}
-        with tpl.running_proxy(run_dir, "lab", defines=defines) as p:  # where the coordinator expects it
+        with running_proxy(run_dir, "lab", defines=defines) as p:  # where the coordinator expects it
             t0 = time.monotonic()
             wait_for(ready.exists, 30, "readiness once the proxy's table is in step")
             took = time.monotonic() - t0

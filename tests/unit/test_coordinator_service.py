@@ -37,6 +37,7 @@ from ha.coordinator.reconcile import diff
 from ha.coordinator.replication import Replication
 from ha.coordinator.service import DEFAULT_READY_FILE, Service, vip_check
 from ha.coordinator.store import ContactRecord, ZkStore
+from ha.kamailio_testing import Proxy, ns_socket, running_proxy
 from ha.proxy import kamailio
 from ha.zk_testing import lab_yaml
 
@@ -52,59 +53,14 @@ pytestmark = [
 zk_ensemble = conftest_zk.zk_ensemble
 zk_client = conftest_zk.zk_client
 
-# What templates/kamailio.cfg.j2 needs for ul.dump of a big table (see ha/coordinator/proxytable.py); added
-# to the rendered config here until the template carries it.
-FIFO_PARAMS = """modparam("jsonrpcs", "transport", 6)
-modparam("jsonrpcs", "fifo_name", "kamailio-rpc.fifo")
-#!ifndef SIPHA_RPC_REPLY_DIR
-#!define SIPHA_RPC_REPLY_DIR "/run/sipha/"
-#!endif
-modparam("jsonrpcs", "fifo_reply_dir", SIPHA_RPC_REPLY_DIR)"""
 
-
-def with_fifo(cfg: str) -> str:
-    if '"fifo_name"' in cfg:
-        return cfg
-    old = 'modparam("jsonrpcs", "transport", 4)'
-    assert old in cfg, "the template's jsonrpcs transport line changed"
-    return cfg.replace(old, FIFO_PARAMS)
-
-
-class _FifoRender:
-    """Stands in for ha.render inside test_proxy_live while the fixture renders: the same template, FIFO on."""
-
-    def _env(self) -> Any:
-        from ha import render
-
-        real = render._env()
-
-        class Env:
-            def get_template(self, name: str) -> Any:
-                t = real.get_template(name)
-
-                class T:
-                    def render(self, **kw: Any) -> str:
-                        return with_fifo(t.render(**kw))
-
-                return T()
-
-        return Env()
-
-
-@contextlib.contextmanager
-def fifo_proxy(tmp: Path) -> Iterator[tpl.Proxy]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tpl, "render", _FifoRender())
-        cm = tpl.running_proxy(tmp, "lab", defines={"SIPHA_RPC_REPLY_DIR": f"{tmp / 'run'}/"})
-        p = cm.__enter__()
-    try:
-        yield p
-    finally:
-        cm.__exit__(None, None, None)
+def fifo_proxy(tmp: Path) -> contextlib.AbstractContextManager[Proxy]:
+    """The lab's proxy with its FIFO's replies in the test's own run dir."""
+    return running_proxy(tmp, "lab", defines={"SIPHA_RPC_REPLY_DIR": f"{tmp / 'run'}/"})
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tpl.Proxy]:
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     with fifo_proxy(tmp_path_factory.mktemp("kamailio-fifo")) as p:
         yield p
 
@@ -117,14 +73,14 @@ def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condit
         time.sleep(0.05)
 
 
-def clear_table(p: tpl.Proxy) -> None:
+def clear_table(p: Proxy) -> None:
     aors = {aor for aor, _ in proxytable.dump(p.rpc_sock)}
     with kamailio.Rpc(p.rpc_sock, timeout=5.0) as r:
         r.call_many([("ul.rm", ["location", a]) for a in sorted(aors)], 8)
     assert proxytable.dump(p.rpc_sock) == {}
 
 
-def fill_table(p: tpl.Proxy, n: int, prefix: str) -> None:
+def fill_table(p: Proxy, n: int, prefix: str) -> None:
     with kamailio.Rpc(p.rpc_sock, timeout=5.0) as r:
         calls_ = [("ul.add", ["location", f"{prefix}{i}", f"sip:{prefix}{i}@198.51.100.71:5060", 600, -1, "0", 0,
                               0, -1]) for i in range(n)]
@@ -146,7 +102,7 @@ def unique_cluster(name: str) -> model.Cluster:
 # ------------------------------------------------------------------------------------------- the dump transport
 
 
-def test_fifo_dump_carries_10k_bindings_where_the_datagram_socket_fails(proxy: tpl.Proxy) -> None:
+def test_fifo_dump_carries_10k_bindings_where_the_datagram_socket_fails(proxy: Proxy) -> None:
     clear_table(proxy)
     fill_table(proxy, 10_000, "big")
     try:
@@ -169,7 +125,7 @@ def test_fifo_dump_carries_10k_bindings_where_the_datagram_socket_fails(proxy: t
         clear_table(proxy)
 
 
-def test_fifo_errors_are_rpc_errors(proxy: tpl.Proxy, tmp_path: Path) -> None:
+def test_fifo_errors_are_rpc_errors(proxy: Proxy, tmp_path: Path) -> None:
     f = FifoRpc(proxytable.fifo_for(proxy.rpc_sock), timeout=3.0)
     with pytest.raises(kamailio.RpcError, match=r"nosuch\.method"):
         f.call("nosuch.method")
@@ -178,7 +134,7 @@ def test_fifo_errors_are_rpc_errors(proxy: tpl.Proxy, tmp_path: Path) -> None:
     assert list(proxy.run_dir.glob("sipha_reply_*")) == []  # reply FIFOs are removed
 
 
-def test_parse_dump_of_a_real_register(proxy: tpl.Proxy) -> None:
+def test_parse_dump_of_a_real_register(proxy: Proxy) -> None:
     clear_table(proxy)
     ph = tpl.Phone(proxy, 5082)
     try:
@@ -194,7 +150,7 @@ def test_parse_dump_of_a_real_register(proxy: tpl.Proxy) -> None:
         clear_table(proxy)
 
 
-def parse_dump_for(p: tpl.Proxy) -> dict[tuple[str, str], proxytable.ProxyBinding]:
+def parse_dump_for(p: Proxy) -> dict[tuple[str, str], proxytable.ProxyBinding]:
     return proxytable.dump(p.rpc_sock)
 
 
@@ -232,7 +188,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str, ready: Path,
+def running_service(p: Proxy, cluster: model.Cluster, tmp: Path, hosts: str, ready: Path,
                     standby: bool = False, boot: Callable[[], int | None] | None = None) -> Iterator[Running]:
     repl = Replication.from_model(cluster, "node1", journal_path=tmp / "journal.jsonl", rpc_socket=p.rpc_sock,
                                   hosts=hosts)
@@ -246,7 +202,7 @@ def running_service(p: tpl.Proxy, cluster: model.Cluster, tmp: Path, hosts: str,
         return None if dropping.is_set() else real_feed(data, peer)
 
     repl.feed = feed  # type: ignore[method-assign]
-    udp = tpl.ns_socket(p.ns)
+    udp = ns_socket(p.ns)
     udp.bind(("127.0.0.1", cluster.proxy.event_port))
     svc = Service("127.0.0.1", cluster.proxy.event_port, str(tmp / "c.pid"), str(tmp / "c.sock"), repl,
                   ready_file=ready, intake=udp,
@@ -265,18 +221,18 @@ def keys_in_store(store: ZkStore) -> set[tuple[str, str]]:
     return {(r.aor, r.contact) for r in store.snapshot().contacts}
 
 
-def keys_in_proxy(p: tpl.Proxy) -> set[tuple[str, str]]:
+def keys_in_proxy(p: Proxy) -> set[tuple[str, str]]:
     return set(proxytable.dump(p.rpc_sock))
 
 
-def register(p: tpl.Proxy, ph: tpl.Phone, users: list[str], expires: int = 300) -> None:
+def register(p: Proxy, ph: tpl.Phone, users: list[str], expires: int = 300) -> None:
     for u in users:
         got = ph.ask(tpl._register(p, ph, u, f"cid-{u}", 1 if expires else 2, expires, "svc-test/1"))
         assert got == "SIP/2.0 200 OK", (u, got)
 
 
 def test_service_resyncs_before_readiness_writes_live_events_and_reconciles_lost_ones(
-    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+    proxy: Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
     clear_table(proxy)
     cluster = unique_cluster("svc")
@@ -342,6 +298,36 @@ def test_service_resyncs_before_readiness_writes_live_events_and_reconciles_lost
             assert gone == []
             assert run.repl.store.epoch == 3
             assert ("down9", f"sip:down9@{proxy.node_ip}:5084") in keys_in_store(reader)
+    finally:
+        ph.close()
+        clear_table(proxy)
+
+
+def test_the_active_gathers_a_few_events_for_the_write_linger_into_one_transaction(
+    proxy: Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+) -> None:
+    """Real REGISTERs through the proxy, its events into the service, one ZooKeeper transaction for all of them:
+    written write_linger_ms after the first (not one transaction each, as they came), so they share one mzxid."""
+    clear_table(proxy)
+    c = unique_cluster("linger")
+    cluster = c.model_copy(update={"zookeeper": c.zookeeper.model_copy(update={"write_linger_ms": 1000})})
+    reader = ZkStore(zk_client, cluster.name, "reader")
+    ready = tmp_path / "ready"
+    ph = tpl.Phone(proxy, 5086)
+    users = [f"lg{i}" for i in range(5)]
+    try:
+        with running_service(proxy, cluster, tmp_path, zk_ensemble.hosts, ready) as run:
+            wait_for(lambda: run.repl.active and run.repl.reconcile_runs >= 1, 20, "promotion and its reconcile")
+            t0 = time.monotonic()
+            register(proxy, ph, users)  # a few ms: well inside one linger
+            sent_s = time.monotonic() - t0
+            want = {(u, f"sip:{u}@{proxy.node_ip}:5086") for u in users}
+            wait_for(lambda: want <= keys_in_store(reader), 10, "the registrations in zookeeper")
+            seen_s = time.monotonic() - t0
+            zxids = {zk_client.exists(reader.contact_path(a, u)).mzxid for a, u in want}
+            assert sent_s < 0.5, f"the REGISTERs took {sent_s:.2f} s: not one linger's worth, nothing to judge"
+            assert seen_s >= 0.9, f"written {seen_s:.2f} s after the first REGISTER: the linger did not hold them"
+            assert len(zxids) == 1, f"{len(zxids)} transactions for {len(want)} bindings gathered in one linger"
     finally:
         ph.close()
         clear_table(proxy)
@@ -451,7 +437,7 @@ def test_agent_passes_node_run_dir_and_ready_file(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_standby_removes_its_own_old_binding_when_the_active_deletes_it(
-    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+    proxy: Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
     """node1 wrote a binding while it was active (its proxy got it from the REGISTER); after a failover the
     phone un-registers through node2. node1, now standby, must drop it from its proxy, or a failback would
@@ -502,7 +488,7 @@ def test_a_standby_removes_its_own_old_binding_when_the_active_deletes_it(
 
 
 def test_a_proxy_restart_without_events_withdraws_readiness_until_its_new_table_is_loaded(
-    proxy: tpl.Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
+    proxy: Proxy, zk_ensemble: conftest_zk.Ensemble, zk_client: KazooClient, tmp_path: Path
 ) -> None:
     """The proxy restarts (its boot time changes) and nobody registers: no event tells it, the boot poll does.
     Its table is empty, so readiness goes until everything, this node's own bindings included, is back."""
@@ -576,6 +562,71 @@ def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
     finally:
         svc.stop()
         t.join(20)
+
+
+def test_flush_is_due_a_linger_after_the_first_event_or_at_once_for_a_full_transaction(
+    zk_client: KazooClient, tmp_path: Path
+) -> None:
+    from ha.coordinator.journal import Journal
+    from ha.coordinator.replication import LINGER_MAX_EVENTS
+
+    repl = Replication(ZkStore(zk_client, unique_cluster("due").name, "node1"), "node1", Journal(tmp_path / "j"),
+                       write_linger_s=0.25)
+    assert repl.flush_due() is None
+    repl.active = True
+
+    def feed(seq: int) -> None:
+        ev = contact(seq, f"due{seq}")
+        repl.feed(json.dumps(ev.to_json()).encode())
+
+    t0 = time.monotonic()
+    feed(1)
+    time.sleep(0.05)
+    feed(2)
+    due = repl.flush_due()
+    assert due is not None and t0 + 0.25 <= due <= t0 + 0.26  # from the first event, not the last
+    for seq in range(3, LINGER_MAX_EVENTS + 1):
+        feed(seq)
+    due = repl.flush_due()
+    assert due is not None and due <= time.monotonic()  # a full transaction's worth: now
+    repl.active = False
+    repl.pending.clear()
+    repl._standby_contacts.append(contact(LINGER_MAX_EVENTS + 1, "late"))
+    due = repl.flush_due()
+    assert due is not None and due <= time.monotonic()  # this proxy's REGISTERs while not the writer: now
+
+
+def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caught_up(
+    zk_client: KazooClient, tmp_path: Path
+) -> None:
+    from ha.coordinator.journal import Journal
+    from ha.coordinator.replication import SHED_HOLD_S
+
+    repl = Replication(ZkStore(zk_client, unique_cluster("pace").name, "node1"), "node1", Journal(tmp_path / "j"))
+    calls: list[int] = []
+    repl.shed_fn = calls.append
+    repl.active = True
+
+    def feed(seq: int, age_s: float) -> None:
+        ev = contact(seq, f"pace{seq}", ts=int((time.time() - age_s) * 1000))
+        repl.feed(json.dumps(ev.to_json()).encode())
+
+    feed(1, 0.1)
+    assert repl.pace() is None and calls == []  # a tenth of a second behind: nothing to do
+    feed(2, 2.0)
+    said = repl.pace()
+    assert said is not None and "2.0 s behind" in said, said
+    assert len(calls) == 1 and time.time() + SHED_HOLD_S - 1 <= calls[0] <= time.time() + SHED_HOLD_S
+    assert repl.status()["shedding"] and repl.status()["shed_spells"] == 1
+    feed(3, 0.5)  # under SHED_BEHIND_S but not caught up: the spell goes on, refreshed at most once a second
+    assert repl.pace() is None and len(calls) == 1
+    repl.intake_empty()
+    said = repl.pace()
+    assert said is not None and "caught up" in said and calls[-1] == 0, (said, calls)
+    assert not repl.status()["shedding"]
+    feed(4, 5.0)
+    repl.active = False  # a standby writes nothing: nothing to shed for
+    assert repl.pace() is None and calls[-1] == 0
 
 
 def test_the_intake_socket_holds_seconds_of_events() -> None:

@@ -1,6 +1,6 @@
 """The drill's traffic engine against a REAL Kamailio running the rendered lab kamailio.cfg.
 
-Kamailio runs in a throwaway namespace ``sipha-t-<random>`` (``running_proxy`` from test_proxy_live: node1's
+Kamailio runs in a throwaway namespace ``sipha-t-<random>`` (``running_proxy`` from ha.kamailio_testing: node1's
 address, the VIP, ``ip_nonlocal_bind``; stopped by its own process group, the namespace always deleted). Our
 user agents live in the same namespace on the lab client's address 198.51.100.50 (trusted by the lab model's
 rate limit, as in the lab). The "fault" is a SIGSTOP of Kamailio's process group for ~1 s (SIGCONT always
@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_proxy_live import Proxy, ns_socket, running_proxy
 
 from ha.drill import measure
 from ha.drill.traffic import Traffic, TrafficConfig, TrafficRecord
+from ha.kamailio_testing import Proxy, ns_socket, running_proxy
 from ha.proxy import kamailio
 
 CLIENT = "198.51.100.50"

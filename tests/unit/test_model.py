@@ -79,6 +79,8 @@ BAD: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("zk-unknown-member", _set("zookeeper.members", ["node1", "node2", "node9"]), "zookeeper.members[2]",
      "not a node"),
     ("zk-session-too-short", _set("zookeeper.session_timeout_ms", 1000), "zookeeper.session_timeout_ms", "2 x"),
+    ("zk-linger-negative", _set("zookeeper.write_linger_ms", -5), "zookeeper.write_linger_ms", "0"),
+    ("zk-linger-too-long", _set("zookeeper.write_linger_ms", 5000), "zookeeper.write_linger_ms", "1000"),
     ("bad-trusted-network", _set("proxy.rate_limit.trusted", ["lan"]), "proxy.rate_limit.trusted", "network"),
     ("bad-fence-agent", _set("fencing.agent", "ipmi"), "fencing.agent", "pattern"),
     ("fence-delay-unknown-node", _set("fencing.delay_node", "node7"), "fencing.delay_node", "not a node"),

@@ -1,9 +1,7 @@
-"""The rendered lab kamailio.cfg, started for real in a throwaway network namespace.
+"""The rendered lab kamailio.cfg, started for real in a throwaway network namespace (``ha.kamailio_testing``).
 
-The namespace (``sipha-t-<random>``) holds node1's address and the VIP on a veth pair, with
-``ip_nonlocal_bind`` set as on a cluster node. The test's sockets are created inside it (``setns`` on the
-creating thread only), so nothing here touches the host's network. Kamailio is stopped by its own process
-group and the namespace deleted in the fixture's teardown, whatever happened.
+The namespace holds node1's address and the VIP; the test's sockets are created inside it, so nothing here
+touches the host's network.
 
 SIP bytes are built here on purpose: this test must not depend on ``ha/sip.py``.
 """
@@ -12,32 +10,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ha import model, render
+from ha.kamailio_testing import FLOODER, Proxy, ns_socket, running_proxy
 from ha.proxy import kamailio
 
 ROOT = Path(__file__).resolve().parents[2]
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-_ns_lock = threading.Lock()
-FLOODER = "198.51.100.77"
 
 pytestmark = [
     pytest.mark.validators,
@@ -45,95 +34,6 @@ pytestmark = [
     pytest.mark.skipif(kamailio.kamailio_binary() is None, reason="kamailio is not installed"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
 ]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def ns_socket(ns: str, kind: int = socket.SOCK_DGRAM) -> socket.socket:
-    """A socket that lives in namespace ``ns``: this thread enters it, creates the socket, comes back."""
-    home_path = f"/proc/self/task/{threading.get_native_id()}/ns/net"
-    with _ns_lock, open(home_path) as home, open(f"/run/netns/{ns}") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns}")
-        try:
-            return socket.socket(socket.AF_INET, kind)
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
-
-
-@dataclass
-class Proxy:
-    ns: str
-    cluster: model.Cluster
-    run_dir: Path
-    log: Path
-    vip: str
-    node_ip: str
-
-    @property
-    def rpc_sock(self) -> Path:
-        return kamailio.rpc_socket(self.run_dir)
-
-
-@contextlib.contextmanager
-def running_proxy(tmp: Path, example: str, defines: dict[str, str] | None = None) -> Iterator[Proxy]:
-    """The first node of ``example`` running its rendered kamailio.cfg in a new namespace, torn down after."""
-    cluster = model.load(ROOT / f"examples/{example}.yaml")
-    node = cluster.nodes[0]
-    cfg = tmp / "kamailio.cfg"
-    cfg.write_text(render._env().get_template("kamailio.cfg.j2").render(cluster=cluster, host=node, is_node=True))
-    run_dir = tmp / "run"
-    run_dir.mkdir()
-    log = tmp / "kamailio.log"
-    ns = f"sipha-t-{secrets.token_hex(4)}"
-    proc: subprocess.Popen[bytes] | None = None
-    _ip("netns", "add", ns)
-    try:
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        _ip("-n", ns, "link", "set", "v1", "up")
-        _ip("-n", ns, "link", "set", "v0", "up")
-        for address in (node.address, *(v.address for v in cluster.vips), f"{FLOODER}/24"):
-            _ip("-n", ns, "addr", "add", address, "dev", "v0")  # FLOODER: an untrusted source for the rate limit
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], check=True)
-        cmd = kamailio.kamailio_command(cfg, cluster, run_dir=run_dir, foreground=True, defines=defines)
-        with log.open("wb") as out:
-            # ip netns exec execs kamailio in place, so proc.pid is Kamailio's main process; its own session
-            # makes the workers one process group we can stop without touching anything else.
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        p = Proxy(ns, cluster, run_dir, log, cluster.vips[0].ip, node.ip)
-        deadline = time.monotonic() + 15
-        while not p.rpc_sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"kamailio did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield p
-    finally:
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-            # Workers may outlive the main process by a moment; the group is ours alone.
-            for _ in range(50):
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +264,29 @@ def test_rpc_reaches_usrloc(proxy: Proxy, phone: Phone, events: Events) -> None:
     assert "sip:dave@" in json.dumps(kamailio.rpc("ul.lookup", "location", "dave", sock=proxy.rpc_sock))
     with pytest.raises(kamailio.RpcError):
         kamailio.rpc("no.such.method", sock=proxy.rpc_sock)
+
+
+def test_registers_are_shed_with_a_spread_retry_after_while_replication_is_behind(
+    proxy: Proxy, phone: Phone, events: Events
+) -> None:
+    """The coordinator's back-pressure (htable shed=>until, epoch seconds): REGISTERs get 503 + Retry-After 5-14 s
+    and change nothing (no event); once "until" has passed, or is cleared, they are taken again."""
+    events.drain()
+    kamailio.rpc("htable.seti", "shed", "until", int(time.time()) + 30, sock=proxy.rpc_sock)
+    try:
+        retries = set()
+        for i in range(12):
+            phone.send(_register(proxy, phone, f"shed{i}", uuid.uuid4().hex, 1, 300, "t"))
+            got = phone.recv()
+            assert got is not None and got[0] == "SIP/2.0 503 Replication Behind", got
+            retries.add(int(got[1]["retry-after"][0]))
+        assert retries <= set(range(5, 15)) and len(retries) > 1, retries
+        assert "shed0" not in json.dumps(kamailio.rpc("ul.dump", sock=proxy.rpc_sock))
+        assert events.take(1, timeout=0.5) == []
+        kamailio.rpc("htable.seti", "shed", "until", int(time.time()) - 1, sock=proxy.rpc_sock)  # a spell run out
+        assert phone.ask(_register(proxy, phone, "shed0", uuid.uuid4().hex, 1, 300, "t")) == "SIP/2.0 200 OK"
+    finally:
+        kamailio.rpc("htable.delete", "shed", "until", sock=proxy.rpc_sock)
 
 
 def test_rpc_pipelined_ul_add(proxy: Proxy) -> None:
