@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -403,17 +404,34 @@ def playbook_command(render_dir: Path, cluster_yaml: Path, known_hosts: str | Pa
     return cmd
 
 
-def failed_tasks(lines: Sequence[str]) -> list[tuple[str, str]]:
-    """(host, task) for every failed or unreachable host in ansible-playbook's output, in order."""
+def failed_tasks(lines: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(host, task, cause) for every failed or unreachable host in ansible-playbook's output, in order. The cause
+    is the last line of the task's stderr, else its msg: what the operator reads first (a service that exited
+    at once names its log), not the task's name alone."""
     task, out = "", []
     for line in lines:
         if m := _TASK.match(line):
             task = m["task"]
         elif m := _UNREACHABLE.match(line):
-            out.append((m["host"], f"{task} (unreachable)"))
+            out.append((m["host"], f"{task} (unreachable)", _cause(line)))
         elif m := _FATAL.match(line):
-            out.append((m["host"], task))
+            out.append((m["host"], task, _cause(line)))
     return out
+
+
+def _cause(line: str) -> str:
+    """The cause in a ``fatal: [host]: FAILED! => {json}`` line ('' when it has none or is not JSON)."""
+    try:
+        result = json.loads(line.split(" => ", 1)[1])
+    except (IndexError, ValueError):
+        return ""
+    if not isinstance(result, dict):
+        return ""
+    for key in ("stderr", "msg"):
+        text = [ln.strip() for ln in str(result.get(key) or "").splitlines() if ln.strip()]
+        if text:
+            return text[-1][:300]
+    return ""
 
 
 def run_playbook(cluster: Cluster, cluster_yaml: Path, known_hosts: str | Path, identity: str | Path | None,
@@ -436,8 +454,8 @@ def run_playbook(cluster: Cluster, cluster_yaml: Path, known_hosts: str | Path, 
             for line in proc.stdout:
                 lines.append(line.rstrip("\n"))
                 echo(lines[-1])
-        for host, task in failed_tasks(lines):
-            echo(f"deploy failed: {host}: task {task!r}")
+        for host, task, cause in failed_tasks(lines):
+            echo(f"deploy failed: {host}: task {task!r}" + (f": {cause}" if cause else ""))
         return proc.returncode
 
 

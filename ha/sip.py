@@ -235,6 +235,14 @@ class Message:
         return self.header("Call-ID")
 
     @property
+    def retry_after(self) -> int | None:
+        """Seconds from ``Retry-After: 5 (comment);duration=60`` (RFC 3261 20.33); None when absent or not a
+        number: a sender that gave no delay is not to be repeated at once."""
+        value = self.header("Retry-After")
+        digits = (value or "").strip().split(";", 1)[0].split("(", 1)[0].strip()
+        return int(digits) if digits.isdigit() else None
+
+    @property
     def cseq(self) -> tuple[int, str] | None:
         """``(number, METHOD)`` from CSeq; responses name the method of the request they answer."""
         value = self.header("CSeq")

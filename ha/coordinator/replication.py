@@ -68,6 +68,10 @@ WRITE_LINGER_S = 0.01
 SHED_BEHIND_S = 1.0
 SHED_CAUGHT_UP_S = 0.25
 SHED_HOLD_S = 3  # each refresh sheds this long: a coordinator that died mid-spell stops it by not refreshing
+# A spell lasts at least this long. Why: "behind" is the age of the last event of a receive batch, a noisy
+# signal; a spell begun on one old batch and ended on the next (milliseconds later) refused a handful of
+# phones for nothing and logged two lines per blip.
+SHED_MIN_S = 1.0
 LINGER_MAX_EVENTS = 99  # a full transaction's worth (store.BATCH_OPS less the epoch check) is written at once
 GAP_LOG_EVERY_S = 5.0  # at most one log line about sequence gaps per interval (the summary counts them all)
 # Reconciliation's writes per tick (~0.25 s of ZooKeeper when idle): the loop keeps answering status. Only from
@@ -247,6 +251,7 @@ class Replication:
         self.shed_fn: Callable[[int], None] | None = None
         self._behind_s = 0.0  # how far the intake is behind the proxy: the age of the newest event taken
         self._shed_until = 0
+        self._shed_started = 0.0  # time.monotonic() at the spell's start
         self.shed_spells = 0
         self.proxy_boot: int | None = None
         self.proxy_generation = 0  # +1 each time the local proxy is found restarted (the service drops readiness)
@@ -695,12 +700,14 @@ class Replication:
     def pace(self) -> str | None:
         """Back-pressure: ask the proxy to answer REGISTERs 503 while the intake is SHED_BEHIND_S behind (refreshed
         at most once a second, each time for SHED_HOLD_S), and to take them again once it is back under
-        SHED_CAUGHT_UP_S. Only the writer sheds: a standby's intake writes nothing. Returns a line to log."""
+        SHED_CAUGHT_UP_S and the spell is SHED_MIN_S old. Only the writer sheds: a standby's intake writes
+        nothing. Returns a line to log."""
         if self.shed_fn is None:
             return None
         behind = self._behind_s if self.active else 0.0
         now = time.time()
-        if behind >= SHED_BEHIND_S or (self._shed_until and behind > SHED_CAUGHT_UP_S):
+        young = self.active and time.monotonic() - self._shed_started < SHED_MIN_S
+        if behind >= SHED_BEHIND_S or (self._shed_until and (behind > SHED_CAUGHT_UP_S or young)):
             if now < self._shed_until - SHED_HOLD_S + 1:
                 return None
             starting = not self._shed_until
@@ -708,6 +715,7 @@ class Replication:
             err = self._shed(self._shed_until)
             if starting:
                 self.shed_spells += 1
+                self._shed_started = time.monotonic()
                 return f"intake {behind:.1f} s behind the proxy: its REGISTERs answered 503 until it catches up{err}"
             return f"still shedding REGISTERs: {err}" if err else None
         if self._shed_until:

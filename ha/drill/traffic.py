@@ -418,6 +418,7 @@ class UserAgent:
         self.dialogs: dict[str, list[str]] = {}  # Call-ID -> route set as the INVITE's Record-Route gave it
         self._acked: set[str] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self.shed = 0  # REGISTERs answered 503 (the proxy shedding while its replication is behind)
 
     @property
     def aor(self) -> str:
@@ -436,9 +437,23 @@ class UserAgent:
             headers=(("Contact", f"<{self.contact}>"), ("Expires", str(expires)), ("User-Agent", "sipha-drill")),
         )  # fmt: skip
 
-    async def register(self, expires: int = 600, timeout: float = 4.0) -> int | None:
-        resp = await self.ep.request(self.register_request(expires), timeout=timeout)
-        return resp.status if resp else None
+    async def register(self, expires: int = 600, timeout: float = 4.0, patience: float = 0.0,
+                       gate: asyncio.Semaphore | None = None) -> int | None:  # fmt: skip
+        """The final status of a REGISTER. ``patience``: how long in all this phone waits out a 503's Retry-After
+        and registers again, as phones do (RFC 3261 21.5.4); a proxy whose replication is behind sheds REGISTERs
+        so. 0: the first 503 is the answer. Each retry is a new transaction (next CSeq). ``gate`` is held while a
+        request is in flight, not while waiting: many phones' bound on in-flight REGISTERs."""
+        deadline = time.monotonic() + patience
+        while True:
+            async with gate or contextlib.nullcontext():
+                resp = await self.ep.request(self.register_request(expires), timeout=timeout)
+            if resp is None or resp.status != 503:
+                return resp.status if resp else None
+            self.shed += 1
+            wait = resp.retry_after
+            if wait is None or time.monotonic() + wait > deadline:
+                return 503
+            await asyncio.sleep(wait)
 
     def _resend_2xx(self, call_id: str, data: bytes, addr: tuple[str, int], interval: float, until: float) -> None:
         """RFC 3261 13.3.1.4: over UDP the callee resends its 200 (T1 doubling, capped at T2) until the ACK

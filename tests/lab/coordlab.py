@@ -96,20 +96,25 @@ class Phones:
         return self.seen.get((method, user), 0)
 
     async def register(self, users: Iterable[str] | None = None, expires: int = 600, limit: int = 200,
-                       timeout: float = 8.0) -> dict[str, int | None]:  # fmt: skip
-        """REGISTER each phone through the VIP, at most ``limit`` in flight; user -> final status."""
+                       timeout: float = 8.0, patience: float = 60.0) -> dict[str, int | None]:  # fmt: skip
+        """REGISTER each phone through the VIP, at most ``limit`` in flight; user -> final status. A phone
+        answered 503 waits its Retry-After and tries again for up to ``patience`` s, as real phones do: a burst
+        faster than replication carries is shed so (``shed`` counts those 503s)."""
         sem = asyncio.Semaphore(limit)
         out: dict[str, int | None] = {}
 
         async def one(u: str) -> None:
-            async with sem:
-                out[u] = await self.uas[u].register(expires, timeout)
+            out[u] = await self.uas[u].register(expires, timeout, patience, sem)
 
         await asyncio.gather(*(one(u) for u in (self.uas if users is None else users)))
         return out
 
     def contact(self, user: str) -> str:
         return self.uas[user].contact
+
+    @property
+    def shed(self) -> int:
+        return sum(ua.shed for ua in self.uas.values())
 
     async def close(self) -> None:
         for ua in self.uas.values():

@@ -107,6 +107,36 @@ def _tail(p: subprocess.CompletedProcess[str], n: int = 60) -> str:
     return "\n".join((p.stdout + p.stderr).splitlines()[-n:])
 
 
+def _failure(p: subprocess.CompletedProcess[str]) -> str:
+    """What a failed playbook run said that matters (its fatal lines, sipha's one line per failed host and the
+    recap), not its last lines: those are the task timing table."""
+    keep = [ln[:400] for ln in (p.stdout + p.stderr).splitlines()
+            if ln.startswith(("fatal:", "failed:", "deploy failed:")) or _RECAP.match(ln)]  # fmt: skip
+    return "\n".join(keep[-30:]) or _tail(p, 30)
+
+
+def _infra_failures(p: subprocess.CompletedProcess[str]) -> str:
+    """The inner pytest's one line per failure (-rfEs), not its tracebacks: a failed deploy fails most of them
+    for one cause, and the outer report should still show the failures after this one."""
+    lines = (p.stdout + p.stderr).splitlines()
+    keep = [ln[:300] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    return "\n".join(keep) or "\n".join(lines[-40:])
+
+
+def _service_logs(spec: dict[str, Any], n: int = 8) -> str:
+    """Each host's lab service logs (sipha-service: /run/sipha/NAME.log, private per host), last lines: why a
+    daemon exited at once, which the playbook's output only points to."""
+    out = []
+    for h in HOSTS:
+        p = labmod.exec_in(spec, h, ["sh", "-c", f"for f in /run/sipha/*.log; do [ -f \"$f\" ] && echo \"== $f\" "
+                                                  f"&& tail -n {n} \"$f\"; done; true"], timeout=20)  # fmt: skip
+        out.append(f"--- {h}\n{p.stdout.strip()}{p.stderr.strip()}")
+    # A node that lost its daemons between two runs may have been fenced (the lab's fence agent powers it off).
+    p = labmod.exec_in(spec, "node1", ["sh", "-c", "stonith_admin --history='*' 2>&1 | tail -n 5"], timeout=20)
+    out.append(f"--- fencing history (node1)\n{p.stdout.strip()}")
+    return "\n".join(out)
+
+
 def _host_sh(spec: dict[str, Any], host: str, cmd: str) -> str:
     p = labmod.exec_in(spec, host, ["sh", "-c", cmd], timeout=20)
     assert p.returncode == 0, f"{host}: {cmd}: {p.stderr.strip()}"
@@ -127,7 +157,7 @@ def test_first_run_provisions_bare_hosts(bare: dict[str, Any]) -> None:
         listing = _host_sh(bare, h, "ls -A /etc/corosync /usr/lib/ocf/resource.d/sipha /etc/sipha").split()
         assert sorted(listing) == ["/etc/corosync:", "/etc/sipha:", "/usr/lib/ocf/resource.d/sipha:"], listing
     p, recap = _playbook(bare)
-    assert p.returncode == 0, f"first playbook run failed:\n{_tail(p)}"
+    assert p.returncode == 0, f"first playbook run failed:\n{_failure(p)}\n{_service_logs(bare)}"
     assert set(recap) >= set(HOSTS), f"no PLAY RECAP for every host:\n{_tail(p)}"
     assert all(r["failed"] == 0 and r["unr"] == 0 for r in recap.values()), recap
     assert all(recap[h]["changed"] > 0 for h in HOSTS), f"a first run on bare hosts must change them: {recap}"
@@ -135,7 +165,7 @@ def test_first_run_provisions_bare_hosts(bare: dict[str, Any]) -> None:
 
 def test_second_run_changes_nothing(bare: dict[str, Any]) -> None:
     p, recap = _playbook(bare)
-    assert p.returncode == 0, f"second playbook run failed:\n{_tail(p)}"
+    assert p.returncode == 0, f"second playbook run failed:\n{_failure(p)}\n{_service_logs(bare)}"
     changed = {h: r["changed"] for h, r in recap.items()}
     which = "\n".join(line for line in p.stdout.splitlines() if line.startswith("changed:"))
     assert set(changed) >= set(HOSTS) and not any(changed.values()), f"second run not idempotent: {changed}\n{which}"
@@ -152,7 +182,7 @@ def test_testinfra_suite_passes(bare: dict[str, Any], tmp_path: Path) -> None:
                    timeout=300, env={"SIPHA_INVENTORY": str(tmp_path / "r" / "inventory.ini"),
                                      "SIPHA_KNOWN_HOSTS": ssh["known_hosts"], "SIPHA_SSH_KEY": ssh["client_key"]})
     summary = (p.stdout.strip().splitlines() or [""])[-1]
-    assert p.returncode == 0, f"tests/infra failed: {summary}\n{_tail(p, 80)}"
+    assert p.returncode == 0, f"tests/infra failed: {summary}\n{_infra_failures(p)}"
     passed = int(m.group(1)) if (m := re.search(r"(\d+) passed", summary)) else 0
     assert passed >= 20 and not re.search(r"failed|error", summary), summary
     # Only one skip is expected: the witness's ZooKeeper test is not skipped (it is a member), so none at all.

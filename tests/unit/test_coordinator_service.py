@@ -600,7 +600,7 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     zk_client: KazooClient, tmp_path: Path
 ) -> None:
     from ha.coordinator.journal import Journal
-    from ha.coordinator.replication import SHED_HOLD_S
+    from ha.coordinator.replication import SHED_HOLD_S, SHED_MIN_S
 
     repl = Replication(ZkStore(zk_client, unique_cluster("pace").name, "node1"), "node1", Journal(tmp_path / "j"))
     calls: list[int] = []
@@ -621,6 +621,8 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     feed(3, 0.5)  # under SHED_BEHIND_S but not caught up: the spell goes on, refreshed at most once a second
     assert repl.pace() is None and len(calls) == 1
     repl.intake_empty()
+    assert repl.pace() is None and repl.status()["shedding"]  # caught up, but a spell lasts SHED_MIN_S
+    repl._shed_started -= SHED_MIN_S
     said = repl.pace()
     assert said is not None and "caught up" in said and calls[-1] == 0, (said, calls)
     assert not repl.status()["shedding"]

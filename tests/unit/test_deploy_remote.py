@@ -264,11 +264,18 @@ def test_playbook_failures_name_host_and_task() -> None:
         "fatal: [witness]: UNREACHABLE! => {}",
         "RUNNING HANDLER [zookeeper : Restart ZooKeeper under systemd] ****",
         'fatal: [node1]: FAILED! => {"msg": "failure 1 during daemon-reload"}',
+        "TASK [service : Start in the lab unless it runs - corosync-qdevice] ****",
+        'fatal: [node2]: FAILED! => {"changed": false, "msg": "non-zero return code", "rc": 1, "stderr": "Traceback'
+        '\\n  ...\\nsipha-service: corosync-qdevice exited at once; see /run/sipha/corosync-qdevice.log"}',
+        "fatal: [node1]: FAILED! => not json",
     ]
     assert deploy.failed_tasks(out) == [
-        ("node2", "cluster : Install corosync.conf from the render"),
-        ("witness", "Gathering Facts (unreachable)"),
-        ("node1", "zookeeper : Restart ZooKeeper under systemd"),
+        ("node2", "cluster : Install corosync.conf from the render", "failed to validate"),
+        ("witness", "Gathering Facts (unreachable)", ""),
+        ("node1", "zookeeper : Restart ZooKeeper under systemd", "failure 1 during daemon-reload"),
+        ("node2", "service : Start in the lab unless it runs - corosync-qdevice",
+         "sipha-service: corosync-qdevice exited at once; see /run/sipha/corosync-qdevice.log"),
+        ("node1", "service : Start in the lab unless it runs - corosync-qdevice", ""),
     ]
     cmd = deploy.playbook_command(Path("/r"), REPO / "examples/lab.yaml", "/k", None)
     assert "-o UserKnownHostsFile=/k -o StrictHostKeyChecking=yes" in cmd

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ha.drill import measure
-from ha.drill.traffic import Traffic, TrafficConfig, TrafficRecord
+from ha.drill.traffic import Endpoint, Traffic, TrafficConfig, TrafficRecord, UserAgent
 from ha.kamailio_testing import Proxy, ns_socket, running_proxy
 from ha.proxy import kamailio
 
@@ -190,3 +190,31 @@ def test_phones_unregister_so_repeated_drills_keep_reaching_them(proxy: Proxy) -
         assert rec.registrations[0].reachable, (i, rec.registrations[0])
         assert ok == 1 and not rec.errors, (i, rec.errors)
         assert after is not None and after >= 400, (i, after)  # nobody registered: 404/480, not a 200
+
+
+def test_a_shed_phone_waits_its_retry_after_and_registers(proxy: Proxy) -> None:
+    """While the coordinator has the proxy shed REGISTERs (htable shed=>until), a phone with patience waits the
+    503's Retry-After (5-14 s) and registers again once the spell has run out; one without patience, or whose
+    patience is shorter than the delay, keeps the 503."""
+    kamailio.rpc("htable.seti", "shed", "until", int(time.time()) + 2, sock=proxy.rpc_sock)
+
+    async def register(patience: float) -> tuple[int | None, int, float]:
+        ep = Endpoint("udp", CLIENT, (proxy.vip, 5060), factory(proxy))
+        await ep.open()
+        try:
+            ua = UserAgent(f"patient{int(patience)}", proxy.vip, ep)
+            t0 = time.monotonic()
+            st = await ua.register(60, 2.0, patience)
+            if st == 200:
+                assert await ua.register(0, 2.0) == 200
+            return st, ua.shed, time.monotonic() - t0
+        finally:
+            await ep.close()
+
+    try:
+        assert asyncio.run(register(0))[:2] == (503, 1)
+        assert asyncio.run(register(4))[:2] == (503, 1)  # the delay is at least 5 s: not waited
+        st, shed, took = asyncio.run(register(30))
+        assert (st, shed) == (200, 1) and 5 <= took < 16, (st, shed, took)
+    finally:
+        kamailio.rpc("htable.delete", "shed", "until", sock=proxy.rpc_sock)

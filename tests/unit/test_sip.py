@@ -64,6 +64,14 @@ def test_response_100_has_no_to_tag_and_503_reason() -> None:
     assert sip.response(req, 503).reason == "Service Unavailable"
 
 
+@pytest.mark.parametrize(("value", "want"), [("7", 7), (" 12 (shedding);duration=60", 12), ("5;duration=3", 5),
+                                            ("soon", None), ("", None), ("-3", None)])  # fmt: skip
+def test_retry_after_seconds(value: str, want: int | None) -> None:
+    msg = sip.Message(status=503, reason="Replication Behind", headers=(("Retry-After", value),))
+    assert msg.retry_after == want
+    assert sip.Message(status=503).retry_after is None
+
+
 def test_bare_lf_and_leading_crlf_accepted() -> None:
     raw = b"\r\n\r\nSIP/2.0 200 OK\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\nCall-ID: x\nCSeq: 1 OPTIONS\n\n"
     m = sip.parse(raw)
