@@ -72,6 +72,11 @@ SHED_HOLD_S = 3  # each refresh sheds this long: a coordinator that died mid-spe
 # signal; a spell begun on one old batch and ended on the next (milliseconds later) refused a handful of
 # phones for nothing and logged two lines per blip.
 SHED_MIN_S = 1.0
+# During a spell the proxy still takes this share of what the intake drained in the last second, per second
+# (kamailio.cfg: shed=>limit), and sheds only the REGISTERs over it. Why: all-or-nothing spells took a storm at
+# 3.5k/s where the path carries 5k/s (the spell lasts while the backlog drains, seconds, and takes nothing); the
+# share below 1 is what drains the backlog. 0 = shed every REGISTER.
+SHED_TAKE_SHARE = 0.8
 LINGER_MAX_EVENTS = 99  # a full transaction's worth (store.BATCH_OPS less the epoch check) is written at once
 GAP_LOG_EVERY_S = 5.0  # at most one log line about sequence gaps per interval (the summary counts them all)
 # Reconciliation's writes per tick (~0.25 s of ZooKeeper when idle): the loop keeps answering status. Only from
@@ -134,6 +139,13 @@ def uptime_once_loaded(sock: Path, wait_s: float) -> Any:
             except RpcError as exc:
                 if "no answer" not in str(exc) or time.monotonic() >= deadline:
                     raise
+
+
+def shed_proxy(rpc: Any, until: int, limit: int) -> None:
+    """Set the proxy's shedding (kamailio.cfg, htable "shed"): the REGISTERs per second it still takes, then how
+    long (epoch s; 0 ends it). The limit first: a spell must not begin with the previous spell's."""
+    rpc.call("htable.seti", "shed", "limit", limit)
+    rpc.call("htable.seti", "shed", "until", until)
 
 
 @dataclass(frozen=True)
@@ -247,10 +259,14 @@ class Replication:
         # The local proxy's boot time (epoch s) from its uptime, polled on tick: a restart that sent no event
         # (nobody registered since) must still trigger the full resync of its empty table.
         self.proxy_boot_fn = proxy_boot
-        # Back-pressure on the local proxy (pace): sets its shed "until" (epoch s, 0 = off); None: no proxy.
-        self.shed_fn: Callable[[int], None] | None = None
+        # Back-pressure on the local proxy (pace): sets its shed "until" (epoch s, 0 = off) and the REGISTERs per
+        # second it still takes meanwhile; None: no proxy.
+        self.shed_fn: Callable[[int, int], None] | None = None
         self._behind_s = 0.0  # how far the intake is behind the proxy: the age of the newest event taken
         self._shed_until = 0
+        self.shed_limit = 0  # REGISTERs per second the proxy takes during the spell in force
+        self._drained: tuple[float, int] = (0.0, 0)  # (time.monotonic(), intake.accepted) a second or so ago
+        self._drain_rate = 0.0  # events per second the intake took over the last such second
         self._shed_started = 0.0  # time.monotonic() at the spell's start
         self.shed_spells = 0
         self.proxy_boot: int | None = None
@@ -339,7 +355,7 @@ class Replication:
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload,
                    lookup_table=lambda aors: proxytable.lookup(sock, aors), write_linger_s=z.write_linger_ms / 1000)
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
-        repl.shed_fn = lambda until: loop_rpc.call("htable.seti", "shed", "until", until)
+        repl.shed_fn = lambda until, limit: shed_proxy(loop_rpc, until, limit)
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name, lambda: store.identity)
         # Loaded by the first read, while the servers answer it (loaded at once, it slowed the proxy's table down)
@@ -704,6 +720,11 @@ class Replication:
         nothing. Returns a line to log."""
         if self.shed_fn is None:
             return None
+        mono = time.monotonic()
+        if mono - self._drained[0] >= 1.0:
+            t, n = self._drained
+            self._drain_rate = (self.intake.accepted - n) / (mono - t) if t else 0.0
+            self._drained = (mono, self.intake.accepted)
         behind = self._behind_s if self.active else 0.0
         now = time.time()
         young = self.active and time.monotonic() - self._shed_started < SHED_MIN_S
@@ -712,21 +733,23 @@ class Replication:
                 return None
             starting = not self._shed_until
             self._shed_until = int(now) + SHED_HOLD_S
-            err = self._shed(self._shed_until)
+            self.shed_limit = int(SHED_TAKE_SHARE * self._drain_rate)
+            err = self._shed(self._shed_until, self.shed_limit)
             if starting:
                 self.shed_spells += 1
-                self._shed_started = time.monotonic()
-                return f"intake {behind:.1f} s behind the proxy: its REGISTERs answered 503 until it catches up{err}"
+                self._shed_started = mono
+                return (f"intake {behind:.1f} s behind the proxy: its REGISTERs over {self.shed_limit}/s answered 503 "
+                        f"until it catches up{err}")
             return f"still shedding REGISTERs: {err}" if err else None
         if self._shed_until:
-            self._shed_until = 0
-            return f"intake caught up: the proxy takes REGISTERs again{self._shed(0)}"
+            self._shed_until = self.shed_limit = 0
+            return f"intake caught up: the proxy takes REGISTERs again{self._shed(0, 0)}"
         return None
 
-    def _shed(self, until: int) -> str:
+    def _shed(self, until: int, limit: int) -> str:
         assert self.shed_fn is not None
         try:
-            self.shed_fn(until)
+            self.shed_fn(until, limit)
         except (RpcError, OSError) as exc:
             return f" (the proxy did not take it: {exc})"
         return ""
@@ -1104,6 +1127,7 @@ class Replication:
             "pending": len(self.pending),
             "shedding": bool(self._shed_until),
             "shed_spells": self.shed_spells,
+            "shed_limit_per_s": self.shed_limit,
             "journal_bytes": self.writer.journal.size,
             "dropped": self.dropped,
             "carried_over": self.carried_over,

@@ -603,8 +603,8 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     from ha.coordinator.replication import SHED_HOLD_S, SHED_MIN_S
 
     repl = Replication(ZkStore(zk_client, unique_cluster("pace").name, "node1"), "node1", Journal(tmp_path / "j"))
-    calls: list[int] = []
-    repl.shed_fn = calls.append
+    calls: list[tuple[int, int]] = []
+    repl.shed_fn = lambda until, limit: calls.append((until, limit))
     repl.active = True
 
     def feed(seq: int, age_s: float) -> None:
@@ -614,21 +614,25 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     feed(1, 0.1)
     assert repl.pace() is None and calls == []  # a tenth of a second behind: nothing to do
     feed(2, 2.0)
+    repl._drained = (time.monotonic() - 1.0, repl.intake.accepted - 500)  # it drained 500 events in the last second
     said = repl.pace()
     assert said is not None and "2.0 s behind" in said, said
-    assert len(calls) == 1 and time.time() + SHED_HOLD_S - 1 <= calls[0] <= time.time() + SHED_HOLD_S
+    until, limit = calls[0]
+    assert len(calls) == 1 and time.time() + SHED_HOLD_S - 1 <= until <= time.time() + SHED_HOLD_S
+    assert 390 <= limit <= 400 and f"over {limit}/s" in said, (limit, said)  # SHED_TAKE_SHARE of what it drains
     assert repl.status()["shedding"] and repl.status()["shed_spells"] == 1
+    assert repl.status()["shed_limit_per_s"] == limit
     feed(3, 0.5)  # under SHED_BEHIND_S but not caught up: the spell goes on, refreshed at most once a second
     assert repl.pace() is None and len(calls) == 1
     repl.intake_empty()
     assert repl.pace() is None and repl.status()["shedding"]  # caught up, but a spell lasts SHED_MIN_S
     repl._shed_started -= SHED_MIN_S
     said = repl.pace()
-    assert said is not None and "caught up" in said and calls[-1] == 0, (said, calls)
-    assert not repl.status()["shedding"]
+    assert said is not None and "caught up" in said and calls[-1] == (0, 0), (said, calls)
+    assert not repl.status()["shedding"] and repl.status()["shed_limit_per_s"] == 0
     feed(4, 5.0)
     repl.active = False  # a standby writes nothing: nothing to shed for
-    assert repl.pace() is None and calls[-1] == 0
+    assert repl.pace() is None and calls[-1] == (0, 0)
 
 
 def test_the_intake_socket_holds_seconds_of_events() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ha.coordinator.replication import shed_proxy
 from ha.kamailio_testing import FLOODER, Proxy, ns_socket, running_proxy
 from ha.proxy import kamailio
 
@@ -270,7 +271,8 @@ def test_registers_are_shed_with_a_spread_retry_after_while_replication_is_behin
     proxy: Proxy, phone: Phone, events: Events
 ) -> None:
     """The coordinator's back-pressure (htable shed=>until, epoch seconds): REGISTERs get 503 + Retry-After 5-14 s
-    and change nothing (no event); once "until" has passed, or is cleared, they are taken again."""
+    and change nothing (no event); with shed=>limit, that many a second are still taken; once "until" has
+    passed, or is cleared, they are all taken again."""
     events.drain()
     kamailio.rpc("htable.seti", "shed", "until", int(time.time()) + 30, sock=proxy.rpc_sock)
     try:
@@ -283,10 +285,17 @@ def test_registers_are_shed_with_a_spread_retry_after_while_replication_is_behin
         assert retries <= set(range(5, 15)) and len(retries) > 1, retries
         assert "shed0" not in json.dumps(kamailio.rpc("ul.dump", sock=proxy.rpc_sock))
         assert events.take(1, timeout=0.5) == []
+        # A spell with a limit: 3 REGISTERs a second taken, the rest shed (10 sent early in one second).
+        with kamailio.Rpc(proxy.rpc_sock) as rpc:
+            shed_proxy(rpc, int(time.time()) + 30, 3)  # what the coordinator's pace sets
+        time.sleep(1.02 - time.time() % 1)
+        answers = [phone.ask(_register(proxy, phone, f"lim{i}", uuid.uuid4().hex, 1, 300, "t")) for i in range(10)]
+        assert answers == ["SIP/2.0 200 OK"] * 3 + ["SIP/2.0 503 Replication Behind"] * 7, answers
         kamailio.rpc("htable.seti", "shed", "until", int(time.time()) - 1, sock=proxy.rpc_sock)  # a spell run out
         assert phone.ask(_register(proxy, phone, "shed0", uuid.uuid4().hex, 1, 300, "t")) == "SIP/2.0 200 OK"
     finally:
         kamailio.rpc("htable.delete", "shed", "until", sock=proxy.rpc_sock)
+        kamailio.rpc("htable.delete", "shed", "limit", sock=proxy.rpc_sock)
 
 
 def test_rpc_pipelined_ul_add(proxy: Proxy) -> None:
