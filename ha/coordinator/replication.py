@@ -67,7 +67,10 @@ WRITE_LINGER_S = 0.01
 # refused with a Retry-After is one the phone repeats; one accepted and not replicated is lost at a failover.
 SHED_BEHIND_S = 1.0
 SHED_CAUGHT_UP_S = 0.25
-SHED_HOLD_S = 3  # each refresh sheds this long: a coordinator that died mid-spell stops it by not refreshing
+# Each refresh sheds this long: a coordinator that died mid-spell stops it by not refreshing. Not shorter: a
+# loop held 12.7 s by one write (a node that took over under a storm, lab) let a 3 s spell run out, the proxy
+# took everything, and 83k events overflowed the intake's socket.
+SHED_HOLD_S = 10
 # A spell lasts at least this long. Why: "behind" is the age of the last event of a receive batch, a noisy
 # signal; a spell begun on one old batch and ended on the next (milliseconds later) refused a handful of
 # phones for nothing and logged two lines per blip.

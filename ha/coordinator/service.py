@@ -106,6 +106,7 @@ def query_status(path: str, timeout: float = 1.0) -> dict[str, Any]:
 
 INTAKE_RCVBUF = 64 * 1024 * 1024
 SLOW_TICK_S = 0.2
+SLOW_FLUSH_S = 1.0  # a write that holds the loop this long is logged (back-pressure reads the intake's age)
 
 
 def _deep_receive_buffer(udp: socket.socket) -> None:
@@ -313,9 +314,13 @@ class Service:
         """Flush when Replication.flush_due says so; otherwise remember when (the loop's select wakes for it)."""
         due = self.repl.flush_due()
         if due is not None and due <= time.monotonic():
+            n, t0 = len(self.repl.pending), time.monotonic()
             m = self.repl.flush()
             if m is not None:
                 (log.warning if m.startswith(("FENCED", "DROPPED", "zookeeper")) else log.debug)("%s", m)
+            took = time.monotonic() - t0
+            if took > SLOW_FLUSH_S:  # the loop takes no events meanwhile, and the proxy's pile up in the socket
+                log.warning("slow write: %.0f ms on the loop for %d events", took * 1000, n)
             due = self.repl.flush_due()
         self._flush_at = due
 
