@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -543,6 +544,37 @@ def replicator_passes(log: Path, t0: float, t1: float, tail_bytes: int = 8 << 20
 SUMMARY_S = SUMMARY_EVERY_S  # the coordinator's summary lines come this often
 
 
+_JVM_PAUSE = re.compile(r"^\[(?P<ts>[0-9T:.\-]+)[+-]\d{4}\] GC\(\d+\) Pause (?P<what>.*?) (?P<ms>[0-9.]+)ms$")
+_COORD_SLOW = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \w+ (?P<msg>(slow |garbage collector).*)$")
+PAUSE_MIN_MS = 20.0  # JVM pauses shorter than this are left out
+
+
+def stalls(spec: dict[str, Any], t0: float, t1: float) -> dict[str, list[Any]]:
+    """What may hold a marker up, read from the lab's logs for the bench's window: each ZooKeeper member's GC
+    pauses over PAUSE_MIN_MS (its stdout, -Xlog:gc) and the coordinators' slow writes, slow ticks and collector
+    summaries. Why: a lag tail is one stall of a few hundred ms, and the logs are gone with the lab."""
+    import calendar
+
+    out: dict[str, list[Any]] = {"zookeeper_gc": [], "coordinators": []}
+    for h in spec["hosts"]:
+        path = Path(spec["state_dir"]) / h["name"] / "logs" / "zookeeper.log"
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                m = _JVM_PAUSE.match(line.strip())
+                if not m or float(m["ms"]) < PAUSE_MIN_MS:
+                    continue
+                t = calendar.timegm(time.strptime(m["ts"].split(".")[0], "%Y-%m-%dT%H:%M:%S"))
+                if t0 - 1 <= t <= t1 + 1:
+                    out["zookeeper_gc"].append([h["name"], m["ts"], m["what"], float(m["ms"])])
+    for node in ("node1", "node2"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/var/log/sipha/coordinator-{node}.log").read_text(errors="replace").splitlines():
+                m = _COORD_SLOW.match(line)
+                if m and t0 - 1 <= time.mktime(time.strptime(m["ts"][:19], "%Y-%m-%d %H:%M:%S")) <= t1 + 1:
+                    out["coordinators"].append([node, m["ts"], m["msg"][:200]])
+    return out
+
+
 def main_sipha(args: argparse.Namespace) -> dict[str, Any]:
     from labhelp import other, wait_settled
 
@@ -566,8 +598,11 @@ def main_sipha(args: argparse.Namespace) -> dict[str, Any]:
         active = labmod.vip_holder(spec)
         hosts = ",".join(f"{h['ip']}:{spec['zk_client_port']}" for h in spec["hosts"]
                          if any(s["name"] == "zookeeper" for s in h.get("services", [])))
+        t0 = time.time()
         with started_client(hosts, **labmod.zk_client_kwargs(spec)) as zk:
-            return run(Sipha(spec, active, other(active), zk), parse_steps(args.steps), args.marker_rate, sender)
+            res = run(Sipha(spec, active, other(active), zk), parse_steps(args.steps), args.marker_rate, sender)
+        res["stalls"] = stalls(spec, t0, time.time())
+        return res
     finally:
         sender.close()
         tempfile.tempdir = None
@@ -589,6 +624,11 @@ def summary(res: dict[str, Any]) -> str:
                if "to_store_n" in lag else "")
             + "; "
             f"load {r['load1']}")
+    if "stalls" in res:
+        gc, co = res["stalls"]["zookeeper_gc"], res["stalls"]["coordinators"]
+        lines.append(f"  zookeeper GC pauses >= {PAUSE_MIN_MS:.0f} ms: {len(gc)}"
+                     + (f" (longest {max(p[3] for p in gc):.0f} ms)" if gc else "")
+                     + f"; coordinator slow/collector lines: {len(co)}")
     b, a = res.get("memory_before", {}), res.get("memory_after_first", {})
     if a:
         n = a["standby_contacts"] - b["standby_contacts"]
