@@ -268,8 +268,7 @@ class Replication:
         self._behind_s = 0.0  # how far the intake is behind the proxy: the age of the newest event taken
         self._shed_until = 0
         self.shed_limit = 0  # REGISTERs per second the proxy takes during the spell in force
-        self._drained: tuple[float, int] = (0.0, 0)  # (time.monotonic(), intake.accepted) a second or so ago
-        self._drain_rate = 0.0  # events per second the intake took over the last such second
+        self._drained: deque[tuple[float, int]] = deque()  # (monotonic, intake.accepted) per pace(), for _rate
         self._shed_started = 0.0  # time.monotonic() at the spell's start
         self.shed_spells = 0
         self.proxy_boot: int | None = None
@@ -724,19 +723,16 @@ class Replication:
         if self.shed_fn is None:
             return None
         mono = time.monotonic()
-        if mono - self._drained[0] >= 1.0:
-            t, n = self._drained
-            self._drain_rate = (self.intake.accepted - n) / (mono - t) if t else 0.0
-            self._drained = (mono, self.intake.accepted)
+        drain_rate = _rate(self._drained, mono, self.intake.accepted, 1.0)  # events the intake took per second
         behind = self._behind_s if self.active else 0.0
         now = time.time()
-        young = self.active and time.monotonic() - self._shed_started < SHED_MIN_S
+        young = self.active and mono - self._shed_started < SHED_MIN_S
         if behind >= SHED_BEHIND_S or (self._shed_until and (behind > SHED_CAUGHT_UP_S or young)):
             if now < self._shed_until - SHED_HOLD_S + 1:
                 return None
             starting = not self._shed_until
             self._shed_until = int(now) + SHED_HOLD_S
-            self.shed_limit = int(SHED_TAKE_SHARE * self._drain_rate)
+            self.shed_limit = int(SHED_TAKE_SHARE * drain_rate)
             err = self._shed(self._shed_until, self.shed_limit)
             if starting:
                 self.shed_spells += 1

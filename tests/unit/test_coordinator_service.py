@@ -614,7 +614,7 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     feed(1, 0.1)
     assert repl.pace() is None and calls == []  # a tenth of a second behind: nothing to do
     feed(2, 2.0)
-    repl._drained = (time.monotonic() - 1.0, repl.intake.accepted - 500)  # it drained 500 events in the last second
+    repl._drained.append((time.monotonic() - 1.0, repl.intake.accepted - 500))  # 500 events in the last second
     said = repl.pace()
     assert said is not None and "2.0 s behind" in said, said
     until, limit = calls[0]
