@@ -16,8 +16,14 @@ tells the two cases apart at once, by reachability:
 The lease is one for all VIPs (they fail over together). The wire format is one UDP datagram each way: 32 hex
 digits of HMAC-SHA256 over the JSON body, a space, the body; the key (``failover.lease_key_file``) is derived
 from the cluster's Corosync authkey (:func:`lease_key_of`), so only the cluster's hosts can take or hold the
-lease. A restarted arbiter grants, for one lease time, only to
-a node that already has the VIPs (it forgot who held them; the holder re-takes it within a renewal period).
+lease.
+
+A lease that lapsed is granted to a claiming peer only within :func:`claim_window_s` of the lapse: a holder that
+crashed or was cut off stopped renewing just before the survivor saw it leave the membership. A holder whose
+health service died stopped renewing long before, and may still have its VIPs; a claim then would put the
+address on both nodes until Pacemaker fences the cut-off one, so it is refused and Pacemaker decides (fence
+first). For the same reason a restarted arbiter grants claims only once it has seen a holder (a live holder
+renews within a quarter lease time; nodes that already have the VIPs are always granted a free lease).
 """
 
 from __future__ import annotations
@@ -90,33 +96,68 @@ def unpack(key: bytes, data: bytes) -> dict[str, Any]:
     return msg
 
 
+def acquire_s(lease_s: float) -> float:
+    """How long after its peers left a node keeps asking for the lease (ha.health.fastclaim): two lease times
+    and a margin. A holder that still renews keeps it that long, and Pacemaker decides then."""
+    return 2 * lease_s + 0.5
+
+
+def claim_window_s(token_ms: int, consensus_ms: int, lease_ms: int) -> float:
+    """How long after a lease lapsed a peer's claim may still be granted it.
+
+    A crashed or cut-off holder's lease lapses at most a lease time after its last renewal; the survivor sees it
+    leave token + consensus after that contact and asks for up to :func:`acquire_s`. Doubled for a loaded machine
+    (a later claim is only refused: Pacemaker then fences and starts, seconds slower, never unsafe). The lab's
+    timings give 3.9 s.
+    """
+    return 2 * ((token_ms + consensus_ms) / 1000 + acquire_s(lease_ms / 1000))
+
+
+DEFAULT_CLAIM_WINDOW_S = claim_window_s(300, 360, 400)  # the model's default timings
+
+
 @dataclass
 class Decision:
     granted: bool
     holder: str | None
     remaining_ms: int
+    why: str = ""  # why a free lease was refused (empty when granted, or held by another node)
 
 
 class Lease:
     """The arbiter's rule, with time passed in so that it is testable without waiting."""
 
-    def __init__(self, lease_s: float, started: float) -> None:
-        self.lease_s = lease_s
-        self.holder: str | None = None
+    def __init__(self, lease_s: float, claim_window: float = DEFAULT_CLAIM_WINDOW_S) -> None:
+        self.lease_s, self.claim_window = lease_s, claim_window
+        self.holder: str | None = None  # the last holder, kept after its lease lapsed (None: released, or unknown)
         self.expires = 0.0
-        self.grace_until = started + lease_s  # a restarted arbiter does not know the holder yet
+        self.released = False  # the last holder let go (a release), rather than falling silent
 
     def hold(self, node: str, has_vips: bool, now: float) -> Decision:
         free = self.holder is None or now >= self.expires
-        if self.holder == node or (free and (has_vips or now >= self.grace_until)):
-            self.holder, self.expires = node, now + self.lease_s
-            return Decision(True, node, round(self.lease_s * 1000))
-        return Decision(False, None if free else self.holder, max(0, round((self.expires - now) * 1000)))
+        if not free and self.holder != node:
+            return Decision(False, self.holder, max(0, round((self.expires - now) * 1000)))
+        why = "" if self.holder == node or has_vips else self.unclaimable(now)
+        if why:
+            return Decision(False, self.holder, 0, why)
+        self.holder, self.expires, self.released = node, now + self.lease_s, False
+        return Decision(True, node, round(self.lease_s * 1000))
+
+    def unclaimable(self, now: float) -> str:
+        """Why a free lease may not go to a node that does not have the VIPs yet ("" when it may)."""
+        if self.holder is None:
+            return "" if self.released else ("no holder has renewed since the witness's arbiter started: the "
+                                             "node with the VIPs may have no health service; Pacemaker decides")
+        lapsed = now - self.expires
+        if lapsed <= self.claim_window:
+            return ""
+        return (f"{self.holder}'s lease lapsed {lapsed:.1f} s before this claim (more than {self.claim_window:.1f} s): "
+                f"its health service stopped renewing while it may still have the VIPs; Pacemaker decides")
 
     def release(self, node: str) -> bool:
         if self.holder != node:
             return False
-        self.holder, self.expires = None, 0.0
+        self.holder, self.expires, self.released = None, 0.0, True
         return True
 
 
@@ -124,14 +165,16 @@ class ArbiterServer:
     """The witness's side: answers hold/release datagrams from the cluster's nodes."""
 
     def __init__(self, bind: tuple[str, int], key: bytes, lease_s: float, nodes: set[str],
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic,
+                 claim_window: float = DEFAULT_CLAIM_WINDOW_S) -> None:  # fmt: skip
         self.key, self.nodes, self.clock = key, nodes, clock
-        self.lease = Lease(lease_s, clock())
+        self.lease = Lease(lease_s, claim_window)
+        self._refusal = ""  # the last refusal of a free lease that was logged (one line per episode, not per ask)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(bind)
         self.sock.settimeout(0.5)
-        self.counts = {"requests": 0, "granted": 0, "refused": 0, "released": 0, "bad": 0}
+        self.counts = {"requests": 0, "granted": 0, "refused": 0, "refused_lapsed": 0, "released": 0, "bad": 0}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -159,8 +202,16 @@ class ArbiterServer:
             self.counts["granted" if d.granted else "refused"] += 1
             if d.granted and before != node:
                 log.info("arbiter_lease_taken node=%s previous=%s", node, before)
-            return pack(self.key, {"id": rid, "granted": d.granted, "holder": d.holder,
-                                   "remaining_ms": d.remaining_ms})  # fmt: skip
+            reply = {"id": rid, "granted": d.granted, "holder": d.holder, "remaining_ms": d.remaining_ms}
+            if d.why:
+                self.counts["refused_lapsed"] += 1
+                reply["why"] = d.why
+                if self._refusal != f"{node}/{d.holder}":
+                    self._refusal = f"{node}/{d.holder}"
+                    log.warning("arbiter_claim_refused node=%s holder=%s why=%r", node, d.holder, d.why)
+            elif d.granted:
+                self._refusal = ""
+            return pack(self.key, reply)
         if op == "release":
             if self.lease.release(node):
                 self.counts["released"] += 1
@@ -206,6 +257,7 @@ class LeaseClient:
         self.period_s = lease_s / 4
         self.valid_until = 0.0
         self.holder: str | None = None  # the last holder the arbiter named
+        self.why = ""  # why the arbiter last refused a free lease (its words), "" otherwise
         self._ids = 0
         self._lock = threading.Lock()
         self._had_vips = False
@@ -239,6 +291,7 @@ class LeaseClient:
                 if reply.get("id") != rid:
                     continue  # a late answer to an earlier request
                 self.holder = reply.get("holder")
+                self.why = reply.get("why") if isinstance(reply.get("why"), str) else ""
                 if op == "hold" and reply.get("granted") is True:
                     self.valid_until = sent + self.lease_s - max(0.02, self.lease_s * 0.05)
                     return True
@@ -370,5 +423,5 @@ def local_addresses() -> set[str]:
         return set()
 
 
-__all__ = ["ArbiterServer", "BadMessage", "Lease", "LeaseClient", "PeerWatch", "fresh", "lease_key_of", "load_key",
-           "local_addresses", "pack", "unpack"]
+__all__ = ["DEFAULT_CLAIM_WINDOW_S", "ArbiterServer", "BadMessage", "Lease", "LeaseClient", "PeerWatch", "acquire_s",
+           "claim_window_s", "fresh", "lease_key_of", "load_key", "local_addresses", "pack", "unpack"]

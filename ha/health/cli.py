@@ -93,7 +93,7 @@ def arbiter_cmd(cluster_yaml: str, bind: str | None) -> None:
     """Serve the VIP lease the fast claim asks for (on the witness; runs until SIGTERM/SIGINT)."""
     import threading
 
-    from ha.health.arbiter import ArbiterServer, load_key
+    from ha.health.arbiter import ArbiterServer, claim_window_s, load_key
 
     cluster = _load(cluster_yaml)
     if cluster.witness is None:
@@ -106,13 +106,16 @@ def arbiter_cmd(cluster_yaml: str, bind: str | None) -> None:
         raise click.ClickException(f"failover.lease_key_file: {exc}") from None
     addr = (bind or cluster.witness.ip, f.arbiter_port)
     try:
-        server = ArbiterServer(addr, key, f.lease_ms / 1000, {n.name for n in cluster.nodes})
+        t = cluster.timings
+        window = claim_window_s(t.token_ms, t.consensus_ms, f.lease_ms)
+        server = ArbiterServer(addr, key, f.lease_ms / 1000, {n.name for n in cluster.nodes}, claim_window=window)
     except OSError as exc:
         raise click.ClickException(f"the arbiter cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("sipha.health.arbiter").info("arbiter_listening address=%s:%d lease_ms=%d", *addr, f.lease_ms)
+    logging.getLogger("sipha.health.arbiter").info("arbiter_listening address=%s:%d lease_ms=%d claim_window_ms=%d",
+                                                   *addr, f.lease_ms, round(window * 1000))
     try:
         server.serve(stop)
     finally:

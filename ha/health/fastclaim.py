@@ -25,7 +25,8 @@ And acts on three transitions:
 The lease is what makes the claim safe without waiting for the qdevice: a holder that still renews it (the
 link between the nodes is cut, not the holder's link to the witness) keeps it, so the other side never
 claims and Pacemaker decides as before; a crashed holder stops renewing and the lease lapses before the
-survivor sees the membership change (``lease_ms`` < token + consensus, checked by the model). A claim that
+survivor sees the membership change (``lease_ms`` < token + consensus, checked by the model); a holder whose
+own health service died stopped renewing long before it left, and the witness refuses that claim too. A claim that
 Pacemaker does not confirm within ``confirm_s`` (it placed the VIP elsewhere, or nowhere) is undone. Off unless
 ``failover.fast_claim`` is set in the model; the lab turns it on, and its drills count split-brain samples.
 """
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ha.health.arbiter import LeaseClient, PeerWatch
+from ha.health.arbiter import LeaseClient, PeerWatch, acquire_s
 
 log = logging.getLogger("sipha.health.fastclaim")
 
@@ -176,7 +177,7 @@ class FastClaim:
         self.status_argv, self.refresh_s = status_argv, refresh_s
         self._notifications = 0  # votequorum notifications taken (refresh_quorum: was one newer than its read?)
         self._differs: tuple[bool, str, int] | None = None  # what the last status read showed that they did not
-        self.acquire_s = 2 * lease.lease_s + 0.5  # a holder that still renews keeps it: Pacemaker decides then
+        self.acquire_s = acquire_s(lease.lease_s)  # a holder that still renews keeps it: Pacemaker decides then
         self._prev: QuorumView | None = None  # the view before the departure a pending claim answers
         self._latest: QuorumView | None = None
         self._left_at: float | None = None  # when the last view without any peer arrived (None: peers present)
@@ -434,7 +435,8 @@ class FastClaim:
                 return
             if not granted:
                 self.event("fast_claim_dropped", ring=view.ring,
-                           why=f"the witness did not grant the lease (holder: {self.lease.holder or 'no answer'})")
+                           why=f"the witness did not grant the lease (holder: {self.lease.holder or 'no answer'})"
+                           + (f": {self.lease.why}" if self.lease.why else ""))
                 return
             for action, vip in decide(self._prev, latest, self.me, self.peers, self.healthy(), self.held(),
                                       self.vips):  # fmt: skip

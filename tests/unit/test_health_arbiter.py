@@ -20,23 +20,40 @@ KEY = b"0123456789abcdef0123456789abcdef"
 
 
 def test_the_rule_one_holder_until_its_lease_lapses() -> None:
-    lease = Lease(0.4, started=0.0)
-    assert lease.hold("node1", True, 0.1).granted  # in the grace period, a node that has the VIPs may
+    lease = Lease(0.4, claim_window=3.0)
+    assert lease.hold("node1", True, 0.1).granted  # a node that has the VIPs takes a free lease
     refused = lease.hold("node2", False, 0.3)
-    assert not refused.granted and refused.holder == "node1" and refused.remaining_ms == 200
+    assert not refused.granted and refused.holder == "node1" and refused.remaining_ms == 200 and not refused.why
     assert lease.hold("node1", True, 0.45).granted  # a renewal
     assert not lease.hold("node2", False, 0.80).granted
     took = lease.hold("node2", False, 0.86)  # node1's last renewal was at 0.45: lapsed at 0.85
     assert took.granted and took.holder == "node2"
     assert not lease.release("node1") and lease.release("node2") and lease.holder is None
+    assert lease.hold("node1", False, 100.0).granted  # released, not fallen silent: free to claim at any time
 
 
-def test_a_restarted_arbiter_grants_only_to_a_node_with_the_vips_for_one_lease_time() -> None:
-    lease = Lease(0.4, started=10.0)
-    assert not lease.hold("node2", False, 10.1).granted  # node1 may still hold the VIPs: it renews soon
-    assert lease.hold("node1", True, 10.2).granted
-    lease2 = Lease(0.4, started=10.0)
-    assert lease2.hold("node2", False, 10.41).granted  # nobody claimed it within the grace: free
+def test_a_lease_that_lapsed_long_before_the_claim_is_refused() -> None:
+    """The holder's health service died (no renewals, no release) but its node kept the VIPs; later it is cut
+    off and the survivor asks: granting would put the address on both nodes until the fence. Refused, with a
+    reason, and only that: the holder itself and a node that already has the VIPs are still granted."""
+    lease = Lease(0.4, claim_window=3.0)
+    assert lease.hold("node1", True, 0.0).granted  # expires at 0.4
+    assert lease.hold("node2", False, 3.4).granted  # lapsed 3.0 s before: a crash seen late, still granted
+    assert lease.hold("node2", True, 3.5).granted  # node2 renews (expires at 3.9)
+    late = lease.hold("node1", False, 3.9 + 3.01)
+    assert not late.granted and late.holder == "node2" and late.remaining_ms == 0
+    assert "node2's lease lapsed 3.0 s before this claim" in late.why and "Pacemaker decides" in late.why
+    assert lease.hold("node2", False, 10.0).granted  # its own lease, taken back (a reclaim after a flap)
+    assert lease.hold("node1", True, 20.0).granted  # Pacemaker put the VIPs on node1: its renewals are granted
+
+
+def test_a_restarted_arbiter_grants_a_claim_only_once_it_has_seen_a_holder() -> None:
+    lease = Lease(0.4)
+    first = lease.hold("node2", False, 10.1)  # node1 may hold the VIPs with its health service down
+    assert not first.granted and first.holder is None and "since the witness's arbiter started" in first.why
+    assert not lease.hold("node2", False, 60.0).granted  # and time alone does not change that
+    assert lease.hold("node1", True, 60.1).granted  # node1 renews: now the rule is the usual one
+    assert lease.hold("node2", False, 60.6).granted
 
 
 def test_the_wire_format_refuses_forgeries_and_junk() -> None:
@@ -55,7 +72,6 @@ def test_the_wire_format_refuses_forgeries_and_junk() -> None:
 @pytest.fixture
 def server() -> Iterator[ArbiterServer]:
     srv = ArbiterServer(("127.0.0.1", 0), KEY, 0.3, {"node1", "node2"})
-    srv.lease.grace_until = 0.0
     stop = threading.Event()
     t = threading.Thread(target=srv.serve, args=(stop,), daemon=True)
     t.start()

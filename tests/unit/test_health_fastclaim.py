@@ -106,7 +106,7 @@ class Rig:
         self.events: list[tuple[str, dict[str, object]]] = []
         self.garps: list[str] = []
         self.server = ArbiterServer(("127.0.0.1", 0), KEY, lease_s, {"node1", "node2"})
-        self.server.lease.grace_until = 0.0  # not a restarted arbiter
+        self.server.lease.released = True  # a holder let it go: free to claim (a restarted arbiter is not)
         self.stop = threading.Event()
         threading.Thread(target=self.server.serve, args=(self.stop,), daemon=True).start()
         self.peer_has = peer_has
@@ -194,6 +194,25 @@ def test_a_claim_waits_until_the_old_holders_lease_lapses(rigs: list[Rig]) -> No
     rig.fc.apply(both(), alone(True))
     assert wait_until(lambda: rig.cmds)
     assert rig.server.lease.holder == "node2" and rig.named("fast_claim_dropped") == []
+
+
+def test_no_claim_over_a_holder_whose_lease_lapsed_long_before_it_left(rigs: list[Rig]) -> None:
+    """node1's health service died (its renewals stopped, nothing released) and node1 kept the VIPs; when it
+    later leaves the membership, the witness refuses the claim and says why: Pacemaker decides (fence first)."""
+    import time
+
+    rig = Rig(peer_has=True)
+    rigs.append(rig)
+    assert wait_until(lambda: rig.server.lease.holder == "node1")
+    rig.server.lease.claim_window = 0.3
+    rig.peer.stop()  # the health service dies; node1 itself lives on
+    time.sleep(0.2 + 0.3 + 0.2)  # its lease lapses (0.2 s), then the window passes
+    rig.fc.apply(both(), alone(True))
+    assert wait_until(lambda: rig.named("fast_claim_dropped"), timeout=3.0)
+    why = str(rig.named("fast_claim_dropped")[0]["why"])
+    assert "holder: node1" in why and "node1's lease lapsed" in why and "Pacemaker decides" in why, why
+    assert [c for c in rig.cmds if c[:3] == ["ip", "addr", "add"]] == [] and rig.server.lease.holder == "node1"
+    assert rig.server.counts["refused_lapsed"] >= 1
 
 
 def test_a_claim_is_dropped_when_the_peer_returns_or_quorum_goes(rigs: list[Rig]) -> None:
@@ -355,7 +374,7 @@ def test_vips_dropped_on_a_false_suspicion_are_taken_back(rigs: list[Rig]) -> No
     assert wait_until(lambda: rig.named("fast_release"), timeout=2.0)
     time.sleep(0.2)
     assert rig.held() == set() and rig.named("fast_reclaim") == []  # still silent: no reclaim
-    rig.server.lease.holder = None  # the witness answers again...
+    rig.server.lease.holder, rig.server.lease.expires = "node2", 0.0  # the witness answers again (node2's, lapsed)...
     peer = _watch(rig, "node1", port)  # ...and so does the peer; the membership never changed
     assert wait_until(lambda: rig.named("fast_reclaim"), timeout=2.0)
     assert rig.held() == {VIP.ip} and rig.server.lease.holder == "node2"
