@@ -481,7 +481,7 @@ class _Matcher:
         self.transport = transport
         self.branch = new_branch()
         self.call_id = new_call_id(local[0])
-        uri = f"sip:{_uri_host(host)}:{port}" + (";transport=tcp" if transport == "tcp" else "")
+        uri = f"sip:{_uri_host(host)}:{port}" + (f";transport={transport}" if transport != "udp" else "")
         self.request = request(
             "OPTIONS",
             uri,
@@ -533,7 +533,7 @@ def _family(host: str) -> socket.AddressFamily:
 def _check_args(transport: str, port: int, timeout: float) -> str:
     t = transport.lower()
     if t not in ("udp", "tcp"):
-        raise ValueError(f"transport {transport!r}: the probe speaks udp or tcp")
+        raise ValueError(f"transport {transport!r}: the probe speaks udp or tcp (the async one tls and ws too)")
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} out of range 1-65535")
     if timeout <= 0:
@@ -738,6 +738,11 @@ async def options_probe_async(
     """
     import asyncio  # here, not at the top: the OCF monitor imports this module per call and asyncio costs ~25 ms
 
+    if transport.lower() in ("tls", "ws"):  # a connection with a handshake: its own module (no late listener)
+        from ha.sip_tls_ws import options_probe_secure
+
+        _check_args("tcp", port, timeout)
+        return await options_probe_secure(host, port, transport, timeout)
     t = _check_args(transport, port, timeout)
     target = f"{t}:{host}:{port}"
     loop = asyncio.get_running_loop()

@@ -52,7 +52,7 @@ from typing import Protocol
 
 from ha.sip import LateListener, ProbeResult, options_probe_async
 
-PROBED_TRANSPORTS = ("udp", "tcp")  # what ha.sip's probe speaks; tls/ws listeners are not probed yet
+PROBED_TRANSPORTS = ("udp", "tcp", "tls", "ws")  # every listener a phone may use (ha.sip, ha.sip_tls_ws)
 # Late listeners per target: a probe is sent about every 40 ms while failing, so 16 cover answers up to ~640 ms
 # late; when all are busy a new probe is simply not listened to after its timeout (the oldest are the ones
 # about to answer). Sockets: at most 16 per target, each for at most the late window.
@@ -232,7 +232,7 @@ class Target:
 
 
 def targets_for(host: str, ports: dict[str, int]) -> tuple[Target, ...]:
-    """The probe targets for a proxy listening on ``ports`` (transport -> port); tls/ws are skipped."""
+    """The probe targets for a proxy listening on ``ports`` (transport -> port)."""
     return tuple(Target(host, port, t) for t, port in ports.items() if t in PROBED_TRANSPORTS)
 
 
