@@ -270,6 +270,7 @@ class Replication:
         self.shed_limit = 0  # REGISTERs per second the proxy takes during the spell in force
         self._drained: deque[tuple[float, int]] = deque()  # (monotonic, intake.accepted) per pace(), for _rate
         self._shed_started = 0.0  # time.monotonic() at the spell's start
+        self._pace_mu = threading.Lock()  # pace() on the loop, pace_stuck() on the service's watchdog thread
         self.shed_spells = 0
         self.proxy_boot: int | None = None
         self.proxy_generation = 0  # +1 each time the local proxy is found restarted (the service drops readiness)
@@ -357,7 +358,9 @@ class Replication:
                    dump_table=lambda: proxytable.dump(sock), proxy_boot=proxy_boot, preload=preload,
                    lookup_table=lambda aors: proxytable.lookup(sock, aors), write_linger_s=z.write_linger_ms / 1000)
         repl._closers += [loop_rpc.close, apply_rpc.close, client.stop, client.close, reader.stop, reader.close]
-        repl.shed_fn = lambda until, limit: shed_proxy(loop_rpc, until, limit)
+        shed_rpc = Rpc(sock, timeout=0.3)  # its own: pace_stuck() calls it while the loop may use loop_rpc
+        repl._closers.append(shed_rpc.close)
+        repl.shed_fn = lambda until, limit: shed_proxy(shed_rpc, until, limit)
         repl.preload_db, repl.cluster_name = preload_db, cluster.name
         repl.node_cache = NodeCache(Path(journal_path).parent / "node-cache", cluster.name, lambda: store.identity)
         # Loaded by the first read, while the servers answer it (loaded at once, it slowed the proxy's table down)
@@ -722,6 +725,35 @@ class Replication:
         nothing. Returns a line to log."""
         if self.shed_fn is None:
             return None
+        with self._pace_mu:
+            return self._pace()
+
+    def pace_stuck(self, stuck_s: float) -> str | None:
+        """Back-pressure while the service's loop is held (a write waiting on a starved ZooKeeper) with events
+        waiting in the intake's socket: called from a watchdog thread, since the loop cannot measure how far
+        behind it is. Sheds every REGISTER (limit 0: nothing drains meanwhile), refreshed at most once a second;
+        pace() takes the spell over when the loop is back. Why: one write held the loop 23 s under an overload
+        on a slow 2-core machine; the spell could only begin after it, by then the proxy had taken 117k
+        REGISTERs that the intake was still reading 28 s later, and the copies were not in agreement 19 s after
+        the storm."""
+        if self.shed_fn is None or not self.active:
+            return None
+        with self._pace_mu:
+            now = time.time()
+            if now < self._shed_until - SHED_HOLD_S + 1:
+                return None
+            starting = not self._shed_until
+            self._shed_until, self.shed_limit = int(now) + SHED_HOLD_S, 0
+            err = self._shed(self._shed_until, 0)
+            if starting:
+                self.shed_spells += 1
+                self._shed_started = time.monotonic()
+                return (f"the loop has been held {stuck_s:.1f} s (a write waiting on ZooKeeper) with events waiting: "
+                        f"every REGISTER answered 503 until it is back{err}")
+            return f"still shedding REGISTERs: {err}" if err else None
+
+    def _pace(self) -> str | None:
+        assert self.shed_fn is not None
         mono = time.monotonic()
         drain_rate = _rate(self._drained, mono, self.intake.accepted, 1.0)  # events the intake took per second
         behind = self._behind_s if self.active else 0.0

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from ha.coordinator.gcpause import Freezer, FullCollections
-from ha.coordinator.replication import DEFAULT_JOURNAL, Replication
+from ha.coordinator.replication import DEFAULT_JOURNAL, SHED_BEHIND_S, Replication
 from ha.coordinator.store import StaleEpoch, StoreUnavailable
 from ha.netaddr import ipv4_addresses
 from ha.unixline import exchange
@@ -78,6 +78,19 @@ SUMMARY_EVERY_S = 5.0  # one counters line when they changed, instead of a line 
 TICK_S = 1.0
 FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers and the resync is done counts
 BOOT_SLACK_S = 2  # the proxy's boot time is derived from whole seconds of uptime
+STUCK_CHECK_S = 0.25  # how often the watchdog looks at a loop that is not waiting in select (Service._watch_stuck)
+
+
+def waiting_bytes(sock: socket.socket) -> int:
+    """Bytes of the first datagram waiting in ``sock`` (FIONREAD; 0: nothing waits, or it cannot tell)."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def vip_check(vips: Iterable[str], addresses: Callable[[], set[str]] = ipv4_addresses) -> Callable[[], bool | None]:
@@ -156,6 +169,7 @@ class Service:
         self._wake_r, self._wake_w = socket.socketpair()
         self._materialize_q: queue.Queue[socket.socket] = queue.Queue()  # from the status thread to the loop
         self._loop_seen = time.monotonic()  # the loop's last pass (the status thread reports its age)
+        self._busy_since: float | None = None  # when the loop left select (None: waiting in it); _watch_stuck
         self._flush_at: float | None = None  # when pending events are due to be written (Replication.flush_due)
         self._serving = threading.Event()
         self._full_gcs = FullCollections()  # installed while run() runs
@@ -441,6 +455,23 @@ class Service:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"r")
 
+    def _watch_stuck(self, udp: socket.socket, stop: threading.Event) -> None:
+        """Shed while the loop is held (not in select) for SHED_BEHIND_S with events waiting (Replication.pace_stuck).
+        Bounded: ends with the loop (``stop``), or after ~25 years of checks."""
+        for _ in range(int(25 * 365 * 86400 / STUCK_CHECK_S)):
+            if stop.wait(STUCK_CHECK_S):
+                return
+            since = self._busy_since
+            if since is None or time.monotonic() - since < SHED_BEHIND_S or not waiting_bytes(udp):
+                continue
+            try:
+                m = self.repl.pace_stuck(time.monotonic() - since)
+            except Exception as exc:  # the watchdog must outlive any one failure
+                log.error("stuck-loop watchdog: %r", exc)
+                continue
+            if m is not None:
+                log.warning("%s", m)
+
     def stop(self) -> None:
         """Ask a running loop (in another thread) to end."""
         with contextlib.suppress(OSError):
@@ -464,6 +495,8 @@ class Service:
         self._serving.set()
         status_thread = threading.Thread(target=self._serve_status, args=(ctl,), name="sipha-status", daemon=True)
         status_thread.start()
+        stuck_stop = threading.Event()
+        threading.Thread(target=self._watch_stuck, args=(udp, stuck_stop), name="sipha-stuck", daemon=True).start()
         log.info("node %s: listening for proxy events on udp:%s:%s, status on %s, readiness file %s",
                  self.repl.node, self.bind, self.port, self.status_socket, self.ready_file)
         try:
@@ -475,7 +508,10 @@ class Service:
             while True:
                 next_tick = last_tick + (TICK_S if self.ready_given else FAST_TICK_S)  # readiness can change any time
                 wake = next_tick if self._flush_at is None else min(next_tick, self._flush_at)
-                for key, _ in sel.select(timeout=max(0.0, wake - time.monotonic())):
+                self._busy_since = None
+                ready = sel.select(timeout=max(0.0, wake - time.monotonic()))
+                self._busy_since = time.monotonic()
+                for key, _ in ready:
                     if key.data == "udp":
                         self._receive(udp)
                     else:
@@ -501,6 +537,7 @@ class Service:
         except _Stop:
             pass
         finally:
+            stuck_stop.set()
             self._full_gcs.uninstall()
             if self._freezer is not None:
                 self._freezer.stop()

@@ -635,6 +635,79 @@ def test_pace_sheds_registers_while_the_intake_is_behind_and_stops_once_it_caugh
     assert repl.pace() is None and calls[-1] == (0, 0)
 
 
+def test_pace_stuck_sheds_everything_while_the_loop_is_held_and_pace_takes_the_spell_over(
+    zk_client: KazooClient, tmp_path: Path
+) -> None:
+    from ha.coordinator.journal import Journal
+    from ha.coordinator.replication import SHED_HOLD_S, SHED_MIN_S
+
+    repl = Replication(ZkStore(zk_client, unique_cluster("stuck").name, "node1"), "node1", Journal(tmp_path / "j"))
+    calls: list[tuple[int, int]] = []
+    repl.shed_fn = lambda until, limit: calls.append((until, limit))
+    assert repl.pace_stuck(2.0) is None and calls == []  # a standby writes nothing: nothing to shed for
+    repl.active = True
+    said = repl.pace_stuck(1.5)
+    assert said is not None and "held 1.5 s" in said and "every REGISTER answered 503" in said, said
+    (until, limit), = calls
+    assert limit == 0 and time.time() + SHED_HOLD_S - 1 <= until <= time.time() + SHED_HOLD_S
+    assert repl.pace_stuck(2.0) is None and len(calls) == 1  # refreshed at most once a second
+    assert repl.status()["shedding"] and repl.status()["shed_spells"] == 1
+    # The loop is back: pace() keeps the spell while the intake is behind, then ends it once caught up.
+    repl.feed(json.dumps(contact(1, "stuck1", ts=int((time.time() - 5.0) * 1000)).to_json()).encode())
+    repl._shed_until -= SHED_HOLD_S  # a second later: due for a refresh
+    assert repl.pace() is None and len(calls) == 2 and calls[-1][0] > 0  # still behind: refreshed, not ended
+    repl.intake_empty()
+    repl._shed_started -= SHED_MIN_S
+    said = repl.pace()
+    assert said is not None and "caught up" in said and calls[-1] == (0, 0), (said, calls)
+
+
+def test_a_held_loop_with_events_waiting_sheds_from_the_watchdog(zk_client: KazooClient, tmp_path: Path) -> None:
+    """The loop stuck in one long call (as a write waiting on a starved ZooKeeper held it 23 s in an overload run)
+    while the proxy's events pile up in the intake's socket: the watchdog thread starts the spell; an idle held
+    loop (nothing waiting) sheds nothing."""
+    import socket
+
+    from ha.coordinator.journal import Journal
+
+    repl = Replication(ZkStore(zk_client, unique_cluster("held").name, "node1"), "node1", Journal(tmp_path / "j"))
+    calls: list[tuple[int, int]] = []
+    repl.shed_fn = lambda until, limit: calls.append((until, limit))
+    hold, held, release = threading.Event(), threading.Event(), threading.Event()
+    real_tick = repl.tick
+
+    def slow_tick() -> str | None:
+        if hold.is_set():
+            hold.clear()
+            held.set()
+            release.wait(20)  # a loop held by one long call
+        return real_tick()
+
+    repl.tick = slow_tick  # type: ignore[method-assign]
+    intake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    intake.bind(("127.0.0.1", 0))
+    # role: the VIP is "here", so this node takes over and writes
+    svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=None,
+                  role=lambda: True, intake=intake)  # fmt: skip
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        wait_for(lambda: repl.active, 15, "the coordinator active (it took over)")
+        hold.set()
+        wait_for(held.is_set, 5, "a tick holding the loop")
+        time.sleep(1.6)  # held past SHED_BEHIND_S, nothing waiting: no spell
+        assert calls == []
+        sender.sendto(json.dumps(contact(1, "held1").to_json()).encode(), intake.getsockname())
+        wait_for(lambda: calls, 3, "a spell started by the watchdog while the loop is still held")
+        assert calls[0][1] == 0 and repl.status()["shed_spells"] == 1 and not release.is_set()
+    finally:
+        release.set()
+        sender.close()
+        svc.stop()
+        t.join(20)
+
+
 def test_the_intake_socket_holds_seconds_of_events() -> None:
     """Past rmem_max (root: SO_RCVBUFFORCE): at ~2.3 KB of buffer per datagram, 8 MB held ~1 s of a flood's events
     and every longer stall of the loop lost some (each loss costs a full reconciliation)."""
