@@ -729,9 +729,9 @@ class Replication:
             return self._pace()
 
     def pace_stuck(self, stuck_s: float) -> str | None:
-        """Back-pressure while the service's loop is held (a write waiting on a starved ZooKeeper) with events
-        waiting in the intake's socket: called from a watchdog thread, since the loop cannot measure how far
-        behind it is. Sheds every REGISTER (limit 0: nothing drains meanwhile), refreshed at most once a second;
+        """Back-pressure while the service's loop is held (a write waiting on a starved ZooKeeper) and the intake's
+        socket is filling: called from a watchdog thread, since the loop cannot measure how far behind it is.
+        Sheds every REGISTER (limit 0: nothing drains meanwhile), refreshed at most once a second;
         pace() takes the spell over when the loop is back. Why: one write held the loop 23 s under an overload
         on a slow 2-core machine; the spell could only begin after it, by then the proxy had taken 117k
         REGISTERs that the intake was still reading 28 s later, and the copies were not in agreement 19 s after
@@ -748,8 +748,8 @@ class Replication:
             if starting:
                 self.shed_spells += 1
                 self._shed_started = time.monotonic()
-                return (f"the loop has been held {stuck_s:.1f} s (a write waiting on ZooKeeper) with events waiting: "
-                        f"every REGISTER answered 503 until it is back{err}")
+                return (f"the loop has been held {stuck_s:.1f} s (a write waiting on ZooKeeper) and the intake is "
+                        f"filling up: every REGISTER answered 503 until it is back{err}")
             return f"still shedding REGISTERs: {err}" if err else None
 
     def _pace(self) -> str | None:

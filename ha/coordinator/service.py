@@ -79,18 +79,24 @@ TICK_S = 1.0
 FAST_TICK_S = 0.1  # while readiness is withheld: the moment the proxy answers and the resync is done counts
 BOOT_SLACK_S = 2  # the proxy's boot time is derived from whole seconds of uptime
 STUCK_CHECK_S = 0.25  # how often the watchdog looks at a loop that is not waiting in select (Service._watch_stuck)
+# How full the intake's receive buffer may get while the loop is held before the watchdog sheds. Why the fill and
+# not the hold alone: a write waits the same way on a ZooKeeper starved of CPU (a storm: shed, or the buffer
+# overflows and events are lost) and on one that stopped answering (an outage, served fail static: kazoo gives
+# up after up to ~13 s in the lab and the events are journaled). At the lab's outage test rate (200/s) 13 s of
+# events fill ~6 MB of the 64 MB; a storm fills a quarter in 2-3 s.
+STUCK_FILL = 0.25
+SO_MEMINFO = 55  # Linux getsockopt: rmem_alloc, rcvbuf, then 7 more counters (the last: drops)
 
 
-def waiting_bytes(sock: socket.socket) -> int:
-    """Bytes of the first datagram waiting in ``sock`` (FIONREAD; 0: nothing waits, or it cannot tell)."""
-    import fcntl
+def intake_fill(sock: socket.socket) -> float:
+    """How full ``sock``'s receive buffer is (0-1; 0 when the kernel cannot tell)."""
     import struct
-    import termios
 
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
+        rmem, rcvbuf = struct.unpack_from("2I", sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))
+    except (OSError, struct.error):
+        return 0.0
+    return rmem / rcvbuf if rcvbuf else 0.0
 
 
 def vip_check(vips: Iterable[str], addresses: Callable[[], set[str]] = ipv4_addresses) -> Callable[[], bool | None]:
@@ -456,13 +462,13 @@ class Service:
             self._wake_w.send(b"r")
 
     def _watch_stuck(self, udp: socket.socket, stop: threading.Event) -> None:
-        """Shed while the loop is held (not in select) for SHED_BEHIND_S with events waiting (Replication.pace_stuck).
-        Bounded: ends with the loop (``stop``), or after ~25 years of checks."""
+        """Shed while the loop is held (not in select) for SHED_BEHIND_S and the intake's buffer is STUCK_FILL full
+        (Replication.pace_stuck). Bounded: ends with the loop (``stop``), or after ~25 years of checks."""
         for _ in range(int(25 * 365 * 86400 / STUCK_CHECK_S)):
             if stop.wait(STUCK_CHECK_S):
                 return
             since = self._busy_since
-            if since is None or time.monotonic() - since < SHED_BEHIND_S or not waiting_bytes(udp):
+            if since is None or time.monotonic() - since < SHED_BEHIND_S or intake_fill(udp) < STUCK_FILL:
                 continue
             try:
                 m = self.repl.pace_stuck(time.monotonic() - since)

@@ -662,13 +662,15 @@ def test_pace_stuck_sheds_everything_while_the_loop_is_held_and_pace_takes_the_s
     assert said is not None and "caught up" in said and calls[-1] == (0, 0), (said, calls)
 
 
-def test_a_held_loop_with_events_waiting_sheds_from_the_watchdog(zk_client: KazooClient, tmp_path: Path) -> None:
-    """The loop stuck in one long call (as a write waiting on a starved ZooKeeper held it 23 s in an overload run)
-    while the proxy's events pile up in the intake's socket: the watchdog thread starts the spell; an idle held
-    loop (nothing waiting) sheds nothing."""
+def test_a_held_loop_with_its_intake_filling_sheds_from_the_watchdog(zk_client: KazooClient, tmp_path: Path) -> None:
+    """The loop stuck in one long call (a write waiting on a starved ZooKeeper held it 23 s in an overload run)
+    while the proxy's events fill the intake's socket: the watchdog thread starts the spell before the buffer
+    overflows. Held with a few events waiting (an outage's first seconds at a modest rate, served fail static
+    until kazoo gives up and the write is journaled): no spell."""
     import socket
 
     from ha.coordinator.journal import Journal
+    from ha.coordinator.service import STUCK_FILL, intake_fill
 
     repl = Replication(ZkStore(zk_client, unique_cluster("held").name, "node1"), "node1", Journal(tmp_path / "j"))
     calls: list[tuple[int, int]] = []
@@ -685,6 +687,7 @@ def test_a_held_loop_with_events_waiting_sheds_from_the_watchdog(zk_client: Kazo
 
     repl.tick = slow_tick  # type: ignore[method-assign]
     intake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    intake.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # small, to fill it in a test
     intake.bind(("127.0.0.1", 0))
     # role: the VIP is "here", so this node takes over and writes
     svc = Service("127.0.0.1", 0, str(tmp_path / "c.pid"), str(tmp_path / "c.sock"), repl, ready_file=None,
@@ -696,9 +699,14 @@ def test_a_held_loop_with_events_waiting_sheds_from_the_watchdog(zk_client: Kazo
         wait_for(lambda: repl.active, 15, "the coordinator active (it took over)")
         hold.set()
         wait_for(held.is_set, 5, "a tick holding the loop")
-        time.sleep(1.6)  # held past SHED_BEHIND_S, nothing waiting: no spell
-        assert calls == []
-        sender.sendto(json.dumps(contact(1, "held1").to_json()).encode(), intake.getsockname())
+        for seq in range(1, 4):
+            sender.sendto(json.dumps(contact(seq, f"held{seq}").to_json()).encode(), intake.getsockname())
+        time.sleep(1.6)  # held past SHED_BEHIND_S with three events waiting: no spell
+        assert 0 < intake_fill(intake) < STUCK_FILL and calls == [], (intake_fill(intake), calls)
+        seq = 4
+        while intake_fill(intake) < STUCK_FILL and seq < 1000:
+            sender.sendto(json.dumps(contact(seq, f"held{seq}").to_json()).encode(), intake.getsockname())
+            seq += 1
         wait_for(lambda: calls, 3, "a spell started by the watchdog while the loop is still held")
         assert calls[0][1] == 0 and repl.status()["shed_spells"] == 1 and not release.is_set()
     finally:
