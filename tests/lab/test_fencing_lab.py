@@ -34,14 +34,28 @@ def sipha(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, cwd=REPO)  # fmt: skip
 
 
-def test_partitioned_vip_holder_is_fenced_before_the_vip_moves(lab: dict[str, Any]) -> None:
-    if not lab["stonith"]:
-        pytest.skip("fence_sipha_lab not installed: the lab runs with stonith-enabled=false")
+def _vip_on_node1(lab: dict[str, Any]) -> None:
     wait_settled(lab, 60)
     if labmod.vip_holder(lab) != "node1":
         status, text = api(lab, "node2", "POST", "/switchover", token=token(lab, "node2"), body={"to": "node1"})
         assert status == 200, text
     wait_settled(lab, 30)
+
+
+def _settled_after_the_fence(lab: dict[str, Any]) -> None:
+    """The fenced node1 was powered on again by the reboot and rejoins: leave a settled cluster."""
+    wait_for(lambda: labmod.powered("node1"), 30, "node1 powered on again")
+    try:
+        wait_settled(lab, 90)
+    except AssertionError:
+        cleanup(lab)
+        wait_settled(lab, 60)
+
+
+def test_partitioned_vip_holder_is_fenced_before_the_vip_moves(lab: dict[str, Any]) -> None:
+    if not lab["stonith"]:
+        pytest.skip("fence_sipha_lab not installed: the lab runs with stonith-enabled=false")
+    _vip_on_node1(lab)
     log_path = Path(lab["state_dir"]) / "node2/root/var/log/pacemaker/pacemaker.log"
     offset = log_path.stat().st_size
 
@@ -75,13 +89,7 @@ def test_partitioned_vip_holder_is_fenced_before_the_vip_moves(lab: dict[str, An
     assert any("fence-node1" in ln for ln in lines), "fence-node1 (fence_sipha_lab) not named in node2's log"
     assert vip_start, "no VIP start on node2 in node2's pacemaker.log"
     assert fence_ok[0] < vip_start[0], "the VIP started on node2 before node1 was fenced"
-    # the fenced node1 was powered on again by the reboot and rejoins; leave a settled cluster
-    wait_for(lambda: labmod.powered("node1"), 30, "node1 powered on again")
-    try:
-        wait_settled(lab, 60)
-    except AssertionError:
-        cleanup(lab)
-        wait_settled(lab, 60)
+    _settled_after_the_fence(lab)
 
 
 def _health_pid(lab: dict[str, Any], node: str) -> int:
@@ -113,11 +121,7 @@ def test_a_cut_off_holder_with_a_dead_health_service_is_fenced_not_claimed_over(
     cluster = model.load(lab["cluster_yaml"])
     if not lab["stonith"] or not cluster.failover.fast_claim:
         pytest.skip("needs fence_sipha_lab and failover.fast_claim (examples/lab.yaml)")
-    wait_settled(lab, 60)
-    if labmod.vip_holder(lab) != "node1":
-        status, text = api(lab, "node2", "POST", "/switchover", token=token(lab, "node2"), body={"to": "node1"})
-        assert status == 200, text
-    wait_settled(lab, 30)
+    _vip_on_node1(lab)
     logs = {(h, n): (Path(lab["state_dir"]) / h / "logs" / f"{n}.log").stat().st_size
             for h, n in (("node2", "sipha-health"), ("witness", "sipha-arbiter"))}  # fmt: skip
     os.kill(_health_pid(lab, "node1"), signal.SIGKILL)  # the lab's init started it; it does not restart it
@@ -141,10 +145,4 @@ def test_a_cut_off_holder_with_a_dead_health_service_is_fenced_not_claimed_over(
     assert "arbiter_claim_refused node=node2 holder=node1" in refused and "lease lapsed" in refused, refused[-2000:]
     assert "fast_claim_dropped" in claims and "lease lapsed" in claims, claims[-2000:]
     assert not re.search(r"fast_claim(?![_\w])", claims), claims[-2000:]  # no claim event at all
-    # the fence restarted node1, and its init the health service
-    wait_for(lambda: labmod.powered("node1"), 30, "node1 powered on again")
-    try:
-        wait_settled(lab, 90)
-    except AssertionError:
-        cleanup(lab)
-        wait_settled(lab, 60)
+    _settled_after_the_fence(lab)  # its init restarted the health service too
