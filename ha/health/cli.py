@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from ha import model
+from ha.health.replication import DEFAULT_STATUS_SOCKET
 
 
 def _load(path: str) -> model.Cluster:
@@ -143,14 +144,18 @@ def arbiter_cmd(cluster_yaml: str, bind: str | None) -> None:
 @click.option("--proxy-pidfile", type=click.Path(dir_okay=False), default=None,
               help="the local proxy's pidfile (default /run/sipha/<proxy kind>.pid, the proxy agent's): an unanswered "
                    "probe while its processes burn CPU is 'overloaded', not dead; 'none' turns that off")
+@click.option("--coordinator-socket", default=DEFAULT_STATUS_SOCKET, show_default=True,
+              help="the local coordinator's status socket, read every second for /health, the replication metrics "
+                   "and the shedding events; 'none' turns that off")
 @click.option("-v", "--verbose", is_flag=True, help="also log every steady cycle (DEBUG)")
 def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: float | None, readiness_gate: bool,
             ready_file: str, dampen_ms: int | None, rest_bind: str | None, rest_port: int | None,
             snmp_bind: str | None, no_snmp_agent: bool, json_logs: bool, fault_file: str | None,
-            proxy_pidfile: str | None, verbose: bool) -> None:
+            proxy_pidfile: str | None, coordinator_socket: str, verbose: bool) -> None:
     """Start the health service of NODE (runs until SIGTERM/SIGINT)."""
     from ha.health.api import ApiServer, serve, tls_context
     from ha.health.cluster import AttrdWriter, PacemakerActions
+    from ha.health.replication import ReplicationWatch, query
     from ha.health.service import HealthService, Readiness
     from ha.health.snmp import Responder
 
@@ -166,6 +171,7 @@ def run_cmd(cluster_yaml: str, node_name: str, probe_host: str | None, slow_ms: 
             json_logs=json_logs, fault_file=Path(fault_file) if fault_file else None,
             proxy_pidfile=None if proxy_pidfile == "none" else Path(
                 proxy_pidfile or f"/run/sipha/{cluster.proxy.kind}.pid"),
+            replication=None if coordinator_socket == "none" else ReplicationWatch(lambda: query(coordinator_socket)),
         )
     except ValueError as exc:
         raise click.ClickException(f"{cluster_yaml}: {exc}") from None

@@ -44,6 +44,21 @@ class Metrics:
         self.health = Gauge("sipha_health", "Local proxy health: 1 healthy, 0 unhealthy, -1 unknown", registry=r)
         self.ready = Gauge("sipha_ready", "1 when readiness is given (or no gate is configured)", registry=r)
         self.vip_holder = Gauge("sipha_vip_holder", "1 when this node holds the VIP address", ["vip"], registry=r)
+        # From the local coordinator's status (ha.health.replication); -1 until it was read once.
+        self.shedding = Gauge("sipha_replication_shedding",
+                              "1 while the coordinator has the proxy answer REGISTERs 503 (replication behind)",
+                              registry=r)  # fmt: skip
+        self.shed_limit = Gauge("sipha_replication_shed_limit_per_s",
+                                "REGISTERs per second the proxy still takes during a shedding spell", registry=r)
+        self.shed_spells = Gauge("sipha_replication_shed_spells", "Shedding spells since the coordinator started",
+                                 registry=r)  # fmt: skip
+        self.lost_events = Gauge("sipha_replication_lost_events",
+                                 "Proxy events the coordinator counted lost (each repaired by reconciliation)",
+                                 registry=r)  # fmt: skip
+        self.zk_connected = Gauge("sipha_replication_zookeeper_connected",
+                                  "1 when the coordinator is connected to ZooKeeper", registry=r)
+        for g in (self.shedding, self.shed_limit, self.shed_spells, self.lost_events, self.zk_connected):
+            g.set(-1)
         self.health.set(-1)
         for t in Health:
             self.transitions.labels(str(t))
@@ -66,6 +81,14 @@ class Metrics:
     def set_vips(self, all_vips: tuple[str, ...], held: list[str]) -> None:
         for v in all_vips:
             self.vip_holder.labels(v).set(1 if v in held else 0)
+
+    def replication(self, fields: dict[str, object]) -> None:
+        """The coordinator's replication status (ha.health.replication.FIELDS)."""
+        self.shedding.set(1 if fields.get("shedding") else 0)
+        self.shed_limit.set(float(fields.get("shed_limit_per_s") or 0))  # type: ignore[arg-type]
+        self.shed_spells.set(float(fields.get("shed_spells") or 0))  # type: ignore[arg-type]
+        self.lost_events.set(float(fields.get("lost") or 0))  # type: ignore[arg-type]
+        self.zk_connected.set(1 if fields.get("zookeeper") == "connected" else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

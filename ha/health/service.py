@@ -49,6 +49,8 @@ from ha.health.probe import (
     late_window,
     targets_for,
 )
+from ha.health.replication import POLL_S as REPLICATION_POLL_S
+from ha.health.replication import ReplicationWatch
 from ha.health.snmp import NodeState, TrapSender
 from ha.model import Cluster
 from ha.sip import ProbeResult, options_probe_async
@@ -153,7 +155,8 @@ def iso(t: float) -> str:
 
 @dataclass(frozen=True)
 class Transition:
-    """One change the service saw: ``kind`` health (the local proxy) or role (VIP held or not)."""
+    """One change the service saw: ``kind`` health (the local proxy), role (VIP held or not) or shedding (the
+    coordinator has the proxy refuse REGISTERs while replication is behind)."""
 
     at: float
     kind: str
@@ -194,8 +197,10 @@ class HealthService:
         peer_ports: dict[str, int] | None = None,
         fault_file: Path | None = None,
         proxy_pidfile: Path | None = None,
+        replication: ReplicationWatch | None = None,
     ) -> None:
         self.cluster = cluster
+        self.replication = replication  # the local coordinator's status (None: not asked, e.g. the stock lab)
         self.me = cluster.node(node)  # KeyError for an unknown node: the CLI turns it into a message
         t = cluster.timings
         self.period_s = t.probe_period_ms / 1000
@@ -244,6 +249,8 @@ class HealthService:
         self._last_role_check = -1e9
         self._last_assert = time.monotonic()
         self._last_peer_probe = -1e9
+        self._last_replication_poll = -1e9
+        self._replication_task: asyncio.Task[None] | None = None
         self._peer_task: asyncio.Task[None] | None = None
         self.cycles = 0
         self.last_alive = True
@@ -323,6 +330,11 @@ class HealthService:
         if now_mono - self._last_role_check >= ROLE_CHECK_S:
             self._last_role_check = now_mono
             self._spawn(self._check_role())
+        if self.replication is not None and now_mono - self._last_replication_poll >= REPLICATION_POLL_S and (
+            self._replication_task is None or self._replication_task.done()
+        ):
+            self._last_replication_poll = now_mono
+            self._replication_task = asyncio.get_running_loop().create_task(self._poll_replication())
         if self._late_seen and now_mono - self._last_late_log >= LATE_LOG_S:
             self._last_late_log = now_mono
             seen, self._late_seen = self._late_seen, {}
@@ -421,6 +433,26 @@ class HealthService:
                        error=self.vip_check.error or None)
             await self._trap("role")
 
+    async def _poll_replication(self) -> None:
+        """The coordinator's status, read off the loop; a shedding spell's start and end are events (and history):
+        the phones are being refused REGISTERs."""
+        assert self.replication is not None
+        change = await asyncio.to_thread(self.replication.poll)
+        st = self.replication.status
+        if st is not None:
+            self.metrics.replication(st)
+        if change is None:
+            return
+        what, fields = change
+        started = what == "shedding_started"
+        reason = (f"replication behind: REGISTERs over {fields.get('shed_limit_per_s')}/s answered 503"
+                  if started else "replication caught up: the proxy takes every REGISTER again")
+        with self._lock:
+            self.history.append(Transition(self.clock(), "shedding", str(not started).lower(), str(started).lower(),
+                                           reason))  # fmt: skip
+        self.event("replication_" + what, logging.WARNING if started else logging.INFO, reason=reason,
+                   shed_spells=fields.get("shed_spells"), pending=fields.get("pending"))
+
     async def _probe_peers(self) -> None:
         for name, prober in self.peers.items():
             obs = await prober.cycle()
@@ -461,7 +493,7 @@ class HealthService:
         self.event("stop", health=self.state.health)
 
     async def close(self) -> None:
-        for t in [*self._tasks, self._attr_task, self._peer_task]:
+        for t in [*self._tasks, self._attr_task, self._peer_task, self._replication_task]:
             if t is not None and not t.done():
                 t.cancel()
         await asyncio.gather(*(t for t in self._tasks if t), return_exceptions=True)
@@ -500,6 +532,7 @@ class HealthService:
                 "history": [t.as_dict() for t in self.history],
                 "injected_drops": self.drops.injected,
                 "late_answers": self.local.late_answers,
+                "replication": self.replication.snapshot() if self.replication is not None else None,
             }
 
 

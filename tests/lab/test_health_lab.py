@@ -62,9 +62,16 @@ def test_clones_started_and_force_check(lab_ok: dict[str, Any]) -> None:
         p = node_sh(lab_ok, "node1", f"crm_resource --force-check -r {rid}", timeout=30)
         assert p.returncode == 0, p.stdout + p.stderr
     assert health_attrs(lab_ok) == {"node1": "1", "node2": "1"}
+    holder = labmod.vip_holder(lab_ok)
     for n in NODES:
         h = health(lab_ok, n)
         assert h["healthy"] and h["attribute"]["written"] == 1, h
+        # the local coordinator's status, read from its socket by the health service (ha.health.replication)
+        r = h["replication"]
+        assert r["error"] is None and r["zookeeper"] == "connected" and r["ready"] is True, r
+        assert r["active"] is (n == holder) and r["shedding"] is False, (n, holder, r)
+    _status, metrics = api(lab_ok, holder, "GET", "/metrics")
+    assert "sipha_replication_shedding 0.0" in metrics and "sipha_replication_zookeeper_connected 1.0" in metrics
 
 
 def _unhealthy_seen(spec: dict[str, Any], node: str, since: str) -> bool:
