@@ -408,12 +408,15 @@ class HealthService:
                 backoff = min(backoff * 2, ATTR_BACKOFF_MAX_S)
         self._attr_task = None
 
-    def node_state(self) -> NodeState:
+    def node_state(self, reason: str | None = None) -> NodeState:
+        r = self.replication
+        shedding = "unknown" if r is None or r.status is None else ("shedding" if r.shedding else "taking")
         with self._lock:
-            return NodeState(self.me.name, self.role, str(self.state.health), self.state.reason)
+            return NodeState(self.me.name, self.role, str(self.state.health),
+                             self.state.reason if reason is None else reason, shedding)  # fmt: skip
 
-    async def _trap(self, kind: str) -> None:
-        errors = await self.traps.send(kind, self.node_state())
+    async def _trap(self, kind: str, reason: str | None = None) -> None:
+        errors = await self.traps.send(kind, self.node_state(reason))
         for e in errors:
             self.event("trap_failed", logging.WARNING, notification=kind, error=e)
 
@@ -452,6 +455,7 @@ class HealthService:
                                            reason))  # fmt: skip
         self.event("replication_" + what, logging.WARNING if started else logging.INFO, reason=reason,
                    shed_spells=fields.get("shed_spells"), pending=fields.get("pending"))
+        await self._trap("shedding", reason)
 
     async def _probe_peers(self) -> None:
         for name, prober in self.peers.items():

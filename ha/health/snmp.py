@@ -56,19 +56,24 @@ SIP_HA_NODE_NAME = (*OBJECTS, 1)
 SIP_HA_ROLE = (*OBJECTS, 2)
 SIP_HA_HEALTH = (*OBJECTS, 3)
 SIP_HA_REASON = (*OBJECTS, 4)
+SIP_HA_SHEDDING = (*OBJECTS, 5)
 SIP_HA_ROLE_CHANGE = (*NOTIFICATIONS, 1)
 SIP_HA_HEALTH_CHANGE = (*NOTIFICATIONS, 2)
+SIP_HA_SHEDDING_CHANGE = (*NOTIFICATIONS, 3)
 SNMP_TRAP_OID = (1, 3, 6, 1, 6, 3, 1, 1, 4, 1, 0)
 
 ROLE_VALUES = {"active": 1, "standby": 2, "unknown": 3}
 HEALTH_VALUES = {"healthy": 1, "unhealthy": 2, "unknown": 3}
+SHEDDING_VALUES = {"shedding": 1, "taking": 2, "unknown": 3}
 NAMES = {
     SIP_HA_NODE_NAME: "sipHaNodeName",
     SIP_HA_ROLE: "sipHaRole",
     SIP_HA_HEALTH: "sipHaHealth",
     SIP_HA_REASON: "sipHaReason",
+    SIP_HA_SHEDDING: "sipHaShedding",
     SIP_HA_ROLE_CHANGE: "sipHaRoleChange",
     SIP_HA_HEALTH_CHANGE: "sipHaHealthChange",
+    SIP_HA_SHEDDING_CHANGE: "sipHaSheddingChange",
 }
 MAX_REASON = 255  # DisplayString (SIZE (0..255))
 
@@ -93,12 +98,13 @@ def engine_id(node: str) -> bytes:
 
 @dataclass(frozen=True)
 class NodeState:
-    """What SNMP says about this node: the four ``sipHa*`` scalars."""
+    """What SNMP says about this node: the ``sipHa*`` scalars."""
 
     node: str
     role: str  # active | standby | unknown
     health: str  # healthy | unhealthy | unknown
     reason: str
+    shedding: str = "unknown"  # shedding | taking | unknown: REGISTERs refused while replication is behind
 
 
 def varbinds(state: NodeState) -> list[tuple[tuple[int, ...], object]]:
@@ -108,6 +114,7 @@ def varbinds(state: NodeState) -> list[tuple[tuple[int, ...], object]]:
         ((*SIP_HA_ROLE, 0), rfc1902.Integer32(ROLE_VALUES.get(state.role, 3))),
         ((*SIP_HA_HEALTH, 0), rfc1902.Integer32(HEALTH_VALUES.get(state.health, 3))),
         ((*SIP_HA_REASON, 0), rfc1902.OctetString(state.reason.encode()[:MAX_REASON])),
+        ((*SIP_HA_SHEDDING, 0), rfc1902.Integer32(SHEDDING_VALUES.get(state.shedding, 3))),
     ]
 
 
@@ -162,12 +169,14 @@ class TrapSender:
         return self._engine
 
     async def send(self, notification: str, state: NodeState) -> list[str]:
-        """Send ``role`` or ``health`` change to all targets; returns one error text per failed target."""
+        """Send a ``role``, ``health`` or ``shedding`` change to all targets; returns one error text per failed
+        target."""
         if not self.enabled:
             return []
-        trap_oid = {"role": SIP_HA_ROLE_CHANGE, "health": SIP_HA_HEALTH_CHANGE}[notification]
+        trap_oid, changed = {"role": (SIP_HA_ROLE_CHANGE, SIP_HA_ROLE), "health": (SIP_HA_HEALTH_CHANGE, SIP_HA_HEALTH),
+                             "shedding": (SIP_HA_SHEDDING_CHANGE, SIP_HA_SHEDDING)}[notification]  # fmt: skip
         values = dict(varbinds(state))
-        objects = [SIP_HA_NODE_NAME, SIP_HA_ROLE if notification == "role" else SIP_HA_HEALTH, SIP_HA_REASON]
+        objects = [SIP_HA_NODE_NAME, changed, SIP_HA_REASON]
         binds = [ObjectType(ObjectIdentity(oid_str(SNMP_TRAP_OID)), rfc1902.ObjectIdentifier(trap_oid))]
         binds += [ObjectType(ObjectIdentity(oid_str((*o, 0))), values[(*o, 0)]) for o in objects]
         snmp_engine = self._get_engine()
@@ -256,7 +265,7 @@ async def snmp_get(snmp: Snmp, host: str, port: int, timeout: float = 1.0) -> di
             target,
             ContextData(),
             *(ObjectType(ObjectIdentity(oid_str((*o, 0)))) for o in (SIP_HA_NODE_NAME, SIP_HA_ROLE,
-                                                                      SIP_HA_HEALTH, SIP_HA_REASON)),
+                                                                      SIP_HA_HEALTH, SIP_HA_REASON, SIP_HA_SHEDDING)),
             lookupMib=False,
         )
     finally:
@@ -266,15 +275,13 @@ async def snmp_get(snmp: Snmp, host: str, port: int, timeout: float = 1.0) -> di
     if status:
         raise RuntimeError(f"snmp get {host}:{port}: {status.prettyPrint()} at {index}")
     out: dict[str, str] = {}
-    role_names = {v: k for k, v in ROLE_VALUES.items()}
-    health_names = {v: k for k, v in HEALTH_VALUES.items()}
+    enums = {o: {v: k for k, v in values.items()} for o, values in
+             ((SIP_HA_ROLE, ROLE_VALUES), (SIP_HA_HEALTH, HEALTH_VALUES), (SIP_HA_SHEDDING, SHEDDING_VALUES))}
     for name, value in binds:
         oid = tuple(name)[:-1]
         label = NAMES.get(oid, str(name))
-        if oid == SIP_HA_ROLE:
-            out[label] = f"{role_names.get(int(value), '?')}({int(value)})"
-        elif oid == SIP_HA_HEALTH:
-            out[label] = f"{health_names.get(int(value), '?')}({int(value)})"
+        if oid in enums:
+            out[label] = f"{enums[oid].get(int(value), '?')}({int(value)})"
         else:
             out[label] = bytes(value).decode(errors="replace")
     return out

@@ -85,10 +85,21 @@ def test_the_watch_reports_a_shedding_spell_once_at_its_start_and_once_at_its_en
 def test_the_health_service_logs_records_and_exports_the_spell(server: tuple[StatusServer, str],
                                                               tmp_path: Path) -> None:  # fmt: skip
     from ha.health.service import HealthService
+    from ha.health.snmp import NodeState
+
+    class Traps:  # the lab model's trap target is in the lab's subnet: nothing is sent from here
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, NodeState]] = []
+
+        async def send(self, notification: str, state: NodeState) -> list[str]:
+            self.sent.append((notification, state))
+            return []
 
     srv, path = server
     cluster = model.load(ROOT / "examples/lab.yaml")
-    svc = HealthService(cluster, "node1", replication=ReplicationWatch(lambda: query(path, timeout=0.5)))
+    traps = Traps()
+    svc = HealthService(cluster, "node1", replication=ReplicationWatch(lambda: query(path, timeout=0.5)),
+                        traps=traps)  # type: ignore[arg-type]
     events: list[tuple[str, dict[str, Any]]] = []
     svc.event = lambda name, *_a, **kw: events.append((name, kw))  # type: ignore[method-assign]
 
@@ -109,6 +120,9 @@ def test_the_health_service_logs_records_and_exports_the_spell(server: tuple[Sta
     assert "sipha_replication_shedding 0.0" in text and "sipha_replication_lost_events 7.0" in text
     assert "sipha_replication_zookeeper_connected 1.0" in text
     assert svc.snapshot()["replication"]["lost"] == 7
+    # SNMP: a sipHaSheddingChange at each end of the spell, with the spell's sentence as sipHaReason
+    assert [(n, st.shedding) for n, st in traps.sent] == [("shedding", "shedding"), ("shedding", "taking")]
+    assert traps.sent[0][1].reason == events[0][1]["reason"]
 
 
 def test_the_health_service_asks_the_coordinators_own_status_socket() -> None:

@@ -29,6 +29,8 @@ from ha.model import Snmp, SnmpV3
 ROOT = Path(__file__).resolve().parents[2]
 V3 = SnmpV3(user="sipha-ops", auth_key="auth-secret-1", priv_key="priv-secret-1")
 STATE = s.NodeState("node1", "active", "unhealthy", "udp dead: no answer within 80 ms")
+SHEDDING = s.NodeState("node1", "active", "healthy", "replication behind: REGISTERs over 1200/s answered 503",
+                       "shedding")
 
 
 def free_udp_port() -> int:
@@ -52,7 +54,9 @@ def test_mib_file_matches_the_code() -> None:
         assert known[name] == oid, name
     assert "OBJECTS     { sipHaNodeName, sipHaRole, sipHaReason }" in text
     assert "OBJECTS     { sipHaNodeName, sipHaHealth, sipHaReason }" in text
-    for label, values in (("sipHaRole", s.ROLE_VALUES), ("sipHaHealth", s.HEALTH_VALUES)):
+    assert "OBJECTS     { sipHaNodeName, sipHaShedding, sipHaReason }" in text
+    for label, values in (("sipHaRole", s.ROLE_VALUES), ("sipHaHealth", s.HEALTH_VALUES),
+                          ("sipHaShedding", s.SHEDDING_VALUES)):
         enum = re.search(label + r" OBJECT-TYPE\s+SYNTAX\s+INTEGER \{([^}]*)\}", text)
         assert enum is not None
         assert dict((k, int(v)) for k, v in re.findall(r"(\w+)\((\d+)\)", enum.group(1))) == values
@@ -109,15 +113,19 @@ def test_traps_received_by_pysnmp(version: str) -> None:
         try:
             assert await tx.send("health", STATE) == []
             assert await tx.send("role", STATE) == []
-            await rx.wait(2)
+            assert await tx.send("shedding", SHEDDING) == []
+            await rx.wait(3)
             return rx.traps
         finally:
             tx.close()
             rx.close()
 
     traps = asyncio.run(main())
-    assert len(traps) == 2
-    health, role = traps
+    assert len(traps) == 3
+    health, role, shedding = traps
+    assert shedding[s.SNMP_TRAP_OID] == rfc1902.ObjectIdentifier(s.SIP_HA_SHEDDING_CHANGE)
+    assert int(shedding[(*s.SIP_HA_SHEDDING, 0)]) == s.SHEDDING_VALUES["shedding"]
+    assert str(shedding[(*s.SIP_HA_REASON, 0)]) == SHEDDING.reason
     assert health[s.SNMP_TRAP_OID] == rfc1902.ObjectIdentifier(s.SIP_HA_HEALTH_CHANGE)
     assert str(health[(*s.SIP_HA_NODE_NAME, 0)]) == "node1"
     assert int(health[(*s.SIP_HA_HEALTH, 0)]) == s.HEALTH_VALUES["unhealthy"]
@@ -196,7 +204,7 @@ def test_responder_serves_live_values(version: str, tmp_path: Path) -> None:
         r = s.Responder(cfg, "node1", lambda: current["state"], "127.0.0.1", port)
         try:
             first = await s.snmp_get(cfg, "127.0.0.1", port)
-            current["state"] = s.NodeState("node1", "standby", "healthy", "all transports answer")
+            current["state"] = s.NodeState("node1", "standby", "healthy", "all transports answer", "shedding")
             second = await s.snmp_get(cfg, "127.0.0.1", port)
             net_snmp = ""
             if shutil.which("snmpwalk"):
@@ -216,8 +224,9 @@ def test_responder_serves_live_values(version: str, tmp_path: Path) -> None:
 
     first, second, walk = asyncio.run(main())
     assert first == {"sipHaNodeName": "node1", "sipHaRole": "active(1)", "sipHaHealth": "unhealthy(2)",
-                     "sipHaReason": STATE.reason}
+                     "sipHaReason": STATE.reason, "sipHaShedding": "unknown(3)"}
     assert second["sipHaHealth"] == "healthy(1)" and second["sipHaRole"] == "standby(2)"
+    assert second["sipHaShedding"] == "shedding(1)"
     if walk:
         assert f".{s.oid_str(s.SIP_HA_HEALTH)}.0 = INTEGER: 1" in walk
         assert f'.{s.oid_str(s.SIP_HA_NODE_NAME)}.0 = STRING: "node1"' in walk
