@@ -47,7 +47,7 @@ from coordlab import (
     zk_calls,
     zk_cdrs,
 )
-from labhelp import cleanup, other, wait_for, wait_settled
+from labhelp import cleanup, health, other, wait_for, wait_settled
 
 from ha.lab import lab as labmod
 
@@ -601,6 +601,11 @@ def test_overload_repaired_within_ten_seconds(lab: dict[str, Any], loop: Loop) -
         assert blaster.ok < blaster.sent, "every REGISTER taken: neither the proxy nor its replication was overloaded"
         if st["replication"]["shed_spells"]:  # the coordinator asked its proxy to shed: the phones saw it
             assert blaster.shed > 0, f"{st['replication']['shed_spells']} shedding spells and not one 503"
+            # and so did the operator: the active's health service read it from its coordinator (a spell lasts
+            # at least 1 s, read each second; the blast's last for seconds)
+            spells = [t for t in health(lab, final)["history"] if t["kind"] == "shedding"]
+            print(f"health service of {final}: shedding {[(t['at'], t['to'], t['reason']) for t in spells]}")
+            assert any(t["to"] == "true" for t in spells), f"no shedding spell in {final}'s health history"
         if not ok and moves:
             # The VIP moved under starvation (health on a saturated 2-core lab: the project CI saw 4 moves in one
             # run at 05:44 on 2026-11-25, after 0 in the two runs before it). Then the 10 s goal is not reached,
