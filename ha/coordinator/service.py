@@ -294,6 +294,11 @@ class Service:
             os.unlink(self.status_socket)  # a stale socket of a dead instance; the agent checked none is alive
         ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ctl.bind(self.status_socket)
+        # Readable by the run directory's group: the health service (a sipha user when installed from source, its
+        # systemd RuntimeDirectory's group) reads the replication status here; connecting needs write permission.
+        with contextlib.suppress(OSError):
+            os.chown(self.status_socket, -1, os.stat(Path(self.status_socket).parent).st_gid)
+        os.chmod(self.status_socket, 0o660)
         ctl.listen(8)
         return udp, ctl
 

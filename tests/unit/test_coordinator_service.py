@@ -551,6 +551,8 @@ def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
     t.start()
     try:
         wait_for(lambda: os.path.exists(sock), 10, "the status socket")
+        st = os.stat(sock)  # the health service (the run directory's group) may ask for status too
+        assert st.st_mode & 0o777 == 0o660 and st.st_gid == os.stat(tmp_path).st_gid, oct(st.st_mode)
         busy.set()
         time.sleep(2.2)  # at least one tick has begun its 3 s
         t0 = time.monotonic()
