@@ -536,11 +536,12 @@ def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
     from ha.coordinator.service import query_status
 
     repl = Replication(ZkStore(zk_client, unique_cluster("busy").name, "node1"), "node1", Journal(tmp_path / "j"))
-    busy = threading.Event()
+    busy, entered = threading.Event(), threading.Event()
     real_tick = repl.tick
 
     def slow_tick() -> str | None:
         if busy.is_set():
+            entered.set()
             time.sleep(3)  # a loop stuck in one long write
         return real_tick()
 
@@ -554,7 +555,8 @@ def test_status_answers_at_once_while_the_loop_is_busy_and_reports_its_age(
         st = os.stat(sock)  # the health service (the run directory's group) may ask for status too
         assert st.st_mode & 0o777 == 0o660 and st.st_gid == os.stat(tmp_path).st_gid, oct(st.st_mode)
         busy.set()
-        time.sleep(2.2)  # at least one tick has begun its 3 s
+        wait_for(entered.is_set, 5, "a tick holding the loop")
+        time.sleep(1.2)  # into its 3 s (the loop's age counts from before the tick)
         t0 = time.monotonic()
         st = query_status(sock, timeout=1.0)
         assert time.monotonic() - t0 < 0.5
