@@ -16,8 +16,8 @@ One loop, one ``selectors`` wait (1 s at most), from one thread (the status sock
 
 Every branch logs one sentence saying what it just did, so the log alone explains the service (Patroni).
 
-Role: **a node is active while one of the model's VIPs is on one of its interfaces** (``ip -j addr``, about
-2 ms, once a second). Why the VIP and not a command from an agent: the VIP is exactly where the phones'
+Role: **a node is active while one of the model's VIPs is on one of its interfaces** (a netlink dump,
+``ha.netaddr``, once a second). Why the VIP and not a command from an agent: the VIP is exactly where the phones'
 REGISTERs arrive, so "the node whose proxy sees the REGISTERs writes them" holds by construction, with no
 CIB change, no extra resource and no ordering between agents to get wrong; a node that loses the VIP stops
 writing within a second, and one that was partitioned but still holds it is fenced by the epoch the new

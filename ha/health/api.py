@@ -4,7 +4,7 @@ As in Patroni's api.py, the status code *is* the answer (load balancers and Pace
 not bodies); the JSON body explains it to a human.
 
 * ``GET /health``: 200 when the local proxy is healthy, else 503.
-* ``GET /active``: 200 only on the node that holds the VIP address (``ip -j addr``), else 503.
+* ``GET /active``: 200 only on the node that holds the VIP address (the kernel's address list), else 503.
 * ``GET /cluster``: Pacemaker's view (``crm_mon`` XML parsed) plus this service's history; 503 when Pacemaker
   cannot be read (the service's own part is still in the body).
 * ``GET /metrics``: Prometheus text.

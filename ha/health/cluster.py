@@ -24,14 +24,13 @@ Commands, for Pacemaker 2.1.5 (Debian 12):
 * status: ``crm_mon --output-as=xml --inactive`` (``--as-xml`` is its deprecated spelling in 2.1.5). It exits
   0 even when it cannot reach the CIB ("Could not connect to the CIB: ..." inside ``<status><errors>``), so the
   XML is checked, not the exit code.
-* VIP ownership: ``ip -j addr show``: the VIP is held where the kernel has the address, which is what phones
+* VIP ownership: the kernel's address list (one netlink dump, ``ha.netaddr``): the VIP is held where the kernel has the address, which is what phones
   reach, whatever Pacemaker believes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -107,16 +106,6 @@ async def run_async(cmd: Sequence[str], timeout_s: float, env: Mapping[str, str]
 
 
 # ---------------------------------------------------------------------------------------------- VIP ownership
-
-
-def local_addresses(ip_json: str) -> set[str]:
-    """Every address in ``ip -j addr`` output."""
-    out: set[str] = set()
-    for link in json.loads(ip_json or "[]"):
-        for info in link.get("addr_info", []):
-            if "local" in info:
-                out.add(info["local"])
-    return out
 
 
 def held_vips(cluster: Cluster, addresses: set[str]) -> list[str]:
@@ -335,7 +324,6 @@ __all__ = [
     "VipCheck",
     "attrd_command",
     "held_vips",
-    "local_addresses",
     "parse_crm_mon",
     "run_async",
 ]

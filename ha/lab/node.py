@@ -111,9 +111,10 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
     out: dict[str, Any] = {}
 
     def body() -> None:
-        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(str(NETNS_DIR / ns), os.O_RDONLY)
-        try:
+        fds: list[int] = []
+        try:  # a namespace that does not exist is a FileNotFoundError for the caller, not a thread's traceback
+            fds.append(own := os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY))
+            fds.append(target := os.open(str(NETNS_DIR / ns), os.O_RDONLY))
             if libc.setns(target, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), f"setns {ns}")
             try:
@@ -123,8 +124,8 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
         except BaseException as exc:
             out["error"] = exc
         finally:
-            os.close(own)
-            os.close(target)
+            for fd in fds:
+                os.close(fd)
 
     t = threading.Thread(target=body, daemon=True)
     t.start()
