@@ -24,8 +24,8 @@ Commands, for Pacemaker 2.1.5 (Debian 12):
 * status: ``crm_mon --output-as=xml --inactive`` (``--as-xml`` is its deprecated spelling in 2.1.5). It exits
   0 even when it cannot reach the CIB ("Could not connect to the CIB: ..." inside ``<status><errors>``), so the
   XML is checked, not the exit code.
-* VIP ownership: the kernel's address list (one netlink dump, ``ha.netaddr``): the VIP is held where the kernel has the address, which is what phones
-  reach, whatever Pacemaker believes.
+* VIP ownership: the kernel's address list (one netlink dump, ``ha.netaddr``): the VIP is held where the kernel
+  has the address, which is what phones reach, whatever Pacemaker believes.
 """
 
 from __future__ import annotations
