@@ -66,10 +66,15 @@ def test_clones_started_and_force_check(lab_ok: dict[str, Any]) -> None:
     for n in NODES:
         h = health(lab_ok, n)
         assert h["healthy"] and h["attribute"]["written"] == 1, h
-        # the local coordinator's status, read from its socket by the health service (ha.health.replication)
-        r = h["replication"]
-        assert r["error"] is None and r["zookeeper"] == "connected" and r["ready"] is True, r
-        assert r["active"] is (n == holder) and r["shedding"] is False, (n, holder, r)
+
+        def replication_seen(n: str = n) -> dict[str, Any] | None:
+            """The local coordinator's status as the health service last read it from its socket (each second,
+            ha.health.replication): ready, connected, active on the VIP holder only, not shedding."""
+            r = health(lab_ok, n)["replication"]
+            ok = r.get("error") is None and r.get("zookeeper") == "connected" and r.get("ready") is True
+            return r if ok and r.get("active") is (n == holder) and r.get("shedding") is False else None
+
+        wait_for(replication_seen, 10, f"{n}'s health service showing its coordinator's replication state", 0.5)
     _status, metrics = api(lab_ok, holder, "GET", "/metrics")
     assert "sipha_replication_shedding 0.0" in metrics and "sipha_replication_zookeeper_connected 1.0" in metrics
 
