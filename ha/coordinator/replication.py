@@ -739,15 +739,11 @@ class Replication:
         if self.shed_fn is None or not self.active:
             return None
         with self._pace_mu:
-            now = time.time()
-            if now < self._shed_until - SHED_HOLD_S + 1:
+            held = self._hold_spell(0)
+            if held is None:
                 return None
-            starting = not self._shed_until
-            self._shed_until, self.shed_limit = int(now) + SHED_HOLD_S, 0
-            err = self._shed(self._shed_until, 0)
+            starting, err = held
             if starting:
-                self.shed_spells += 1
-                self._shed_started = time.monotonic()
                 return (f"the loop has been held {stuck_s:.1f} s (a write waiting on ZooKeeper) and the intake is "
                         f"filling up: every REGISTER answered 503 until it is back{err}")
             return f"still shedding REGISTERs: {err}" if err else None
@@ -757,18 +753,13 @@ class Replication:
         mono = time.monotonic()
         drain_rate = _rate(self._drained, mono, self.intake.accepted, 1.0)  # events the intake took per second
         behind = self._behind_s if self.active else 0.0
-        now = time.time()
         young = self.active and mono - self._shed_started < SHED_MIN_S
         if behind >= SHED_BEHIND_S or (self._shed_until and (behind > SHED_CAUGHT_UP_S or young)):
-            if now < self._shed_until - SHED_HOLD_S + 1:
+            held = self._hold_spell(int(SHED_TAKE_SHARE * drain_rate))
+            if held is None:
                 return None
-            starting = not self._shed_until
-            self._shed_until = int(now) + SHED_HOLD_S
-            self.shed_limit = int(SHED_TAKE_SHARE * drain_rate)
-            err = self._shed(self._shed_until, self.shed_limit)
+            starting, err = held
             if starting:
-                self.shed_spells += 1
-                self._shed_started = mono
                 return (f"intake {behind:.1f} s behind the proxy: its REGISTERs over {self.shed_limit}/s answered 503 "
                         f"until it catches up{err}")
             return f"still shedding REGISTERs: {err}" if err else None
@@ -776,6 +767,21 @@ class Replication:
             self._shed_until = self.shed_limit = 0
             return f"intake caught up: the proxy takes REGISTERs again{self._shed(0, 0)}"
         return None
+
+    def _hold_spell(self, limit: int) -> tuple[bool, str] | None:
+        """Begin or refresh a spell with this limit (the caller holds _pace_mu): None when the last refresh is under
+        a second old, else (whether the spell begins now, the proxy's refusal or ""). Why one place: pace() and
+        pace_stuck() must count spells and time them the same way, or the hand-over between them miscounts."""
+        now = time.time()
+        if now < self._shed_until - SHED_HOLD_S + 1:
+            return None
+        starting = not self._shed_until
+        self._shed_until, self.shed_limit = int(now) + SHED_HOLD_S, limit
+        err = self._shed(self._shed_until, limit)
+        if starting:
+            self.shed_spells += 1
+            self._shed_started = time.monotonic()
+        return starting, err
 
     def _shed(self, until: int, limit: int) -> str:
         assert self.shed_fn is not None
