@@ -286,18 +286,22 @@ class FastClaim:
                 self._combined = None
             left = peers_left(self._totem, members, self.peers)
             self._totem = members
-            q = self._quorum
-            if left and q is not None and not q.quorate:
-                # The peers just left and the last notification said "not quorate": maybe one was missed
-                # (refresh_quorum repairs that only within 2-4 s, and in a drill series a node just powered on
-                # missed it at nearly every start). Ask votequorum itself. At a departure its flag is still the
-                # one from before it (it waits for the qdevice's vote), so this only corrects a stale "not
-                # quorate"; the lease still guards the claim.
-                now = self._read_status()
-                if now is not None and now.quorate:
-                    self.event("quorum_view_repaired", logging.WARNING, ring=now.ring, quorate=True,
-                               was_ring=q.ring, was_quorate=False, at="departure")  # fmt: skip
-                    self._quorum = now
+            q, seen = self._quorum, self._notifications
+            if not (left and q is not None and not q.quorate):
+                self._combine()
+                return
+        # The peers just left and the last notification said "not quorate": maybe one was missed (refresh_quorum
+        # repairs that only within 2-4 s, and in a drill series a node just powered on missed it at nearly every
+        # start). Ask votequorum itself, outside the lock: the read is a subprocess (~5 ms, up to its 5 s
+        # timeout on a stuck corosync) and the quorum monitor's notifications must not wait behind it. At a
+        # departure its flag is still the one from before it (it waits for the qdevice's vote), so this only
+        # corrects a stale "not quorate"; the lease still guards the claim.
+        now = self._read_status()
+        with self._apply_mu:
+            if now is not None and now.quorate and self._notifications == seen:  # else a notification is newer
+                self.event("quorum_view_repaired", logging.WARNING, ring=now.ring, quorate=True,
+                           was_ring=q.ring, was_quorate=False, at="departure")  # fmt: skip
+                self._quorum = now
             self._combine()
 
     def _combine(self) -> None:

@@ -475,6 +475,38 @@ def test_a_departure_seen_as_not_quorate_asks_votequorum_at_once(rigs: list[Rig]
     assert rig.named("fast_claim_skipped") == []
 
 
+def test_a_notification_during_the_departure_read_neither_waits_nor_loses(rigs: list[Rig], tmp_path: object) -> None:
+    """The departure's votequorum read runs outside the apply lock: a notification that comes meanwhile is
+    applied at once (not after the read), and the older read is then dropped."""
+    import threading
+    import time
+
+    rig = Rig()
+    rigs.append(rig)
+    rig.fc.status_argv = _status_cmd(tmp_path, BLOCK.format(n=2, ring="1.6c", q="Yes", rows=f"{ROW1}\n{ROW2}"),
+                                     delay_s=0.5)
+    rig.fc.on_quorum(QuorumView(False, "1.68", frozenset({"node2"})))
+    rig.fc.on_members(frozenset({"node1", "node2"}))
+    newer = QuorumView(False, "1.70", frozenset({"node2"}))
+    took: list[float] = []
+
+    def notify() -> None:
+        t0 = time.monotonic()
+        rig.fc.on_quorum(newer)
+        took.append(time.monotonic() - t0)
+
+    later = threading.Timer(0.1, notify)
+    later.start()
+    t0 = time.monotonic()
+    rig.fc.on_members(frozenset({"node2"}))  # the peer crashes; the read takes 0.5 s
+    assert time.monotonic() - t0 >= 0.5
+    later.join()
+    assert took and took[0] < 0.3, f"the notification waited {took} s behind the read"
+    assert rig.fc._quorum == newer and rig.named("quorum_view_repaired") == []
+    time.sleep(0.3)
+    assert rig.held() == set(), rig.events
+
+
 def test_a_departure_without_quorum_stays_without_a_claim(rigs: list[Rig], tmp_path: object) -> None:
     import time
 
