@@ -497,17 +497,78 @@ def _over_ssh(base: type, action_error: type[Exception], cluster: Cluster, remot
     return OverSsh(cluster)
 
 
-def remote_status(cluster: Cluster, known_hosts: str | Path, key_filename: str | Path | None = None) -> dict[str, Any]:
-    """Each host's reachability, plus the cluster view (crm_mon) from the first node that answers."""
+# Asks a node's coordinator for its status over its unix socket with the host's own python3 (every host has it:
+# Ansible needs it), so it works whatever the install mode and wherever sipha's venv is.
+_ASK_COORDINATOR = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX);s.settimeout(2);s.connect(sys.argv[1]);s.sendall(b'status\\n');b=b''\n"
+    "while not b.endswith(b'\\n'):\n"
+    " c=s.recv(65536)\n"
+    " if not c:break\n"
+    " b+=c\n"
+    "sys.stdout.write(b.decode())\n"
+)
+# What ``sipha status --remote`` shows of each node's replication (the coordinator's status has more)
+REPLICATION_FIELDS = ("active", "epoch", "zookeeper", "ready", "shedding", "shed_limit_per_s", "pending", "lost",
+                      "journal_bytes", "last")
+
+
+def remote_replication(remote: Remote, socket_path: str) -> dict[str, Any]:
+    """A node's replication as its coordinator reports it, or ``{"error": why}``. Why in status: while the proxy
+    answers REGISTERs 503 (replication behind) or ZooKeeper is away (fail static, journal growing), the operator
+    must see it beside the VIP's place, not in a log on each node."""
+    try:
+        r = remote.run(f"python3 -c {shlex.quote(_ASK_COORDINATOR)} {shlex.quote(socket_path)}", check=False,
+                       sudo=True, timeout=10)
+    except RemoteError as exc:
+        return {"error": exc.message}
+    if not r.ok:
+        why = r.last_line() or f"exit {r.exit_code}"
+        return {"error": f"the coordinator does not answer on {socket_path}: {why}"}
+    try:
+        doc = json.loads(r.stdout)
+        repl = doc["replication"]
+        return {k: repl.get(k) for k in REPLICATION_FIELDS} | {"ready": doc.get("ready", repl.get("ready"))}
+    except (ValueError, KeyError, TypeError):
+        return {"error": f"the coordinator's answer is not a status: {r.stdout.strip()[:120]!r}"}
+
+
+def replication_line(repl: dict[str, Any]) -> str:
+    """One line of a node's replication for ``sipha status --remote``."""
+    if "error" in repl:
+        return f"replication unknown: {repl['error']}"
+    parts = ["active (writer)" if repl.get("active") else "standby", f"epoch {repl.get('epoch')}",
+             f"ZooKeeper {repl.get('zookeeper')}", "ready" if repl.get("ready") else "NOT ready"]
+    if repl.get("shedding"):
+        parts.append(f"SHEDDING REGISTERs over {repl.get('shed_limit_per_s')}/s (503)")
+    if repl.get("pending"):
+        parts.append(f"{repl['pending']} events pending")
+    if repl.get("journal_bytes"):
+        parts.append(f"journal {repl['journal_bytes']} bytes (ZooKeeper writes buffered)")
+    if repl.get("lost"):
+        parts.append(f"{repl['lost']} events lost at the intake")
+    return ", ".join(parts)
+
+
+def remote_status(cluster: Cluster, known_hosts: str | Path, key_filename: str | Path | None = None,
+                  status_socket: str = "/run/sipha/coordinator.sock") -> dict[str, Any]:  # fmt: skip
+    """Each host's reachability and each node's replication, plus the cluster view (crm_mon) from the first
+    node that answers."""
     hosts: dict[str, str] = {}
+    replication: dict[str, dict[str, Any]] = {}
+    nodes = {n.name for n in cluster.nodes}
     for h in cluster.hosts:
         r = Remote(Target.of(h), known_hosts, key_filename)
         try:
             r.open()
             up = r.run("cat /proc/uptime", check=False).stdout.split()
             hosts[h.name] = f"reachable, up {float(up[0]) / 3600:.1f} h" if up else "reachable"
+            if h.name in nodes:
+                replication[h.name] = remote_replication(r, status_socket)
         except RemoteError as exc:
             hosts[h.name] = exc.message
+            if h.name in nodes:
+                replication[h.name] = {"error": "host unreachable"}
         finally:
             r.close()
     actions, remote = remote_actions(cluster, known_hosts, key_filename)
@@ -515,7 +576,7 @@ def remote_status(cluster: Cluster, known_hosts: str | Path, key_filename: str |
         view = actions.status()
     finally:
         remote.close()
-    return {"hosts": hosts, "via": remote.target.name, "cluster": view}
+    return {"hosts": hosts, "via": remote.target.name, "cluster": view, "replication": replication}
 
 
 __all__ = [
@@ -531,7 +592,9 @@ __all__ = [
     "plan",
     "playbook_command",
     "remote_actions",
+    "remote_replication",
     "remote_status",
     "rendered_files",
+    "replication_line",
     "run_playbook",
 ]

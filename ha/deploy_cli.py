@@ -88,7 +88,7 @@ def deploy_cmd(cluster_yaml: str, known_hosts: str, identity: str | None, only: 
 @_ssh_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def status_cmd(cluster_yaml: str, remote: bool, known_hosts: str, identity: str | None, as_json: bool) -> None:
-    """Each host's reachability and the cluster as Pacemaker sees it, over SSH."""
+    """Each host's reachability, the cluster as Pacemaker sees it and each node's replication, over SSH."""
     from ha import deploy
     from ha.health.cluster import ActionError
 
@@ -110,6 +110,9 @@ def status_cmd(cluster_yaml: str, remote: bool, known_hosts: str, identity: str 
                    f"{' (' + ', '.join(flags) + ')' if flags else ''}{' DC' if n.get('is_dc') else ''}")  # fmt: skip
     for vip, holder in view.get("vips", {}).items():
         click.echo(f"  {vip}: {holder if isinstance(holder, str) else 'NOT on exactly one node: ' + str(holder)}")
+    click.echo("replication (each node's coordinator):")
+    for name, repl in st["replication"].items():
+        click.echo(f"  {name:<10} {deploy.replication_line(repl)}")
 
 
 @click.command("switchover")

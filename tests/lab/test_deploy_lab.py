@@ -211,6 +211,30 @@ def test_switchover_over_ssh_moves_the_vip(bare: dict[str, Any]) -> None:
     assert st.returncode == 0, _tail(st)
     assert list(json.loads(st.stdout)["cluster"]["vips"].values()) == [target], st.stdout
 
+    # Each node's real coordinator, asked over SSH: the target becomes the writer, the other node its standby,
+    # both connected to ZooKeeper; and the text form says so in one line per node.
+    seen: list[Any] = []
+
+    def settled() -> dict[str, Any] | None:
+        p = _sipha(bare, "status", str(LAB_YAML), "--remote", "--json")
+        repl = json.loads(p.stdout)["replication"] if p.returncode == 0 else {}
+        seen[:] = [repl or _tail(p, 5)]
+        good = (set(repl) == {"node1", "node2"} and repl[target].get("active") is True
+                and repl[before].get("active") is False
+                and all(r.get("zookeeper") == "connected" and r.get("ready") for r in repl.values()))
+        return repl if good else None
+
+    try:
+        wait_for(settled, 60, f"status --remote to show {target} writing and {before} standby", step=1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {seen}") from None
+    text = _sipha(bare, "status", str(LAB_YAML), "--remote")
+    assert text.returncode == 0, _tail(text)
+    lines = {ln.split()[0]: ln for ln in text.stdout.splitlines()[text.stdout.splitlines().index(
+        "replication (each node's coordinator):") + 1:]}
+    assert "active (writer)" in lines[target] and "ZooKeeper connected" in lines[target], text.stdout
+    assert "standby" in lines[before] and "SHEDDING" not in text.stdout, text.stdout
+
 
 def _changed_model(tmp_path: Path, **ssh_port: int) -> Path:
     """examples/lab.yaml with one setting changed (so a deploy would rewrite kamailio.cfg), and per-node SSH

@@ -7,10 +7,12 @@ its pid in teardown. Nothing leaves loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,3 +284,57 @@ def test_playbook_failures_name_host_and_task() -> None:
     with_key = deploy.playbook_command(Path("/r"), REPO / "examples/lab.yaml", "/k", "/id")
     assert "-o UserKnownHostsFile=/k -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes" in with_key
     assert with_key[with_key.index("--private-key") + 1] == "/id"
+
+
+# ------------------------------------------------------------------------------------------------ status --remote
+
+
+def _serve_status(path: Path, doc: bytes) -> threading.Thread:
+    """A unix socket at ``path`` answering one connection with ``doc`` (the coordinator's status line). The real
+    coordinator behind it is crossed by the deploy lab test (test_deploy_lab.py, status --remote)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    srv.settimeout(10)
+
+    def answer() -> None:
+        with srv:
+            conn, _ = srv.accept()
+            with conn:
+                assert conn.recv(64) == b"status\n"
+                conn.sendall(doc)
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    return t
+
+
+def test_remote_replication_reads_the_coordinator_over_ssh(sshd: Sshd) -> None:
+    sock = sshd.dir / "coord.sock"
+    status = {"ready": True, "replication": {"active": True, "epoch": 7, "zookeeper": "connected", "shedding": True,
+                                             "shed_limit_per_s": 2918, "pending": 12, "lost": 0, "journal_bytes": 0,
+                                             "last": "wrote 12", "accepted": 99}}  # fmt: skip
+    t = _serve_status(sock, json.dumps(status).encode() + b"\n")
+    with Remote(sshd.target(), sshd.known_hosts, sshd.user_key) as r:
+        repl = deploy.remote_replication(r, str(sock))
+    t.join(5)
+    assert repl == {"active": True, "epoch": 7, "zookeeper": "connected", "ready": True, "shedding": True,
+                    "shed_limit_per_s": 2918, "pending": 12, "lost": 0, "journal_bytes": 0, "last": "wrote 12"}
+    line = deploy.replication_line(repl)
+    assert line.startswith("active (writer), epoch 7, ZooKeeper connected, ready"), line
+    assert "SHEDDING REGISTERs over 2918/s (503)" in line and "12 events pending" in line, line
+
+
+def test_remote_replication_names_a_coordinator_that_does_not_answer(sshd: Sshd) -> None:
+    missing = sshd.dir / "no-such.sock"
+    with Remote(sshd.target(), sshd.known_hosts, sshd.user_key) as r:
+        repl = deploy.remote_replication(r, str(missing))
+        assert set(repl) == {"error"}
+        assert f"the coordinator does not answer on {missing}" in repl["error"], repl
+        assert "FileNotFoundError" in repl["error"] or "No such file" in repl["error"], repl
+        not_status = sshd.dir / "garbage.sock"
+        t = _serve_status(not_status, b"hello\n")
+        repl = deploy.remote_replication(r, str(not_status))
+        t.join(5)
+    assert repl == {"error": "the coordinator's answer is not a status: 'hello'"}
+    assert deploy.replication_line(repl) == "replication unknown: the coordinator's answer is not a status: 'hello'"
