@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ha.coordinator.journal import Journal
 from ha.coordinator.replication import Replication
 from ha.coordinator.store import ZkStore
+from ha.coordinator.zkhandler import new_client
 from ha.zk_testing import Ensemble
 
 
@@ -72,7 +73,7 @@ def main() -> int:
     try:
         ens.start(timeout=90)
         for _ in range(2):
-            c = KazooClient(hosts=ens.hosts, timeout=10)
+            c = new_client(ens.hosts, timeout=10)  # the service's clients (its poll handler)
             c.start(timeout=20)
             clients.append(c)
         cluster = "prof"
