@@ -62,6 +62,16 @@ def test_dialog_event_and_unknown_extra_keys() -> None:
         (b'{"seq":1,"node":"n","type":"dialog.end","from_tag":"x"}', "missing-field"),
         (b'{"seq":99999999999999999999999,"node":"n","type":"dialog.end"}', "bad-field"),
         (b'{"seq":1,"node":"n","type":"dialog.end","callid":"c","from_tag":"f","known":"no"}', "bad-field"),
+        # a binding's own fields (from_dict's fast path hands anything not of the exact type to the checks)
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,"cseq":true}',
+         "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,'
+         b'"cseq":99999999999999999999999}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":"1"}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,"path":5}', "bad-field"),
+        (b'{"seq":1,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":1,"path":null}',
+         "bad-field"),
+        (b'{"seq":1,"node":"n","type":"dialog.end","callid":"c","from_tag":"f","known":1}', "bad-field"),
         (b" " * (MAX_EVENT_BYTES + 1), "oversized"),
     ],
 )
@@ -69,6 +79,17 @@ def test_bad_events_raise_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(EventError) as info:
         parse_event(data)
     assert info.value.reason == reason
+
+
+def test_fields_left_out_take_their_defaults_and_present_ones_their_values() -> None:
+    ev = parse_event(b'{"seq":7,"node":"n","type":"contact.insert","aor":"a","contact":"c","expires_at":9,'
+                     b'"cseq":3,"user_agent":"ua","q":-1}')
+    assert isinstance(ev, ContactEvent)
+    assert (ev.seq, ev.ts, ev.boot, ev.expires_at, ev.cseq, ev.user_agent, ev.q) == (7, 0, 0, 9, 3, "ua", -1)
+    assert (ev.expires, ev.path, ev.flags, ev.methods, ev.ruid) == (0, "", 0, 0, "")
+    d = parse_event(b'{"seq":1,"node":"n","type":"dialog.end","callid":"c","from_tag":"f"}')
+    assert isinstance(d, DialogEvent) and d.known is True and d.state == 0 and d.to_tag == ""
+    assert parse_event(json.dumps(ev.to_json())) == ev
 
 
 def test_intake_counts_rejections_over_a_real_socket_and_keeps_going() -> None:
