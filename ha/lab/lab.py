@@ -557,14 +557,20 @@ def _up(cluster: model.Cluster, yaml_path: Path, step: Step, variant: str, timeo
             _prepare_host(cluster, h, rendered, cfg, yaml_text)
     SPEC_FILE.write_text(json.dumps(spec, indent=1))
     step("private /etc, /var/lib, /var/log trees, authkey, pre-seeded CIB ready")
+    _wire(spec, step)
+    wait_ready(spec, step, timeout)
+
+
+def _wire(spec: dict[str, Any], step: Step, powered_note: str = "") -> None:
+    """The bridge, each host's veth and the supervisor that powers the hosts on: what both lab kinds share once
+    their hosts' trees are written."""
     labnode.create_bridge(spec)
     for h in spec["hosts"]:
         labnode.create_host_net(spec, h)
     step(f"network: bridge {spec['bridge']} in netns {BRIDGE_NS}, " +
          ", ".join(f"{h['ns']} {h['ip']}" for h in spec["hosts"]))  # fmt: skip
     pid = start_supervisor(spec)
-    step(f"supervisor {pid} on {SOCKET_PATH}; powered on {', '.join(spec['power_on'])}")
-    wait_ready(spec, step, timeout)
+    step(f"supervisor {pid} on {SOCKET_PATH}; powered on {', '.join(spec['power_on'])}{powered_note}")
 
 
 def _up_bare(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str], step: Step, timeout: float) -> None:
@@ -580,13 +586,7 @@ def _up_bare(cluster: model.Cluster, yaml_path: Path, rendered: dict[str, str], 
     labbare.prepare(cluster, spec)
     SPEC_FILE.write_text(json.dumps(spec, indent=1))
     step(f"empty private /etc, /var/lib, /var/log, /usr/local, /opt trees; ssh keys in {spec['ssh']['dir']}")
-    labnode.create_bridge(spec)
-    for h in spec["hosts"]:
-        labnode.create_host_net(spec, h)
-    step(f"network: bridge {spec['bridge']} in netns {BRIDGE_NS}, " +
-         ", ".join(f"{h['ns']} {h['ip']}" for h in spec["hosts"]))  # fmt: skip
-    pid = start_supervisor(spec)
-    step(f"supervisor {pid} on {SOCKET_PATH}; powered on {', '.join(spec['power_on'])} (sshd only)")
+    _wire(spec, step, " (sshd only)")
     labbare.wait_ready(spec, step, timeout)
 
 
