@@ -241,6 +241,7 @@ class HealthService:
         self.peer_status = {n: PeerStatus(n) for n in self.peers}
         self.attr_wanted: int | None = None
         self.attr_written: int | None = None
+        self._attr_rewrite = False  # write the wanted value once more even when it is the written one (re-assert)
         self.attr_error = ""
         self._attr_confirmed: int | None = None  # last value attrd accepted (kept across re-assertions)
         self._attr_task: asyncio.Task[None] | None = None
@@ -325,7 +326,9 @@ class HealthService:
         if reported.health is not Health.UNKNOWN:
             if now_mono - self._last_assert >= REASSERT_S and self._attr_task is None:
                 self._last_assert = now_mono
-                self.attr_written = None  # write again even though nothing changed
+                # Write again even though nothing changed; "written" keeps saying what was last written meanwhile
+                # (cleared, /health showed written: null for the length of each re-assert).
+                self._attr_rewrite = True
             self._want_attribute(1 if reported.health is Health.HEALTHY else 0)
         if now_mono - self._last_role_check >= ROLE_CHECK_S:
             self._last_role_check = now_mono
@@ -384,7 +387,8 @@ class HealthService:
     # ------------------------------------------------------------------------------------------ side effects
 
     def _want_attribute(self, value: int) -> None:
-        if value == self.attr_wanted and (self.attr_written == value or self._attr_task is not None):
+        if value == self.attr_wanted and ((self.attr_written == value and not self._attr_rewrite)
+                                          or self._attr_task is not None):
             return
         self.attr_wanted = value
         if self._attr_task is None or self._attr_task.done():
@@ -393,7 +397,7 @@ class HealthService:
     async def _push_attribute(self) -> None:
         """Write until the written value is the wanted one; only the latest wanted value is ever written."""
         backoff = 0.5
-        while self.attr_wanted is not None and self.attr_wanted != self.attr_written:
+        while self.attr_wanted is not None and (self.attr_wanted != self.attr_written or self._attr_rewrite):
             value = self.attr_wanted
             ok, detail = await self.attrd.write(value)
             level = logging.WARNING if not ok else logging.DEBUG if value == self._attr_confirmed else logging.INFO
@@ -401,6 +405,7 @@ class HealthService:
                        detail=None if ok else detail)
             if ok:
                 self.attr_written, self.attr_error, self._attr_confirmed = value, "", value
+                self._attr_rewrite = False
                 backoff = 0.5
             else:
                 self.attr_error = detail

@@ -312,6 +312,43 @@ def test_service_cycles_write_attribute_on_change_and_say_why(tmp_path: Path, ca
     assert len(events) == 2 and "node=node1" in events[1] and "latency_ms=" in events[1]
 
 
+class SlowAttrd(RecordingAttrd):
+    """attrd_updater taking 0.2 s, as on a busy node."""
+
+    async def write(self, value: int) -> tuple[bool, str]:
+        await asyncio.sleep(0.2)
+        return await super().write(value)
+
+
+def test_reassert_writes_again_and_written_stays_meanwhile(tmp_path: Path) -> None:
+    """Every REASSERT_S the attribute is written again (attrd loses it with a Pacemaker restart); meanwhile
+    /health's attribute.written still says what was last written, never null."""
+    from ha.health.service import REASSERT_S
+
+    async def body(r: SipResponder):  # type: ignore[no-untyped-def]
+        attrd = SlowAttrd()
+        svc = HealthService(_cluster(r, tmp_path), "node1", probe_host="127.0.0.1", attrd=attrd,
+                            vip_check=NoVip())  # type: ignore[arg-type]
+        svc.peers = {}
+        for _ in range(3):
+            await svc.cycle()
+        await asyncio.sleep(0.3)
+        first = (list(attrd.values), svc.snapshot()["attribute"]["written"])
+        svc._last_assert -= REASSERT_S + 1
+        await svc.cycle()
+        await asyncio.sleep(0.05)
+        during = (list(attrd.values), svc.snapshot()["attribute"]["written"])
+        await asyncio.sleep(0.3)
+        after = list(attrd.values)
+        await svc.close()
+        return first, during, after
+
+    first, during, after = run(_with_responder(body))
+    assert first == ([1], 1)
+    assert during == ([1], 1), "attribute.written must keep the last written value while it is written again"
+    assert after == [1, 1]
+
+
 def test_readiness_gate_holds_healthy_until_given(tmp_path: Path) -> None:
     ready_file = tmp_path / "ready"
 
