@@ -239,6 +239,12 @@ def test_ten_thousand_contacts_reachable_after_hard_kill(lab: dict[str, Any], lo
     try:
         t0 = time.monotonic()
         res = loop.run(phones.register(), timeout=300)
+        # A phone whose REGISTER got no answer at all (every retransmission lost: one run had 1 of 10,000 on a
+        # loaded 2-core machine) registers again, as phones do; what this test measures starts after the 200.
+        silent = [u for u, s in res.items() if s is None]
+        if silent:
+            res |= loop.run(phones.register(silent), timeout=120)
+            print(f"10k: {len(silent)} REGISTERs unanswered at first, sent again: {silent[:5]}")
         t_reg = time.monotonic() - t0
         failed = {u: s for u, s in res.items() if s != 200}
         assert not failed, f"{len(failed)}/{n} REGISTERs not answered 200 (e.g. {list(failed.items())[:5]})"

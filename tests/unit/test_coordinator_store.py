@@ -108,6 +108,20 @@ def test_a_takeover_forgets_the_writer_index_so_peer_writes_can_be_deleted(
     assert store._known is None
 
 
+def test_a_delete_is_sent_even_when_the_writer_index_does_not_list_the_binding(store: ZkStore) -> None:
+    """The index of existing znodes is a belief: a binding written outside it (here the late-write path, which
+    does not maintain it) must still be deleted by the un-REGISTER, not skipped as "not there"."""
+    store.write([contact(1, "listed")])  # the index is loaded
+    late = store.write_if_newer([contact(2, "phone")])
+    assert late.written == 1 and store._known is not None
+    assert store.contact_path("phone", "sip:phone@198.51.100.50:5062") not in store._known
+    res = store.write([contact(3, "phone", kind="delete"), contact(4, "never", kind="delete")])
+    assert {r.aor for r in store.snapshot().contacts} == {"listed"}
+    assert res.transactions == 2  # each delete of an unlisted znode alone; the one really gone fails only itself
+    store.write([contact(5, "listed", kind="delete")])
+    assert store.snapshot().contacts == ()
+
+
 def test_dialog_start_then_end_leaves_a_cdr(store: ZkStore) -> None:
     store.write([dialog(1, "call-1@x"), dialog(2, "call-2@x", "start")])
     assert {d.callid for d in store.snapshot().dialogs} == {"call-1@x", "call-2@x"}
