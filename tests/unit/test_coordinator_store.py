@@ -638,6 +638,23 @@ def test_an_unregister_after_the_takeover_is_not_undone_by_the_old_actives_late_
     assert old.write_if_newer([contact(10, "unreg", ts=t + 250)]).unregistered == 1
 
 
+def test_events_after_this_nodes_own_takeover_are_its_own_to_write(
+    store: ZkStore, zk_client: KazooClient, cluster: str
+) -> None:
+    """A coordinator restarted with the journal of a ZooKeeper outage replays it before it has an epoch, which
+    sends the events through write_before_takeover. When the current epoch is this node's own, nobody took over
+    since: they are all its own to write (a lab run dropped 5866 of them as "from after the takeover")."""
+    t = store.takeover_ms()  # node1's own epoch (the fixture's bump)
+    restarted = ZkStore(zk_client, cluster, "node1")  # the same node's next coordinator: no epoch yet
+    res = restarted.write_before_takeover([contact(1, "journaled", ts=t + 500)])
+    assert (res.written, res.fenced) == (1, 0), str(res)
+    assert ("journaled", "sip:journaled@198.51.100.50:5062") in state_of(store)
+    peer = ZkStore(zk_client, cluster, "node2")
+    peer.bump_epoch()  # a peer's takeover since: events after it stay fenced
+    res = restarted.write_before_takeover([contact(2, "after", ts=peer.takeover_ms() + 500)])
+    assert (res.written, res.fenced) == (0, 1), str(res)
+
+
 def test_an_unregister_landing_between_the_late_read_and_its_write_wins(
     store: ZkStore, zk_client: KazooClient, cluster: str
 ) -> None:
