@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jinja2
 
-from ha import model, render
+from ha import model, render, sip
 from ha.lab.node import in_netns
 from ha.proxy import kamailio
 
@@ -120,6 +120,12 @@ def running_proxy(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"kamailio did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
+        # ... and answering SIP, not only its control socket: on a loaded machine a test's first OPTIONS (one
+        # send, 2 s) came before the SIP workers and got nothing.
+        udp = cluster.proxy.listen.udp
+        while udp is not None and not in_netns(ns, lambda: sip.options_probe("127.0.0.1", udp, "udp", 0.5)).ok:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kamailio does not answer SIP (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
         yield p
     finally:
         if proc is not None:
