@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ha import render
+from ha import render, unixline
 from ha.model import Cluster, Node, Witness
 from ha.remote import CommandFailed, Remote, RemoteError, Target
 
@@ -497,17 +497,14 @@ def _over_ssh(base: type, action_error: type[Exception], cluster: Cluster, remot
     return OverSsh(cluster)
 
 
-# Asks a node's coordinator for its status over its unix socket with the host's own python3 (every host has it:
-# Ansible needs it), so it works whatever the install mode and wherever sipha's venv is.
-_ASK_COORDINATOR = (
-    "import socket,sys\n"
-    "s=socket.socket(socket.AF_UNIX);s.settimeout(2);s.connect(sys.argv[1]);s.sendall(b'status\\n');b=b''\n"
-    "while not b.endswith(b'\\n'):\n"
-    " c=s.recv(65536)\n"
-    " if not c:break\n"
-    " b+=c\n"
-    "sys.stdout.write(b.decode())\n"
-)
+def _ask_coordinator() -> str:
+    """A script asking a node's coordinator for its status over its unix socket, run by the host's own python3
+    (every host has it: Ansible needs it), so it works whatever the install mode and wherever sipha's venv is.
+    The exchange is ha.unixline's own (stdlib only), sent as source rather than written again."""
+    return (Path(unixline.__file__).read_text()
+            + "\nimport sys\nsys.stdout.write(exchange(sys.argv[1], b'status\\n', 2.0).decode())\n")
+
+
 # What ``sipha status --remote`` shows of each node's replication (the coordinator's status has more)
 REPLICATION_FIELDS = ("active", "epoch", "zookeeper", "ready", "shedding", "shed_limit_per_s", "pending", "lost",
                       "journal_bytes", "last")
@@ -518,7 +515,7 @@ def remote_replication(remote: Remote, socket_path: str) -> dict[str, Any]:
     answers REGISTERs 503 (replication behind) or ZooKeeper is away (fail static, journal growing), the operator
     must see it beside the VIP's place, not in a log on each node."""
     try:
-        r = remote.run(f"python3 -c {shlex.quote(_ASK_COORDINATOR)} {shlex.quote(socket_path)}", check=False,
+        r = remote.run(f"python3 -c {shlex.quote(_ask_coordinator())} {shlex.quote(socket_path)}", check=False,
                        sudo=True, timeout=10)
     except RemoteError as exc:
         return {"error": exc.message}
