@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar
@@ -126,10 +127,6 @@ def _field_kinds(cls: type[_Common]) -> dict[str, str]:
 
 
 _KINDS = {ContactEvent: _field_kinds(ContactEvent), DialogEvent: _field_kinds(DialogEvent)}
-_TYPES = {"int": int, "bool": bool, "str": str}
-_DEFAULTS = {"int": 0, "bool": True, "str": ""}
-# Per class, its own fields in declaration order as (key, exact type, default, kind): from_dict's fast path.
-_SPECS = {cls: tuple((k, _TYPES[t], _DEFAULTS[t], t) for k, t in kinds.items()) for cls, kinds in _KINDS.items()}
 
 
 def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -158,6 +155,13 @@ def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
             raise EventError("missing-field", f"{key!r} is required")
         raise EventError("bad-field", f"{key!r} must be a string, got {type(v).__name__}")
     return v
+
+
+# Per field kind: the exact type, the default, and the check that takes the default or raises.
+_FIELD_RULES: dict[str, tuple[type, Any, Callable[[dict[str, Any], str, Any], Any]]] = {
+    "int": (int, 0, _int), "bool": (bool, True, _bool), "str": (str, "", _str)}
+# Per class, its own fields in declaration order as (key, exact type, default, check): from_dict's fast path.
+_SPECS = {cls: tuple((k, *_FIELD_RULES[t]) for k, t in kinds.items()) for cls, kinds in _KINDS.items()}
 
 
 def from_dict(obj: Any) -> Event:
@@ -194,10 +198,10 @@ def from_dict(obj: Any) -> Event:
     # Each value of the exact type (and an int in range) is taken as it is; anything else goes through the
     # checks above, which take the default or raise. Why: every REGISTER is one event, and one call per field
     # (19 for a contact) was the largest share of the active coordinator's parsing.
-    for key, typ, default, t in _SPECS[cls]:
+    for key, typ, default, check in _SPECS[cls]:
         v = obj.get(key, default)
         if v.__class__ is not typ or (typ is int and not -_MAX_INT <= v <= _MAX_INT):
-            v = _int(obj, key, 0) if t == "int" else _bool(obj, key, True) if t == "bool" else _str(obj, key, "")
+            v = check(obj, key, default)
         values[key] = v
     for key in cls.REQUIRED_STR:
         if not values[key]:
