@@ -126,6 +126,7 @@ def running_proxy(
         while udp is not None and not in_netns(ns, lambda: sip.options_probe("127.0.0.1", udp, "udp", 0.5)).ok:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"kamailio does not answer SIP (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)  # a refused probe returns at once
         yield p
     finally:
         if proc is not None:
