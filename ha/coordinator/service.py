@@ -293,13 +293,19 @@ class Service:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.status_socket)  # a stale socket of a dead instance; the agent checked none is alive
         ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        ctl.bind(self.status_socket)
+        # Bound beside its path, given its owner and mode, then renamed into place: it never appears with the
+        # umask's mode (a test saw 0755 between bind and chmod).
+        staging = f"{self.status_socket}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        ctl.bind(staging)
         # Readable by the run directory's group: the health service (a sipha user when installed from source, its
         # systemd RuntimeDirectory's group) reads the replication status here; connecting needs write permission.
         with contextlib.suppress(OSError):
-            os.chown(self.status_socket, -1, os.stat(Path(self.status_socket).parent).st_gid)
-        os.chmod(self.status_socket, 0o660)
+            os.chown(staging, -1, os.stat(Path(self.status_socket).parent).st_gid)
+        os.chmod(staging, 0o660)
         ctl.listen(8)
+        os.replace(staging, self.status_socket)
         return udp, ctl
 
     def counters(self) -> dict[str, Any]:
